@@ -1,0 +1,303 @@
+"""``PatchedFFN``: a drop-in FFN wrapper that carries T-Patcher patch neurons.
+
+    ffn = PatchedFFN.wrap(model, "model.layers.-1.mlp")
+    ffn.add_patches(keys, biases, values, edit_id="fix-42")
+    model(**inputs)        # FFN(x) + sum_p relu(x . k_p + b_p) v_p
+
+On CUDA, decode-sized inputs run the original FFN and the patches in one Triton launch
+(``kernels/fused_ffn.py``); larger inputs run the original FFN through cuBLAS and the patches
+through ``kernels/patch_forward.py``. On the CPU the same function is computed with PyTorch.
+With zero patches the wrapped FFN runs untouched, so outputs are bit for bit the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .bank import PatchBank, PatchFileError, weights_fingerprint
+from .ffn import FFNLayout, detect_layout, resolve_module
+from .kernels.dispatch import use_triton
+from .kernels.fused_ffn import FUSED_FFN_MAX_TOKENS, fused_patched_ffn
+from .kernels.patch_forward import PatchForward, patch_forward
+from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
+
+__all__ = ["PatchedFFN"]
+
+_ACTIVATIONS = ("relu", "host")
+
+
+def _fused_max_tokens() -> int:
+    return int(os.environ.get("FASTPATCH_FUSED_FFN_MAX_TOKENS", FUSED_FFN_MAX_TOKENS))
+
+
+class PatchedFFN(nn.Module):
+    """An FFN plus a bank of patch neurons: ``FFN(x) + act(x K^T + b) V``.
+
+    Build it with :meth:`wrap`, which swaps it into the model in place of the FFN.
+
+    Args:
+        ffn: the module being wrapped: the FFN itself (gated/dense forms), or the second matrix
+            (split forms, BERT/BART), whose FFN input is captured from ``layout.tap``.
+        layout: the FFN's layout (``ffn.detect_layout``).
+        activation: ``"relu"`` (default: exact zeros outside a patch's region, which is both the
+            locality guarantee and the sparsity the kernels skip) or ``"host"``, the FFN's own
+            activation as in the authors' code (patches are then extra neurons of the FFN).
+        module_path: canonical path of the wrapped FFN in its model (saved with the patches).
+        capacity: initial patch capacity of the bank.
+        backend: ``auto``/``triton``/``torch``; default from ``FASTPATCH_BACKEND``.
+    """
+
+    def __init__(
+        self,
+        ffn: nn.Module,
+        layout: FFNLayout,
+        activation: str = "relu",
+        module_path: str = "",
+        capacity: int = 64,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+        if activation == "host" and layout.act_code is None:
+            raise ValueError(
+                f"activation='host' needs a host activation with a kernel twin; "
+                f"{type(layout.act).__name__} has none (use activation='relu')"
+            )
+        self.ffn = ffn
+        self.layout = layout
+        self.activation = activation
+        self.patch_act = ACT_RELU if activation == "relu" else int(layout.act_code)  # type: ignore[arg-type]
+        self.module_path = module_path
+        self.backend = backend
+        w = layout.w_up
+        self.bank = PatchBank(layout.d_in, layout.d_out, dtype=w.dtype, device=w.device, capacity=capacity)
+        self._trainable: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._captured: torch.Tensor | None = None
+        self._hook = None
+        # Set by wrap(): where to put the original back on unwrap().
+        self._owner: tuple[nn.Module, str] | None = None
+        if layout.kind == "split":
+            assert layout.tap is not None
+            self._hook = layout.tap.register_forward_pre_hook(self._capture_input)
+
+    # ----------------------------------------------------------------- wrapping
+    @classmethod
+    def wrap(
+        cls,
+        model: nn.Module,
+        path: str,
+        activation: str = "relu",
+        capacity: int = 64,
+        backend: str | None = None,
+    ) -> "PatchedFFN":
+        """Wrap the FFN at ``path`` of ``model`` in place and return the wrapper.
+
+        ``path`` is dotted with optional negative indices, e.g. ``"model.layers.-1.mlp"``
+        (Llama), ``"transformer.h.-1.mlp"`` (GPT-2), ``"decoder.block.-1.layer.-1"`` (T5),
+        ``"bert.encoder.layer.-1"`` or ``"model.decoder.layers.-1"`` (BERT/BART layers).
+        """
+        module, canon, _ = resolve_module(model, path)
+        if isinstance(module, PatchedFFN):
+            raise ValueError(f"{canon} is already wrapped by a PatchedFFN")
+        if isinstance(getattr(module, "DenseReluDense", None), nn.Module):  # T5LayerFF
+            module, canon = module.DenseReluDense, canon + ".DenseReluDense"
+        layout = detect_layout(module)
+        if layout.kind == "split":
+            # Replace the down matrix inside the layer; the layer keeps calling it.
+            target = layout.down
+            owner, attr = _owner_of(module, target)
+            if isinstance(target, PatchedFFN):
+                raise ValueError(f"{canon} is already wrapped by a PatchedFFN")
+            wrapper = cls(target, layout, activation, canon, capacity, backend)
+        else:
+            owner, attr = _owner_of(model, module, canon)
+            wrapper = cls(module, layout, activation, canon, capacity, backend)
+        setattr(owner, attr, wrapper)
+        wrapper._owner = (owner, attr)
+        return wrapper
+
+    def unwrap(self) -> nn.Module:
+        """Put the original module back into the model and detach hooks; return it."""
+        if self._owner is None:
+            raise RuntimeError("this PatchedFFN was not installed by wrap()")
+        owner, attr = self._owner
+        setattr(owner, attr, self.ffn)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._owner = None
+        return self.ffn
+
+    def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._captured = args[0]
+
+    # -------------------------------------------------------------- patch API
+    @property
+    def num_patches(self) -> int:
+        """Number of patches in the bank."""
+        return self.bank.num_patches
+
+    def add_patches(
+        self,
+        keys: torch.Tensor,
+        biases: torch.Tensor,
+        values: torch.Tensor,
+        edit_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Add patches (keys (n, d_in), biases (n,), values (n, d_out)); return their ids."""
+        return self.bank.add(keys, biases, values, edit_id=edit_id, extra=extra)
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove patches by id; every other patch keeps working."""
+        self.bank.remove(ids)
+
+    @contextlib.contextmanager
+    def training_patches(
+        self, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor
+    ) -> Iterator[None]:
+        """Temporarily add differentiable patches (not in the bank) to every forward."""
+        if keys.shape[1] != self.bank.d_in or values.shape[1] != self.bank.d_out:
+            raise ValueError(
+                f"training patches must be (n, {self.bank.d_in}) keys and (n, {self.bank.d_out}) values"
+            )
+        self._trainable = (keys, biases, values)
+        try:
+            yield
+        finally:
+            self._trainable = None
+
+    def fingerprint(self) -> str:
+        """Fingerprint of the wrapped FFN's weights (independent of dtype/device)."""
+        return weights_fingerprint(self.layout.base_tensors())
+
+    # ---------------------------------------------------------------- forward
+    def _ffn_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout.kind != "split":
+            return x
+        if self._captured is None:
+            raise RuntimeError(
+                "PatchedFFN (split layout) was called before its layer's first FFN matrix: "
+                "the FFN input was not captured"
+            )
+        return self._captured
+
+    def patch_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations ``act(x K^T + b)`` of every bank patch, shape (..., P)."""
+        k, b = self.bank.keys, self.bank.biases
+        x2 = x.reshape(-1, x.shape[-1]).to(k.dtype)
+        return activation_reference(torch.addmm(b, x2, k.t()), self.patch_act).reshape(*x.shape[:-1], -1)
+
+    def _fused_ok(self, x2: torch.Tensor) -> bool:
+        lay = self.layout
+        return (
+            lay.kind != "split"
+            and lay.act_code is not None
+            and x2.shape[0] <= _fused_max_tokens()
+            and x2.dtype == lay.w_up.dtype
+            and not torch.are_deterministic_algorithms_enabled()
+            and use_triton(x2, self.backend)
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
+        """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts."""
+        bank = self.bank
+        if bank.num_patches == 0 and self._trainable is None:
+            return self.ffn(x, *args, **kwargs)
+        xin = self._ffn_input(x)
+        d = bank.d_in
+        x2 = xin.reshape(-1, d)
+        needs_grad = torch.is_grad_enabled() and (
+            xin.requires_grad or self._trainable is not None or bank._keys.requires_grad
+        )
+        if not needs_grad and not args and not kwargs and self._fused_ok(x2):
+            lay = self.layout
+            out = fused_patched_ffn(
+                x2, lay.w_up, lay.w_down, int(lay.act_code),  # type: ignore[arg-type]
+                w_gate=lay.w_gate, b_up=lay.b_up, b_gate=lay.b_gate, b_down=lay.b_down,
+                keys=bank.keys, bias=bank.biases, values=bank.values, patch_act=self.patch_act,
+            )
+            return out.reshape(*x.shape[:-1], bank.d_out)
+        base = self.ffn(x, *args, **kwargs)
+        base2 = base.reshape(-1, bank.d_out)
+        xk = x2.to(bank.dtype)
+        if needs_grad:
+            out2 = base2
+            if bank.num_patches:
+                out2 = out2 + PatchForward.apply(xk, bank.keys, bank.biases, bank.values, self.patch_act, self.backend).to(base.dtype)
+            if self._trainable is not None:
+                k, b, v = self._trainable
+                out2 = out2 + PatchForward.apply(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(base.dtype)
+            return out2.reshape(base.shape)
+        strategy = "gemm" if torch.are_deterministic_algorithms_enabled() else "auto"
+        out2 = patch_forward(
+            xk, bank.keys, bank.biases, bank.values, base2.to(bank.dtype), self.patch_act, self.backend, strategy
+        )
+        if self._trainable is not None:
+            k, b, v = self._trainable
+            out2 = out2 + patch_forward(x2.to(k.dtype), k, b, v, None, self.patch_act, "torch").to(out2.dtype)
+        return out2.to(base.dtype).reshape(base.shape)
+
+    # ------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the patches (safetensors) with what identifies this FFN."""
+        self.bank.save(
+            path,
+            {
+                "module_path": self.module_path,
+                "fingerprint": self.fingerprint(),
+                "activation": self.activation,
+                "family": self.layout.family,
+                "patch_act": ACT_NAMES[self.patch_act],
+            },
+        )
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load patches saved by :meth:`save`; refuse files made for another model or layer.
+
+        The bank is replaced only after every check passes.
+        """
+        tensors, meta = PatchBank.read_file(path)
+        if meta.get("module_path") != self.module_path:
+            raise PatchFileError(
+                f"{Path(path).name} holds patches for module {meta.get('module_path')!r}, "
+                f"not {self.module_path!r}"
+            )
+        if meta.get("activation", "relu") != self.activation:
+            raise PatchFileError(
+                f"{Path(path).name} holds {meta.get('activation')!r}-activation patches; this "
+                f"PatchedFFN uses {self.activation!r}"
+            )
+        fp = self.fingerprint()
+        if meta.get("fingerprint") != fp:
+            raise PatchFileError(
+                f"{Path(path).name} was made for different FFN weights (fingerprint "
+                f"{meta.get('fingerprint')} != {fp}): another model or checkpoint"
+            )
+        self.bank.load_tensors(tensors, meta)
+
+    def extra_repr(self) -> str:
+        return f"path={self.module_path!r}, form={self.layout.kind}, family={self.layout.family}, activation={self.activation}"
+
+
+def _owner_of(root: nn.Module, target: nn.Module, canon: str | None = None) -> tuple[nn.Module, str]:
+    """The (parent, attribute) under which ``target`` is registered in ``root``."""
+    if canon:
+        parts = canon.split(".")
+        parent, _, _ = resolve_module(root, ".".join(parts[:-1])) if len(parts) > 1 else (root, "", "")
+        return parent, parts[-1]
+    for name, child in root.named_children():
+        if child is target:
+            return root, name
+    for mod in root.modules():
+        for name, child in mod.named_children():
+            if child is target:
+                return mod, name
+    raise ValueError(f"{type(target).__name__} is not a submodule of {type(root).__name__}")

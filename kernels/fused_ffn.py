@@ -1,0 +1,173 @@
+"""Fused patched FFN: the original FFN and its patch neurons in one launch (decode-sized inputs).
+
+The patch neurons are treated as extra neurons of the FFN's intermediate dimension: the kernel's
+1-D grid runs over ``ceil(F / BLOCK_F)`` blocks of original neurons followed by
+``ceil(P / BLOCK_F)`` blocks of patch neurons, one program per block (times token blocks):
+
+- an original block computes ``h = act(x Wg^T + bg) * (x Wu^T + bu)`` (gated: Llama, Qwen,
+  Mistral, Gemma, T5 v1.1) or ``h = act(x Wu^T + bu)`` (two-matrix: GPT-2, BERT, T5, BART) for
+  its neurons and adds ``h Wd`` into the fp32 output workspace;
+- a patch block computes ``h = patch_act(x K^T + b)`` and, if any activation in the tile is
+  non-zero (ReLU), adds ``h V``; otherwise it never reads its value rows.
+
+At decode sizes (M <= 16) the FFN is memory-bound: the ideal cost is one read of
+``Wg, Wu, Wd`` plus the keys (and the active value rows). One launch avoids the four to six
+kernel launches and the (M, F) intermediate round trip of the unfused path, and reads the base
+weights in their stored layout through strides (Conv1D's transposed weights included): no copy.
+
+The reduction over neurons uses fp32 atomics into a workspace initialised with the output bias,
+so results can differ from run to run in the last fp32 bit; under
+``torch.use_deterministic_algorithms(True)`` ``PatchedFFN`` does not take this path.
+
+For larger inputs cuBLAS GEMMs for the base FFN plus ``patch_forward`` win; ``PatchedFFN``
+dispatches by ``FUSED_FFN_MAX_TOKENS`` (measured crossover in benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._blocks import accumulate_rows, act_fn, project_rows
+from ._triton import tl, triton
+from .reference import ACT_RELU
+
+__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS"]
+
+#: Above this many tokens the base FFN goes to cuBLAS (see module docstring).
+FUSED_FFN_MAX_TOKENS = 16
+#: 64 neurons per program: F=11008 gives 172 base programs, > 1 wave on 132 SMs; a 64x128 bf16
+#: weight tile is 16 KB, so gate+up tiles double-buffer within shared memory.
+BLOCK_F = 64
+BLOCK_D = 128
+BLOCK_N = 128
+
+
+@triton.jit
+def _fused_ffn_kernel(
+    x_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, k_ptr, kb_ptr, v_ptr, ws_ptr,
+    M, D, D_OUT, F, P, NUM_BASE_BLOCKS,
+    stride_xm, stride_xd,
+    stride_gf, stride_gd, stride_uf, stride_ud, stride_df, stride_dn,
+    stride_kp, stride_kd, stride_vp, stride_vn, stride_sm, stride_sn,
+    GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
+    ACT: tl.constexpr, PATCH_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_mask = offs_m < M
+    if pid < NUM_BASE_BLOCKS:
+        offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+        f_mask = offs_f < F
+        up = project_rows(x_ptr, wu_ptr, offs_m, m_mask, offs_f, f_mask, D,
+                          stride_xm, stride_xd, stride_uf, stride_ud,
+                          BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
+        if HAS_BU:
+            up += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            gate = project_rows(x_ptr, wg_ptr, offs_m, m_mask, offs_f, f_mask, D,
+                                stride_xm, stride_xd, stride_gf, stride_gd,
+                                BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
+            if HAS_BG:
+                gate += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+            h = act_fn(gate, ACT) * up
+        else:
+            h = act_fn(up, ACT)
+        h = tl.where(m_mask[:, None] & f_mask[None, :], h, 0.0)
+        accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT,
+                        stride_df, stride_dn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION)
+    else:
+        offs_p = (pid - NUM_BASE_BLOCKS) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+        p_mask = offs_p < P
+        pre = project_rows(x_ptr, k_ptr, offs_m, m_mask, offs_p, p_mask, D,
+                           stride_xm, stride_xd, stride_kp, stride_kd,
+                           BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
+        kb = tl.load(kb_ptr + offs_p, mask=p_mask, other=0.0).to(tl.float32)
+        h = act_fn(pre + kb[None, :], PATCH_ACT)
+        h = tl.where(m_mask[:, None] & p_mask[None, :], h, 0.0)
+        if PATCH_ACT == 0:
+            run = tl.max(tl.max(h, axis=1), axis=0) > 0.0
+        else:
+            run = True
+        if run:
+            accumulate_rows(h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
+                            stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION)
+
+
+def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def fused_patched_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    act: int,
+    *,
+    w_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_gate: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    patch_act: int = ACT_RELU,
+) -> torch.Tensor:
+    """One-launch patched FFN (Triton). Same contract as ``reference.patched_ffn_reference``.
+
+    Weights are neuron-major views of any strides (``w_up``/``w_gate`` (F, d), ``w_down``
+    (F, d_out)): pass ``linear.weight`` for up/gate and ``down.weight.t()`` for down.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (tokens, d), got shape {tuple(x.shape)}")
+    M, D = x.shape
+    Fdim = w_up.shape[0]
+    D_OUT = w_down.shape[1]
+    _check("w_up", w_up, (Fdim, D), x)
+    _check("w_gate", w_gate, (Fdim, D), x)
+    _check("w_down", w_down, (Fdim, D_OUT), x)
+    _check("b_up", b_up, (Fdim,), x)
+    _check("b_gate", b_gate, (Fdim,), x)
+    _check("b_down", b_down, (D_OUT,), x)
+    P = 0 if keys is None else keys.shape[0]
+    if P:
+        _check("keys", keys, (P, D), x)
+        _check("bias", bias, (P,), x)
+        _check("values", values, (P, D_OUT), x)
+    for name, t in (("w_up", w_up), ("w_gate", w_gate), ("w_down", w_down), ("keys", keys), ("values", values)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    if b_down is not None:
+        ws = b_down.float().expand(M, D_OUT).contiguous()
+    else:
+        ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
+    if M == 0:
+        return ws.to(x.dtype)
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    nb_base = triton.cdiv(Fdim, BLOCK_F)
+    nb_patch = triton.cdiv(P, BLOCK_F)
+    wg = w_gate if w_gate is not None else w_up
+    k = keys if P else w_up
+    v = values if P else w_down
+    kb = bias if P else ws
+    _fused_ffn_kernel[(nb_base + nb_patch, triton.cdiv(M, block_m))](
+        x, wg, w_up, w_down,
+        b_gate if b_gate is not None else ws, b_up if b_up is not None else ws,
+        k, kb, v, ws,
+        M, D, D_OUT, Fdim, P, nb_base,
+        x.stride(0), x.stride(1),
+        wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), ws.stride(0), ws.stride(1),
+        GATED=w_gate is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+        ACT=act, PATCH_ACT=patch_act,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        num_warps=4, num_stages=2,
+    )
+    return ws.to(x.dtype)

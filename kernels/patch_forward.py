@@ -1,0 +1,297 @@
+"""Patch forward: ``out = base + act(x K^T + b) V`` for thousands of patch neurons.
+
+Two Triton kernels, one PyTorch path, one ``autograd.Function``:
+
+``_patch_fused_kernel`` (few tokens, M <= ``FUSED_MAX_TOKENS``)
+    Grid (token blocks, patch splits). Each program walks its share of the patch bank in blocks of
+    ``BLOCK_P`` patches, computes the (BLOCK_M, BLOCK_P) activation tile in registers from the
+    keys, and, if any entry of the tile is non-zero (ReLU), multiplies it into the value rows and
+    adds the result into an fp32 workspace with atomics. The M x P activation matrix is never
+    written to memory and the value tiles of inactive patches are never read: with ReLU patches
+    the bytes moved are ``P*d`` (keys) + ``active_blocks*BLOCK_P*d_out`` (values).
+
+``_sparse_value_kernel`` (many tokens)
+    Here the ``x K^T`` product is compute-bound and cuBLAS does it best; this kernel then reads
+    the (M, P) pre-activations tile by tile, applies the activation, and skips value tiles whose
+    activation tile is all zero. No atomics: deterministic.
+
+PyTorch path (CPU, or ``FASTPATCH_BACKEND=torch``)
+    ``addmm`` for the pre-activations, then only the active value rows are gathered
+    (``index_select``) when fewer than half of the patches fire anywhere in the batch.
+
+Backward (``PatchForward``): recomputes the pre-activations and differentiates with cuBLAS GEMMs.
+The backward is five GEMMs with nothing to fuse between them that would save a read of the
+bank, so a Triton backward does not pay; it exists for the training of few new patches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._blocks import accumulate_rows, act_fn, project_rows
+from ._triton import tl, triton
+from .dispatch import use_triton
+from .reference import ACT_RELU, activation_reference
+
+__all__ = ["patch_forward", "patch_forward_torch", "PatchForward", "FUSED_MAX_TOKENS", "check_patch_args"]
+
+#: Token count up to which the fully fused kernel is used; above it the pre-activations come from
+#: a cuBLAS GEMM (compute-bound at that size) and ``_sparse_value_kernel`` does the rest.
+#: Measured crossover: see benchmarks/results/ (gpu_check.py, "patch_forward crossover").
+FUSED_MAX_TOKENS = 64
+#: 16 is tl.dot's smallest tile side; decode batches (M <= 16) fit one token block.
+_MIN_BLOCK_M = 16
+#: 64 patches per tile: one 64 x 128 bf16 key tile is 16 KB, small enough for 3 pipeline stages.
+BLOCK_P = 64
+BLOCK_D = 128
+BLOCK_N = 128
+#: Below this fraction of active patches the CPU path gathers active value rows instead of
+#: multiplying the whole bank.
+_GATHER_BELOW = 0.5
+
+
+@triton.jit
+def _patch_fused_kernel(
+    x_ptr, k_ptr, b_ptr, v_ptr, ws_ptr,
+    M, D, D_OUT, P, P_PER_SPLIT,
+    stride_xm, stride_xd, stride_kp, stride_kd, stride_vp, stride_vn, stride_sm, stride_sn,
+    ACT: tl.constexpr, SKIP_INACTIVE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_mask = offs_m < M
+    p_start = pid_s * P_PER_SPLIT
+    p_end = tl.minimum(p_start + P_PER_SPLIT, P)
+    for p0 in range(p_start, p_end, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_mask = offs_p < p_end
+        acc = project_rows(
+            x_ptr, k_ptr, offs_m, m_mask, offs_p, p_mask, D,
+            stride_xm, stride_xd, stride_kp, stride_kd,
+            BLOCK_M, BLOCK_P, BLOCK_D, INPUT_PRECISION,
+        )
+        b = tl.load(b_ptr + offs_p, mask=p_mask, other=0.0).to(tl.float32)
+        h = act_fn(acc + b[None, :], ACT)
+        h = tl.where(m_mask[:, None] & p_mask[None, :], h, 0.0)
+        if SKIP_INACTIVE:
+            run = tl.max(tl.max(h, axis=1), axis=0) > 0.0
+        else:
+            run = True
+        if run:
+            accumulate_rows(
+                h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
+                stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION,
+            )
+
+
+@triton.jit
+def _sparse_value_kernel(
+    h_ptr, v_ptr, base_ptr, out_ptr,
+    M, P, D_OUT,
+    stride_hm, stride_hp, stride_vp, stride_vn, stride_bm, stride_bn, stride_om, stride_on,
+    ACT: tl.constexpr, SKIP_INACTIVE: tl.constexpr, HAS_BASE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < D_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_mask = offs_p < P
+        pre = tl.load(
+            h_ptr + offs_m[:, None] * stride_hm + offs_p[None, :] * stride_hp,
+            mask=m_mask[:, None] & p_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        h = act_fn(pre, ACT)
+        h = tl.where(m_mask[:, None] & p_mask[None, :], h, 0.0)
+        if SKIP_INACTIVE:
+            run = tl.max(tl.max(h, axis=1), axis=0) > 0.0
+        else:
+            run = True
+        if run:
+            vt = tl.load(
+                v_ptr + offs_p[:, None] * stride_vp + offs_n[None, :] * stride_vn,
+                mask=p_mask[:, None] & n_mask[None, :], other=0.0,
+            )
+            acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BASE:
+        acc += tl.load(
+            base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=o_mask, other=0.0
+        ).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def check_patch_args(
+    x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, values: torch.Tensor,
+    base: torch.Tensor | None = None,
+) -> None:
+    """Validate shapes, dtypes and devices of a patch forward; raise with the problem named."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (tokens, d), got shape {tuple(x.shape)}")
+    if keys.dim() != 2 or keys.shape[1] != x.shape[1]:
+        raise ValueError(f"keys must be (P, d={x.shape[1]}), got {tuple(keys.shape)}")
+    P = keys.shape[0]
+    if bias.shape != (P,):
+        raise ValueError(f"bias must be (P={P},), got {tuple(bias.shape)}")
+    if values.dim() != 2 or values.shape[0] != P:
+        raise ValueError(f"values must be (P={P}, d_out), got {tuple(values.shape)}")
+    if base is not None and base.shape != (x.shape[0], values.shape[1]):
+        raise ValueError(f"base must be (M={x.shape[0]}, d_out={values.shape[1]}), got {tuple(base.shape)}")
+    for name, t in (("keys", keys), ("bias", bias), ("values", values), ("base", base)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if keys.dtype != x.dtype or values.dtype != x.dtype:
+        raise TypeError(f"x, keys and values must share a dtype; got {x.dtype}, {keys.dtype}, {values.dtype}")
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not be silently rounded to tf32 (10-bit mantissa) inside tl.dot.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few programs, each as large as possible
+
+
+def _block_m(M: int) -> int:
+    return min(64, max(_MIN_BLOCK_M, triton.next_power_of_2(M)))
+
+
+def _patch_forward_fused(x, keys, bias, values, base, act, out_dtype):
+    M, D = x.shape
+    P, D_OUT = values.shape
+    ws = base.float().clone() if base is not None else torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
+    block_m = _block_m(M)
+    m_blocks = triton.cdiv(M, block_m)
+    p_blocks = triton.cdiv(P, BLOCK_P)
+    # ~4 programs per SM keep every SM streaming keys while atomics of one program drain.
+    splits = max(1, min(p_blocks, (4 * _num_sms(x.device)) // m_blocks))
+    p_per_split = triton.cdiv(p_blocks, splits) * BLOCK_P
+    splits = triton.cdiv(P, p_per_split)
+    _patch_fused_kernel[(m_blocks, splits)](
+        x, keys, bias, values, ws,
+        M, D, D_OUT, P, p_per_split,
+        x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        ws.stride(0), ws.stride(1),
+        ACT=act, SKIP_INACTIVE=act == ACT_RELU, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        num_warps=4, num_stages=2,
+    )
+    return ws.to(out_dtype)
+
+
+def _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype):
+    M = x.shape[0]
+    P, D_OUT = values.shape
+    pre = torch.addmm(bias.to(x.dtype), x, keys.t())  # cuBLAS: compute-bound at large M
+    out = torch.empty(M, D_OUT, device=x.device, dtype=out_dtype)
+    block_m = _block_m(M)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(D_OUT, BLOCK_N))
+    b = base if base is not None else out
+    _sparse_value_kernel[grid](
+        pre, values, b, out, M, P, D_OUT,
+        pre.stride(0), pre.stride(1), values.stride(0), values.stride(1),
+        b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        ACT=act, SKIP_INACTIVE=act == ACT_RELU, HAS_BASE=base is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def patch_forward_torch(
+    x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, values: torch.Tensor,
+    base: torch.Tensor | None = None, act: int = ACT_RELU,
+) -> torch.Tensor:
+    """Efficient PyTorch path: ``addmm``, then only the value rows of patches that fire."""
+    pre = torch.addmm(bias.to(x.dtype), x, keys.t())
+    h = activation_reference(pre, act)
+    if act == ACT_RELU:
+        active = (h > 0).any(dim=0)
+        n_active = int(active.sum())
+        if n_active == 0:
+            return base.clone() if base is not None else x.new_zeros(x.shape[0], values.shape[1])
+        if n_active < _GATHER_BELOW * keys.shape[0]:
+            idx = active.nonzero().squeeze(1)
+            h = h.index_select(1, idx)
+            values = values.index_select(0, idx)
+    if base is None:
+        return h @ values
+    return torch.addmm(base, h, values)
+
+
+def patch_forward(
+    x: torch.Tensor,
+    keys: torch.Tensor,
+    bias: torch.Tensor,
+    values: torch.Tensor,
+    base: torch.Tensor | None = None,
+    act: int = ACT_RELU,
+    backend: str | None = None,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """``base + act(x K^T + b) V`` without autograd (see ``PatchForward`` for gradients).
+
+    Args:
+        x: (M, d) FFN inputs.
+        keys: (P, d) patch keys; bias: (P,); values: (P, d_out).
+        base: optional (M, d_out) to add to (the original FFN output).
+        act: activation code (``reference.ACT_*``); ReLU enables skipping inactive patches.
+        backend: ``auto``/``triton``/``torch``; default from ``FASTPATCH_BACKEND``.
+        strategy: ``auto``, ``fused`` (activations in registers) or ``gemm`` (cuBLAS + sparse
+            value kernel); Triton backend only.
+    """
+    check_patch_args(x, keys, bias, values, base)
+    out_dtype = x.dtype
+    if keys.shape[0] == 0:
+        return base.clone() if base is not None else x.new_zeros(x.shape[0], values.shape[1])
+    if x.shape[0] == 0:
+        return x.new_zeros(0, values.shape[1])
+    if not use_triton(x, backend):
+        return patch_forward_torch(x, keys, bias, values, base, act)
+    if strategy == "auto":
+        strategy = "fused" if x.shape[0] <= FUSED_MAX_TOKENS else "gemm"
+    if strategy == "fused":
+        return _patch_forward_fused(x, keys, bias, values, base, act, out_dtype)
+    if strategy == "gemm":
+        return _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype)
+    raise ValueError(f"strategy must be 'auto', 'fused' or 'gemm', got {strategy!r}")
+
+
+class PatchForward(torch.autograd.Function):
+    """Differentiable ``act(x K^T + b) V`` (the patch contribution, without the base)."""
+
+    @staticmethod
+    def forward(ctx, x, keys, bias, values, act, backend):  # type: ignore[override]
+        ctx.save_for_backward(x, keys, bias, values)
+        ctx.act = act
+        return patch_forward(x, keys, bias, values, None, act, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, keys, bias, values = ctx.saved_tensors
+        pre = torch.addmm(bias.to(x.dtype), x, keys.t())
+        with torch.enable_grad():
+            pre_ = pre.detach().requires_grad_(True)
+            h = activation_reference(pre_, ctx.act)
+            (d_pre,) = torch.autograd.grad(h, pre_, grad_out @ values.t())
+        grad_x = d_pre @ keys if ctx.needs_input_grad[0] else None
+        grad_k = d_pre.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = d_pre.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        grad_v = h.detach().t() @ grad_out if ctx.needs_input_grad[3] else None
+        return grad_x, grad_k, grad_b, grad_v, None, None

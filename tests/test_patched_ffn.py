@@ -1,0 +1,208 @@
+"""PatchedFFN on tiny Llama, GPT-2, BERT, T5 and BART built from configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastpatch import PatchedFFN, UnknownLayoutError
+from fastpatch.ffn import detect_layout, resolve_module
+from fastpatch.kernels.reference import activation_reference
+
+from .conftest import requires_triton
+from .tiny_models import TINY, model_inputs
+
+BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]
+
+
+def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _random_patches(ffn: PatchedFFN, n: int, active_bias: float = 0.0, dtype=torch.float32):
+    d_in, d_out = ffn.bank.d_in, ffn.bank.d_out
+    keys = torch.randn(n, d_in, dtype=dtype) / d_in**0.5
+    # Mixed: some biases make a patch fire on most tokens, others keep it silent.
+    biases = torch.where(torch.arange(n) % 2 == 0, torch.full((n,), active_bias), torch.full((n,), -50.0)).to(dtype)
+    values = torch.randn(n, d_out, dtype=dtype)
+    return keys, biases, values
+
+
+def _reference_model(model: nn.Module, path: str, keys, biases, values, act=None) -> nn.Module:
+    """A float64 copy of the unwrapped model with FFN(x) + act(x K^T + b) V added by hooks."""
+    ref = copy.deepcopy(model).double()
+    module, _, _ = resolve_module(ref, path)
+    if isinstance(getattr(module, "DenseReluDense", None), nn.Module):
+        module = module.DenseReluDense
+    layout = detect_layout(module)
+    K, b, V = keys.double(), biases.double(), values.double()
+    act = act if act is not None else (lambda h: torch.relu(h))
+    captured = {}
+
+    def patch(x):
+        return act(x @ K.t() + b) @ V
+
+    if layout.kind == "split":
+        layout.tap.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+        layout.down.register_forward_hook(lambda m, a, out: out + patch(captured["x"]))
+    else:
+        module.register_forward_hook(lambda m, a, out: out + patch(a[0]))
+    return ref
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_zero_patches_is_bit_exact(name: str) -> None:
+    build, path, _ = TINY[name]
+    model = build()
+    inputs = model_inputs(name)
+    before = _logits(model, inputs)
+    ffn = PatchedFFN.wrap(model, path)
+    assert isinstance(resolve_module(model, ffn.module_path)[0], PatchedFFN) or ffn.layout.kind == "split"
+    assert torch.equal(_logits(model, inputs), before)
+    # add then remove: back to the original, bit for bit
+    ids = ffn.add_patches(*_random_patches(ffn, 3))
+    assert not torch.equal(_logits(model, inputs), before)
+    ffn.remove(ids)
+    assert torch.equal(_logits(model, inputs), before)
+    ffn.unwrap()
+    assert torch.equal(_logits(model, inputs), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(TINY))
+def test_patched_logits_match_float64_reference(name: str, backend: str, monkeypatch) -> None:
+    monkeypatch.setenv("FASTPATCH_BACKEND", backend)
+    build, path, _ = TINY[name]
+    model = build()
+    inputs = model_inputs(name)
+    ffn = PatchedFFN.wrap(model, path)
+    keys, biases, values = _random_patches(ffn, 7)
+    ffn.add_patches(keys, biases, values)
+    ref_model = _reference_model(model_unwrapped_copy(model, ffn), path, keys, biases, values)
+    ref = _logits(ref_model, {k: v for k, v in inputs.items()})
+    out = _logits(model, inputs)
+    # the patches change the output for real
+    assert (out - _logits(model_unwrapped_copy(model, ffn), inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+
+
+def model_unwrapped_copy(model: nn.Module, ffn: PatchedFFN) -> nn.Module:
+    """A deep copy of ``model`` with the PatchedFFN replaced by the original module."""
+    ffn_copy_holder = copy.deepcopy(model)
+    for mod in ffn_copy_holder.modules():
+        for name, child in list(mod.named_children()):
+            if isinstance(child, PatchedFFN):
+                if child._hook is not None:
+                    child._hook.remove()
+                setattr(mod, name, child.ffn)
+    # deep-copied taps may still carry the copied hook of the wrapper: drop every pre-hook
+    for mod in ffn_copy_holder.modules():
+        mod._forward_pre_hooks.clear()
+    return ffn_copy_holder
+
+
+def _concat_host_neurons(model: nn.Module, path: str, keys, biases, values) -> nn.Module:
+    """The authors' form: patch neurons appended to the FFN's own matrices (host activation)."""
+    ref = copy.deepcopy(model)
+    module, _, _ = resolve_module(ref, path)
+    if isinstance(getattr(module, "DenseReluDense", None), nn.Module):
+        module = module.DenseReluDense
+    lay = detect_layout(module)
+    up, down = lay.up, lay.down
+    with torch.no_grad():
+        if type(up).__name__ == "Conv1D":  # GPT-2: weight (in, out)
+            up.weight = nn.Parameter(torch.cat([up.weight, keys.t()], 1))
+            up.bias = nn.Parameter(torch.cat([up.bias, biases]))
+            up.nf += keys.shape[0]
+            down.weight = nn.Parameter(torch.cat([down.weight, values], 0))
+        else:
+            new_up = nn.Linear(up.in_features, up.out_features + keys.shape[0], bias=up.bias is not None)
+            new_up.weight.copy_(torch.cat([up.weight, keys]))
+            if up.bias is not None:
+                new_up.bias.copy_(torch.cat([up.bias, biases]))
+            new_down = nn.Linear(down.in_features + keys.shape[0], down.out_features, bias=down.bias is not None)
+            new_down.weight.copy_(torch.cat([down.weight, values.t()], 1))
+            if down.bias is not None:
+                new_down.bias.copy_(down.bias)
+            for owner in ref.modules():
+                for name, child in list(owner.named_children()):
+                    if child is up:
+                        setattr(owner, name, new_up)
+                    if child is down:
+                        setattr(owner, name, new_down)
+    return ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["gpt2", "bert", "t5", "bart"])
+def test_host_activation_equals_concatenated_neurons(name: str, backend: str, monkeypatch) -> None:
+    monkeypatch.setenv("FASTPATCH_BACKEND", backend)
+    build, path, _ = TINY[name]
+    model = build()
+    inputs = model_inputs(name)
+    concat_src = copy.deepcopy(model)
+    ffn = PatchedFFN.wrap(model, path, activation="host")
+    keys, biases, values = _random_patches(ffn, 5, active_bias=0.5)
+    if name == "t5":  # T5's wi has no bias: concatenated neurons cannot carry one
+        biases = torch.zeros_like(biases)
+    ffn.add_patches(keys, biases, values)
+    ref = _logits(_concat_host_neurons(concat_src, path, keys, biases, values), inputs)
+    torch.testing.assert_close(_logits(model, inputs), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_unknown_layout_lists_supported_families() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(UnknownLayoutError, match="gate_proj.*c_fc.*wi.*intermediate.*fc1"):
+        PatchedFFN.wrap(model, "0")
+    with pytest.raises(KeyError, match="out of range"):
+        PatchedFFN.wrap(TINY["llama"][0](), "model.layers.5.mlp")
+    with pytest.raises(KeyError, match="not a module"):
+        PatchedFFN.wrap(TINY["llama"][0](), "model.layers.-1.nope")
+
+
+def test_double_wrap_refused() -> None:
+    model = TINY["llama"][0]()
+    PatchedFFN.wrap(model, "model.layers.-1.mlp")
+    with pytest.raises(ValueError, match="already wrapped"):
+        PatchedFFN.wrap(model, "model.layers.-1.mlp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_follows_dtype_and_device_of_module(dtype: torch.dtype) -> None:
+    model = TINY["llama"][0]()
+    ffn = PatchedFFN.wrap(model, "model.layers.-1.mlp")
+    ffn.add_patches(*_random_patches(ffn, 4))
+    model.to(dtype)
+    assert ffn.bank.dtype == dtype and ffn.bank.keys.dtype == dtype
+    ffn.add_patches(*_random_patches(ffn, 2, dtype=dtype))
+    out = _logits(model, model_inputs("llama"))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_patch_activations_and_training_patches_gradients() -> None:
+    model = TINY["gpt2"][0]()
+    ffn = PatchedFFN.wrap(model, "transformer.h.-1.mlp")
+    ffn.add_patches(*_random_patches(ffn, 3, active_bias=1.0))
+    x = torch.randn(2, 5, 64)
+    acts = ffn.patch_activations(x)
+    assert acts.shape == (2, 5, 3)
+    assert (acts[..., 1] == 0).all() and (acts[..., 0] > 0).any()
+    k = torch.randn(2, 64, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    v = torch.randn(2, 64, requires_grad=True)
+    with ffn.training_patches(k, b, v):
+        y = ffn(x)
+    # gradient equals the analytic one of relu(x k + b) v
+    y.sum().backward()
+    x2 = x.reshape(-1, 64)
+    pre = x2 @ k.detach().t() + b.detach()
+    mask = (pre > 0).float()
+    g = torch.ones(10, 64)
+    d_pre = (g @ v.detach().t()) * mask
+    torch.testing.assert_close(k.grad, (d_pre.t() @ x2).float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v.grad, (activation_reference(pre, 0).t() @ g).float(), atol=1e-4, rtol=1e-4)
+    assert ffn._trainable is None
