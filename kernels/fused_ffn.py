@@ -144,7 +144,9 @@ def fused_patched_ffn(
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
     if b_down is not None:
-        ws = b_down.float().expand(M, D_OUT).contiguous()
+        # A fresh buffer: expand().contiguous() would alias the bias itself when M == 1.
+        ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
+        ws.copy_(b_down.float().expand(M, D_OUT))
     else:
         ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     if M == 0:

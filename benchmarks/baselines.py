@@ -1,0 +1,121 @@
+"""Baselines that fastpatch is measured against, written here so every benchmark uses the same ones.
+
+- ``UnpatchedFFN``: the host FFN alone (the floor).
+- ``ConcatPatcher``: the authors' T-Patcher inference path. Patches are merged into bigger dense
+  layers: the up side gets ``P`` extra output neurons (a Linear(d, P) with bias, ReLU) and the
+  down projection becomes one (F + P, d_out) matrix. Every patch costs compute on every token,
+  active or not. (The authors also re-``torch.cat`` the weights on every forward; this baseline
+  concatenates once, which is kinder to it.)
+- ``GraceCodebook``: a GRACE-style codebook at the same layer (Hartvigsen et al., 2023): one key
+  and one value per edit; every forward computes the distance to every key (``torch.cdist``) and
+  replaces the FFN output of tokens whose nearest key lies within its radius.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpatch.ffn import FFNLayout
+
+__all__ = ["UnpatchedFFN", "ConcatPatcher", "GraceCodebook", "make_patches", "GatedFFN"]
+
+
+class GatedFFN(nn.Module):
+    """A Llama-style gated MLP at arbitrary shapes (for kernel benchmarks without a model)."""
+
+    def __init__(self, d: int, f: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(d, f, **kw)
+        self.up_proj = nn.Linear(d, f, **kw)
+        self.down_proj = nn.Linear(f, d, **kw)
+        self.act_fn = nn.SiLU()
+        with torch.no_grad():
+            for lin in (self.gate_proj, self.up_proj, self.down_proj):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class UnpatchedFFN(nn.Module):
+    """The FFN with no patches."""
+
+    def __init__(self, ffn: nn.Module) -> None:
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x)
+
+
+class ConcatPatcher(nn.Module):
+    """Patches concatenated into bigger dense layers (the authors' approach)."""
+
+    def __init__(self, layout: FFNLayout, keys: torch.Tensor, biases: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.layout = layout
+        self.register_buffer("keys", keys.clone())
+        self.register_buffer("biases", biases.clone())
+        # (F + P, d_out): the host's down projection with the patch values appended as rows.
+        self.register_buffer("down_big", torch.cat([layout.w_down, values], 0).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        up = F.linear(x, lay.w_up, lay.b_up)
+        h = lay.act(F.linear(x, lay.w_gate, lay.b_gate)) * up if lay.kind == "gated" else lay.act(up)
+        hp = F.relu(F.linear(x, self.keys, self.biases))
+        out = torch.cat([h, hp], -1) @ self.down_big
+        return out if lay.b_down is None else out + lay.b_down
+
+
+class GraceCodebook(nn.Module):
+    """GRACE-style codebook: nearest key within its radius replaces the layer output."""
+
+    def __init__(self, ffn: nn.Module, keys: torch.Tensor, values: torch.Tensor, radius: float) -> None:
+        super().__init__()
+        self.ffn = ffn
+        self.register_buffer("keys", keys.clone())
+        self.register_buffer("values", values.clone())
+        self.radius = radius
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.ffn(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        dist = torch.cdist(x2.float(), self.keys.float())  # every key, every token
+        d_min, idx = dist.min(dim=1)
+        hit = (d_min < self.radius).unsqueeze(1)
+        repl = self.values.index_select(0, idx).to(out.dtype)
+        return torch.where(hit, repl, out.reshape(-1, out.shape[-1])).reshape(out.shape)
+
+
+def make_patches(
+    x: torch.Tensor, P: int, d_out: int, active_per_token: int = 2, active_tokens: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A bank of ``P`` patches where only a few fire, as in a real edit stream.
+
+    ``active_tokens`` tokens of ``x`` (default: all up to 8, then one in 8) each have
+    ``active_per_token`` patches, placed at random bank positions, built like T-Patcher's init
+    (``k = x / ||x||^2``, bias -0.5: pre-activation 0.5 on that token); every other patch has a
+    small random key and bias -0.5, so it stays silent. Returns keys, biases, values and the
+    number of firing patches.
+    """
+    dev = x.device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    M, d = x.shape
+    keys = torch.randn(P, d, generator=g, device=dev) / d
+    biases = torch.full((P,), -0.5, device=dev)
+    values = torch.randn(P, d_out, generator=g, device=dev) / d_out**0.5
+    if active_tokens is None:
+        active_tokens = M if M <= 8 else max(8, M // 8)
+    n_active = min(P, active_tokens * active_per_token)
+    pos = torch.randperm(P, generator=g, device=dev)[:n_active]
+    xs = x.detach().float()
+    for j, p in enumerate(pos.tolist()):
+        q = xs[(j // active_per_token) % M]
+        keys[p] = q / q.pow(2).sum()
+    dt = x.dtype
+    return keys.to(dt), biases.to(dt), values.to(dt), n_active

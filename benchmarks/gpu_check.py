@@ -1,0 +1,437 @@
+"""One prepared GPU check: CUDA correctness of every kernel, then the benchmark table.
+
+    python benchmarks/gpu_check.py --out benchmarks/results/<card>
+
+Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
+
+1. environment and the measured HBM bandwidth (a large device-to-device copy);
+2. correctness: every Triton kernel against its float64 reference, fp32 and bf16, odd shapes;
+3. patched FFN latency: fastpatch (fused / unfused) against the unpatched FFN, the authors'
+   concatenated-Linear T-Patcher and a GRACE-style codebook, at SmolLM2, BERT-base and Llama-7B
+   FFN shapes, P in {0, 100, 1k, 10k, 50k}, M in {1, 16, 512}, with bytes, GB/s and % of HBM;
+4. the fused/unfused crossover in tokens (sets FUSED_FFN_MAX_TOKENS / FUSED_MAX_TOKENS);
+5. the patch-training loss kernel at N = 40,000 memory vectors, d = 4096, with % of HBM;
+6. SmolLM2-architecture whole-model prefill/decode with 0 / 1k / 10k patches;
+7. memory: patch storage bytes against P*(2d+1), peak allocation.
+
+Writes ``gpu_check.json``, ``ffn_latency.csv`` and prints a Markdown table. Every timed method is
+checked against the reference first: a fast wrong kernel fails the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import fastpatch  # noqa: E402
+from benchmarks.baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
+from fastpatch import PatchedFFN  # noqa: E402
+from fastpatch.ffn import detect_layout  # noqa: E402
+from fastpatch.kernels import reference as R  # noqa: E402
+from fastpatch.kernels.fused_ffn import fused_patched_ffn  # noqa: E402
+from fastpatch.kernels.patch_forward import patch_forward  # noqa: E402
+from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
+
+#: FASTPATCH_GPU_CHECK_DRYRUN=1 runs every section on the CPU through TRITON_INTERPRET=1 at toy
+#: sizes, to validate this script before spending lease time on it.
+DRY = os.environ.get("FASTPATCH_GPU_CHECK_DRYRUN") == "1"
+DEV = "cpu" if DRY else "cuda"
+SHAPES = {"tiny": (64, 96 + 17)} if DRY else {"smollm2": (576, 1536), "bert-base": (768, 3072), "llama-7b": (4096, 11008)}
+P_LIST = (0, 100) if DRY else (0, 100, 1000, 10000, 50000)
+M_LIST = (1, 5) if DRY else (1, 16, 512)
+BIG = (64, 113, 100) if DRY else (4096, 11008, 10000)  # d, F, P of the Llama-7B cases
+LOSS_N = 1000 if DRY else 40000
+DTYPES = (torch.float32, torch.float16) if DRY else (torch.float32, torch.bfloat16)  # no bf16 in the interpreter
+LOW = torch.float16 if DRY else torch.bfloat16
+RESULTS: dict = {"sections": {}, "failures": []}
+T0 = time.time()
+
+
+def log(*a) -> None:
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+def bench(fn, rep: int = 60) -> dict:
+    if DRY:
+        t = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t) * 1e3
+        return {"ms": ms, "p20_ms": ms, "p80_ms": ms}
+    fn()
+    torch.cuda.synchronize()
+    med, lo, hi = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "p20_ms": lo, "p80_ms": hi}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> float:
+    atol, rtol = TOLERANCES[dtype]
+    scale = max(1.0, float(ref.abs().max()))
+    err = float((out.double() - ref.double()).abs().max())
+    ok = torch.allclose(out.double(), ref.double(), atol=atol * scale, rtol=rtol)
+    if not ok:
+        RESULTS["failures"].append(f"{what}: max abs err {err:.3g} (atol {atol * scale:.3g})")
+    return err
+
+
+# ----------------------------------------------------------------------------- 1. bandwidth
+def measure_bandwidth() -> float:
+    n = (1 << 20) if DRY else (1 << 30)  # 2 GiB of bf16 each way: far beyond L2, so this is HBM
+    a = torch.empty(n, dtype=torch.bfloat16, device=DEV).normal_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), rep=100)
+    gbs = 2 * a.numel() * a.element_size() / (t["ms"] * 1e-3) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    return gbs
+
+
+# --------------------------------------------------------------------------- 2. correctness
+def correctness() -> list[dict]:
+    rows = []
+    for dtype in DTYPES:
+        for (M, P, d, d_out) in [(1, 7, 113, 113), (5, 1000, 576, 576), (130, 1000, 113, 77), (16, 10017, 4096, 4096)][: 2 if DRY else 4]:
+            x = torch.randn(M, d, device=DEV, dtype=dtype)
+            keys, bias, values, _ = make_patches(x, P, d_out, active_per_token=3)
+            base = torch.randn(M, d_out, device=DEV, dtype=dtype)
+            ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
+            for strategy in ("fused", "gemm"):
+                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy=strategy)
+                err = close(out, ref, dtype, f"patch_forward[{strategy}] M={M} P={P} d={d} {dtype}")
+                rows.append({"kernel": f"patch_forward/{strategy}", "dtype": str(dtype), "M": M, "P": P, "d": d, "max_err": err})
+        for gated in (True, False):
+            for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
+                act = R.ACT_SILU if gated else R.ACT_GELU_TANH
+                x = torch.randn(M, d, device=DEV, dtype=dtype)
+                w_up = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype)
+                w_gate = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype) if gated else None
+                down = (torch.randn(d, Fdim, device=DEV) / Fdim**0.5).to(dtype)
+                b_up = None if gated else torch.randn(Fdim, device=DEV).to(dtype)
+                b_down = None if gated else torch.randn(d, device=DEV).to(dtype)
+                keys, bias, values, _ = make_patches(x, P, d, active_per_token=3)
+                out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                                        keys=keys, bias=bias, values=values)
+                D = lambda t: None if t is None else t.double()  # noqa: E731
+                ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
+                                              b_down=D(b_down), keys=D(keys), bias=D(bias), values=D(values))
+                err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
+                rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
+                             "P": P, "d": d, "max_err": err})
+    rows += loss_correctness()
+    return rows
+
+
+def loss_correctness() -> list[dict]:
+    try:
+        from fastpatch.kernels import patch_loss as PL
+    except Exception as e:  # the loss kernel is optional for this script's first sections
+        RESULTS["failures"].append(f"patch_loss import: {e}")
+        return []
+    rows = []
+    for dtype in DTYPES:
+        for (N, d, n, k) in [(37, 113, 1, 5), (1000 + 17, 576, 5, 1000), (40000, 4096, 17, 1000)][: 2 if DRY else 3]:
+            mem = torch.randn(N, d, device=DEV).to(dtype)
+            keys = (torch.randn(n, d, device=DEV) / d).to(dtype).requires_grad_(True)
+            bias = torch.randn(n, device=DEV).to(dtype).requires_grad_(True)
+            a_e = torch.randn(n, device=DEV).requires_grad_(True)
+            m1, m2 = PL.patch_memory_loss(mem, keys, bias, a_e, topk=k, backend="triton")
+            g = torch.autograd.grad((m1 + m2).sum(), (keys, bias, a_e))
+            kd, bd, ad = (t.detach().double().requires_grad_(True) for t in (keys, bias, a_e))
+            r1, r2 = PL.patch_memory_loss_reference(mem.double(), kd, bd, ad, topk=k)
+            gr = torch.autograd.grad((r1 + r2).sum(), (kd, bd, ad))
+            errs = [close(m1, r1, dtype, f"patch_loss L_m1 N={N} d={d} n={n} {dtype}"),
+                    close(m2, r2, dtype, f"patch_loss L_m2 N={N} d={d} n={n} {dtype}")]
+            for name, a, b in zip(("d_keys", "d_bias", "d_a_edit"), g, gr):
+                errs.append(close(a, b, dtype, f"patch_loss {name} N={N} d={d} n={n} {dtype}"))
+            rows.append({"kernel": "patch_loss", "dtype": str(dtype), "N": N, "d": d, "n": n, "max_err": max(errs)})
+    return rows
+
+
+# ------------------------------------------------------------------------ 3. FFN latency
+def ffn_latency(hbm_gbs: float) -> list[dict]:
+    rows = []
+    dtype = LOW
+    for shape, (d, Fdim) in SHAPES.items():
+        ffn_mod = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
+        for M in M_LIST:
+            x = torch.randn(M, d, device=DEV, dtype=dtype)
+            base_ms = None
+            for P in P_LIST:
+                holder = torch.nn.Module()
+                holder.mlp = GatedFFN(d, Fdim, dtype=dtype, device=DEV)
+                holder.mlp.load_state_dict(ffn_mod.state_dict())
+                pffn = PatchedFFN.wrap(holder, "mlp")
+                n_active = 0
+                if P:
+                    keys, biases, values, n_active = make_patches(x, P, d)
+                    pffn.add_patches(keys, biases, values)
+                layout = detect_layout(ffn_mod)
+                methods = {"unpatched": ffn_mod}
+                methods["fastpatch"] = pffn
+                if P:
+                    methods["concat (authors)"] = ConcatPatcher(layout, keys, biases, values)
+                    methods["grace codebook"] = GraceCodebook(ffn_mod, keys, values, radius=1e-3)
+                with torch.no_grad():
+                    ref = R.patched_ffn_reference(
+                        x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
+                        w_gate=layout.w_gate.double(),
+                        keys=keys.double() if P else None, bias=biases.double() if P else None,
+                        values=values.double() if P else None)
+                    for name, fn in methods.items():
+                        if name != "grace codebook":  # GRACE computes a different function
+                            want = ref if name != "unpatched" else R.patched_ffn_reference(
+                                x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
+                                w_gate=layout.w_gate.double())
+                            close(fn(x), want, dtype, f"latency check {name} {shape} M={M} P={P}")
+                        t = bench(lambda fn=fn: fn(x))
+                        w_bytes = 3 * d * Fdim * 2
+                        if name == "fastpatch":
+                            nbytes = w_bytes + P * (d + 1) * 2 + n_active * d * 2
+                        elif name == "concat (authors)":
+                            nbytes = w_bytes + P * (2 * d + 1) * 2
+                        elif name == "grace codebook":
+                            nbytes = w_bytes + P * d * 2 * 2  # keys read (as fp32 copy) + values gather
+                        else:
+                            nbytes = w_bytes
+                        nbytes += 2 * M * d * 2
+                        gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+                        if name == "unpatched" and P == 0:
+                            base_ms = t["ms"]
+                        rows.append({"shape": shape, "d": d, "F": Fdim, "M": M, "P": P, "active": n_active,
+                                     "method": name, **t, "bytes": nbytes, "GB/s": gbs,
+                                     "pct_hbm": 100 * gbs / hbm_gbs,
+                                     "vs_unpatched": t["ms"] / base_ms if base_ms else None})
+                del methods, pffn, holder
+                torch.cuda.empty_cache()
+            log(f"latency {shape} M={M} done")
+    return rows
+
+
+# --------------------------------------------------------------------------- 4. crossover
+def crossover() -> list[dict]:
+    rows = []
+    d, Fdim, P = BIG
+    dtype = LOW
+    ffn = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
+    lay = detect_layout(ffn)
+    for M in ((1, 17) if DRY else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
+        x = torch.randn(M, d, device=DEV, dtype=dtype)
+        keys, biases, values, _ = make_patches(x, P, d)
+        with torch.no_grad():
+            fused = lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
+                                              keys=keys, bias=biases, values=values)
+            unf_a = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused")  # noqa: E731
+            unf_b = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="gemm")  # noqa: E731
+            rows.append({"M": M, "fused_ffn_ms": bench(fused)["ms"], "cublas+patch_fused_ms": bench(unf_a)["ms"],
+                         "cublas+patch_gemm_ms": bench(unf_b)["ms"]})
+    return rows
+
+
+# -------------------------------------------------------------------------- 5. loss kernel
+def loss_kernel(hbm_gbs: float) -> list[dict]:
+    try:
+        from fastpatch.kernels import patch_loss as PL
+    except Exception:
+        return []
+    rows = []
+    N, d = LOSS_N, BIG[0]
+    for dtype in (LOW, torch.float32):
+        mem = torch.randn(N, d, device=DEV).to(dtype)
+        for n in (1, 5, 17):
+            keys = (torch.randn(n, d, device=DEV) / d).to(dtype).requires_grad_(True)
+            bias = torch.zeros(n, device=DEV, dtype=dtype, requires_grad=True)
+            a_e = torch.ones(n, device=DEV, requires_grad=True)
+            k = 1000
+
+            def fwd():
+                with torch.no_grad():
+                    return PL.patch_memory_loss(mem, keys, bias, a_e, topk=k, backend="triton")
+
+            def step():
+                m1, m2 = PL.patch_memory_loss(mem, keys, bias, a_e, topk=k, backend="triton")
+                torch.autograd.grad((m1 + m2).sum(), (keys, bias, a_e))
+
+            def naive_step():
+                A = mem @ keys.t() + bias
+                top = A.float().topk(k, dim=0).values
+                m1 = torch.exp(top - a_e + 3).mean(0)
+                m2 = torch.exp(top + 3).mean(0)
+                torch.autograd.grad((m1 + m2).sum(), (keys, bias, a_e))
+
+            nbytes = PL.memory_loss_bytes(N, d, n, k, dtype)
+            tf, ts, tn = bench(fwd), bench(step), bench(naive_step)
+            pre_bytes = N * d * mem.element_size()
+            t_pre = bench(lambda: PL.patch_preactivations(mem, keys.detach(), bias.detach(), backend="triton"))
+            rows.append({"dtype": str(dtype), "N": N, "d": d, "n": n, "topk": k,
+                         "preact_ms": t_pre["ms"], "preact_pct_hbm": 100 * pre_bytes / (t_pre["ms"] * 1e-3) / 1e9 / hbm_gbs,
+                         "fwd_ms": tf["ms"], "step_ms": ts["ms"], "naive_torch_step_ms": tn["ms"],
+                         "bytes": nbytes, "step_GB/s": nbytes / (ts["ms"] * 1e-3) / 1e9,
+                         "step_pct_hbm": 100 * nbytes / (ts["ms"] * 1e-3) / 1e9 / hbm_gbs})
+        del mem
+    return rows
+
+
+# --------------------------------------------------------------------- 6. whole model
+def whole_model() -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    rows = []
+    if DRY:
+        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
+    for dtype in (LOW if not DRY else torch.float32,):
+        model = LlamaForCausalLM(cfg).to(DEV, dtype).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
+        pffn = PatchedFFN.wrap(model, "model.layers.-1.mlp")
+        captured = {}
+        h = pffn.ffn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].reshape(-1, 576)))
+        with torch.no_grad():
+            model(ids)
+        h.remove()
+        base_prefill = base_decode = None
+        for P in ((0, 100) if DRY else (0, 1000, 10000)):
+            pffn.bank.clear()
+            if P:
+                k_, b_, v_, _ = make_patches(captured["x"][-8:], P, 576)
+                pffn.add_patches(k_, b_, v_)
+            with torch.no_grad():
+                prefill = bench(lambda: model(ids, use_cache=False), rep=40)
+                out = model(ids, use_cache=True)
+                cache = out.past_key_values
+                nxt = ids[:, -1:]
+
+                def decode():
+                    model(nxt, past_key_values=cache, use_cache=True)
+                    cache.crop(-1)  # drop the token just added: every call decodes at 128
+
+                dec = bench(decode, rep=40)
+            base_prefill = base_prefill or prefill["ms"]
+            base_decode = base_decode or dec["ms"]
+            rows.append({"model": "SmolLM2-135M architecture (random weights)", "dtype": str(dtype), "P": P,
+                         "prefill128_ms": prefill["ms"], "decode_ms": dec["ms"],
+                         "prefill_vs_unpatched": prefill["ms"] / base_prefill, "decode_vs_unpatched": dec["ms"] / base_decode})
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
+def memory() -> dict:
+    d, Fdim, P = BIG
+    holder = torch.nn.Module()
+    holder.mlp = GatedFFN(d, Fdim, dtype=LOW, device=DEV)
+    w_ptrs = {p.data_ptr() for p in holder.mlp.parameters()}
+    cuda = torch.cuda.is_available() and not DRY
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    pffn = PatchedFFN.wrap(holder, "mlp", capacity=16)
+    x = torch.randn(16, d, device=DEV, dtype=LOW)
+    for _ in range(10):  # grow by appends, as an edit stream does
+        k_, b_, v_, _ = make_patches(x, P // 10, d)
+        pffn.add_patches(k_, b_, v_)
+    with torch.no_grad():
+        pffn(x)
+    storage = pffn.bank.storage_bytes()
+    formula = P * (2 * d + 1) * 2
+    still_same = {p.data_ptr() for p in pffn.ffn.parameters()} == w_ptrs
+    return {"P": P, "d": d, "storage_bytes": storage, "formula_bytes": formula, "slack_ratio": storage / formula,
+            "allocated_delta_bytes": (torch.cuda.memory_allocated() - before) if cuda else None,
+            "peak_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "base_weights_not_copied": still_same}
+
+
+def section(name: str, fn, *args):
+    log(f"== {name}")
+    try:
+        out = fn(*args)
+    except Exception as e:
+        traceback.print_exc()
+        RESULTS["failures"].append(f"section {name} crashed: {e!r}")
+        out = None
+    RESULTS["sections"][name] = out
+    return out
+
+
+def md_table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
+    ap.add_argument("--quick", action="store_true", help="correctness only")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if DRY:
+        os.environ.setdefault("FASTPATCH_BACKEND", "triton")
+        name, sms = "dry-run (CPU, TRITON_INTERPRET=1)", 0
+    else:
+        props = torch.cuda.get_device_properties(0)
+        name, sms = props.name, props.multi_processor_count
+    RESULTS["env"] = {"gpu": name, "sms": sms, "torch": torch.__version__,
+                      "triton": triton.__version__, "fastpatch": fastpatch.__version__, "python": platform.python_version(),
+                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                      "cpu_threads": torch.get_num_threads()}
+    log(RESULTS["env"])
+    hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
+    log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
+    section("correctness", correctness)
+    log(f"correctness failures so far: {len(RESULTS['failures'])}")
+    if not args.quick:
+        section("ffn_latency", ffn_latency, hbm)
+        section("crossover", crossover)
+        section("loss_kernel", loss_kernel, hbm)
+        section("whole_model", whole_model)
+        section("memory", memory)
+    RESULTS["wall_s"] = time.time() - T0
+    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    lat = RESULTS["sections"].get("ffn_latency") or []
+    if lat:
+        with open(out / "ffn_latency.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(lat[0]))
+            w.writeheader()
+            w.writerows(lat)
+    report = [f"# GPU check on {RESULTS['env']['gpu']}", f"HBM copy bandwidth: {hbm:.0f} GB/s", ""]
+    for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
+                       ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
+                       ("crossover", ["M", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_gemm_ms"]),
+                       ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
+                       ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"])]:
+        rows = RESULTS["sections"].get(name) or []
+        if rows:
+            report += [f"## {name}", md_table(rows, [c for c in cols if any(c in r for r in rows)]), ""]
+    if RESULTS["sections"].get("memory"):
+        report += ["## memory", "```", json.dumps(RESULTS["sections"]["memory"], indent=1), "```", ""]
+    report += ["## failures", *(f"- {f}" for f in RESULTS["failures"] or ["none"])]
+    (out / "gpu_check.md").write_text("\n".join(report))
+    print("\n".join(report))
+    log(f"done in {time.time() - T0:.0f}s; failures: {len(RESULTS['failures'])}")
+    return 1 if RESULTS["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

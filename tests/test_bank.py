@@ -1,0 +1,216 @@
+"""PatchBank and PatchedFFN persistence: growth, removal, save/load, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastpatch import PatchBank, PatchedFFN, PatchFileError
+
+from .tiny_models import TINY, model_inputs
+
+
+def _p(n: int, d_in: int = 8, d_out: int = 6, dtype=torch.float32):
+    return torch.randn(n, d_in, dtype=dtype), torch.randn(n, dtype=dtype), torch.randn(n, d_out, dtype=dtype)
+
+
+def _snapshot(bank: PatchBank):
+    return (bank.keys.clone(), bank.biases.clone(), bank.values.clone(), bank.ids, bank.num_patches)
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_growth_is_amortised_and_keeps_content() -> None:
+    bank = PatchBank(8, 6, capacity=16)
+    added, caps = [], set()
+    for i in range(40):
+        k, b, v = _p(3)
+        bank.add(k, b, v, edit_id=f"e{i}")
+        added.append((k, b, v))
+        caps.add(bank.capacity)
+    assert bank.num_patches == 120
+    # doubling: 16 -> 32 -> 64 -> 128, never one reallocation per add
+    assert caps == {16, 32, 64, 128}
+    assert bank.capacity <= 2 * bank.num_patches
+    torch.testing.assert_close(bank.keys, torch.cat([a[0] for a in added]))
+    torch.testing.assert_close(bank.values, torch.cat([a[2] for a in added]))
+    assert bank.ids == list(range(120))
+
+
+def test_add_writes_in_place_without_reallocating_within_capacity() -> None:
+    bank = PatchBank(8, 6, capacity=64)
+    bank.add(*_p(1))
+    ptr = bank._keys.data_ptr()
+    for _ in range(10):
+        bank.add(*_p(2))
+    assert bank._keys.data_ptr() == ptr
+
+
+def test_remove_is_a_rollback_of_one_edit() -> None:
+    bank = PatchBank(8, 6)
+    a = bank.add(*_p(2), edit_id="a")
+    k_b, b_b, v_b = _p(3)
+    b = bank.add(k_b, b_b, v_b, edit_id="b")
+    c = bank.add(*_p(1), edit_id="c")
+    assert bank.ids_for_edit("b") == b
+    bank.remove(b)
+    assert bank.ids == a + c and bank.num_patches == 3
+    assert [r.edit_id for r in bank.records()] == ["a", "a", "c"]
+    new = bank.add(*_p(1), edit_id="d")
+    assert new == [6]  # ids are never reused
+    assert not any(torch.equal(bank.keys[i], k_b[j]) for i in range(4) for j in range(3))
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        (lambda: _p(2, d_in=9), ValueError, "keys must be"),
+        (lambda: (torch.randn(2, 8), torch.randn(3), torch.randn(2, 6)), ValueError, "biases must be"),
+        (lambda: (torch.randn(2, 8), torch.randn(2), torch.randn(2, 7)), ValueError, "values must be"),
+        (lambda: _p(2, dtype=torch.float64), TypeError, "dtype"),
+        (lambda: (torch.randn(2, 8, device="meta"), torch.randn(2), torch.randn(2, 6)), ValueError, "is on meta"),
+        (lambda: (torch.full((2, 8), float("nan")), torch.randn(2), torch.randn(2, 6)), ValueError, "NaN or inf"),
+        (lambda: (torch.randn(2, 8), torch.tensor([0.0, float("inf")]), torch.randn(2, 6)), ValueError, "NaN or inf"),
+        (lambda: _p(0), ValueError, "empty"),
+    ],
+)
+def test_bad_patches_rejected_and_bank_unchanged(args, exc, match) -> None:
+    bank = PatchBank(8, 6)
+    bank.add(*_p(3))
+    before = _snapshot(bank)
+    with pytest.raises(exc, match=match):
+        bank.add(*args())
+    assert _same(_snapshot(bank), before)
+
+
+def test_unknown_ids_rejected_and_bank_unchanged() -> None:
+    bank = PatchBank(8, 6)
+    ids = bank.add(*_p(3))
+    before = _snapshot(bank)
+    with pytest.raises(KeyError, match="unknown patch ids: \\[99\\]"):
+        bank.remove([ids[0], 99])
+    assert _same(_snapshot(bank), before)
+
+
+def _patched(name: str = "llama"):
+    build, path, _ = TINY[name]
+    torch.manual_seed(0)
+    model = build()
+    return model, PatchedFFN.wrap(model, path), path
+
+
+def _add_some(ffn: PatchedFFN, n: int = 5) -> list[int]:
+    k = torch.randn(n, ffn.bank.d_in) / ffn.bank.d_in**0.5
+    return ffn.add_patches(k, torch.zeros(n), torch.randn(n, ffn.bank.d_out), edit_id="e1")
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_save_load_into_fresh_copy_is_bit_exact(name: str, tmp_path) -> None:
+    model, ffn, path = _patched(name)
+    fresh = copy.deepcopy(model)  # same weights, its own PatchedFFN below
+    _add_some(ffn)
+    ids = _add_some(ffn, 3)
+    ffn.remove(ids[:1])
+    inputs = model_inputs(name)
+    with torch.no_grad():
+        want = model(**inputs).logits
+    ffn.save(tmp_path / "p.safetensors")
+    # fresh process stand-in: an unwrapped copy of the base model, wrapped anew
+    for mod in fresh.modules():
+        for attr, child in list(mod.named_children()):
+            if isinstance(child, PatchedFFN):
+                setattr(mod, attr, child.ffn)
+    for mod in fresh.modules():
+        mod._forward_pre_hooks.clear()
+    ffn2 = PatchedFFN.wrap(fresh, path)
+    ffn2.load(tmp_path / "p.safetensors")
+    assert ffn2.bank.ids == ffn.bank.ids
+    assert [r.edit_id for r in ffn2.bank.records()] == [r.edit_id for r in ffn.bank.records()]
+    with torch.no_grad():
+        got = fresh(**inputs).logits
+    assert torch.equal(got, want)
+    # metadata says what it belongs to
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["module_path"] == ffn.module_path and meta["dtype"] == "float32"
+    assert int(meta["d_in"]) == ffn.bank.d_in and meta["fingerprint"] == ffn.fingerprint()
+    # new patches after a reload get fresh ids
+    assert _add_some(ffn2, 1)[0] == ffn.bank._next_id
+
+
+def test_load_refuses_other_model_other_layer_and_corrupt_files(tmp_path) -> None:
+    model, ffn, path = _patched("llama")
+    _add_some(ffn)
+    f = tmp_path / "p.safetensors"
+    ffn.save(f)
+    before = _snapshot(ffn.bank)
+
+    other_model, other_ffn, _ = _patched("llama")
+    with torch.no_grad():
+        for p in other_ffn.ffn.parameters():
+            p.add_(0.5)
+    with pytest.raises(PatchFileError, match="different FFN weights"):
+        other_ffn.load(f)
+    assert other_ffn.num_patches == 0
+
+    other_layer = PatchedFFN.wrap(model, "model.layers.0.mlp")
+    with pytest.raises(PatchFileError, match="for module 'model.layers.1.mlp'"):
+        other_layer.load(f)
+
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    with pytest.raises(PatchFileError, match="corrupt or truncated"):
+        ffn.load(truncated)
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(PatchFileError, match="not a fastpatch patch file"):
+        ffn.load(foreign)
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(PatchFileError):
+        ffn.load(garbage)
+    with pytest.raises(PatchFileError, match="not found"):
+        ffn.load(tmp_path / "missing.safetensors")
+    assert _same(_snapshot(ffn.bank), before)
+
+
+def test_load_refuses_inconsistent_metadata(tmp_path) -> None:
+    _, ffn, _ = _patched("llama")
+    _add_some(ffn)
+    f = tmp_path / "p.safetensors"
+    ffn.save(f)
+    tensors, meta = PatchBank.read_file(f)
+    meta["d_in"] = "7"
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta)
+    with pytest.raises(PatchFileError, match="disagree"):
+        ffn.load(bad)
+    meta["d_in"] = str(ffn.bank.d_in)
+    meta["format_version"] = "99"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta)
+    with pytest.raises(PatchFileError, match="version"):
+        ffn.load(bad)
+    meta["format_version"] = "1"
+    meta["records"] = json.dumps([])
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta)
+    with pytest.raises(PatchFileError, match="records"):
+        ffn.load(bad)
+
+
+def test_model_state_dict_is_the_base_models() -> None:
+    model, ffn, _ = _patched("gpt2")
+    _add_some(ffn)
+    keys = set(model.state_dict())
+    assert not any("_keys" in k or "bank" in k for k in keys)
+    sd = ffn.bank.state_dict()
+    assert set(sd) == {"keys", "biases", "values", "ids"} and sd["keys"].shape == (5, ffn.bank.d_in)
