@@ -1,0 +1,581 @@
+"""Edit-stream formats, normalised to one record type.
+
+Four on-disk formats are understood (auto-detected from the first row's keys, or forced with
+``fmt=``):
+
+``zsre`` (MEND)
+    ``src, rephrase, alt, answers, loc, loc_ans`` -> prompt=src, target=alt,
+    ground_truth=answers[0], rephrases=[rephrase], locality=[(loc, loc_ans)]. ``loc`` keeps its
+    ``"nq question: "`` prefix.
+``counterfact`` (ROME)
+    ``requested_rewrite{prompt ("{}" marks the subject), subject, target_new{str},
+    target_true{str}}, paraphrase_prompts, neighborhood_prompts`` -> prompt=prompt with the
+    subject filled in, target=target_new.str, ground_truth=target_true.str,
+    rephrases=paraphrase_prompts, locality=[(p, target_true.str)] for every neighborhood prompt
+    (neighbours share the true object).
+``easyedit``
+    ``prompt, target_new, ground_truth, rephrase_prompt, locality{name: {prompt, ground_truth}}``,
+    or the flat variant ``locality_prompt, locality_ground_truth``. ``ground_truth`` may be a
+    string or a list (first element taken); a locality ``prompt`` may be a list with a parallel
+    ``ground_truth`` list.
+``fastpatch``
+    ``input, target, rephrases?, locality?[{prompt, target}], id?, ground_truth?, subject?`` --
+    what :func:`save_stream_jsonl` writes.
+
+Targets are kept verbatim (no spaces added or stripped: the editor handles spacing). Rows are
+numbered from 0 in file order. A malformed row raises :class:`StreamFormatError` naming the row
+and the field; with ``skip_bad=True`` it is skipped and listed in :attr:`StreamLoad.skipped`.
+Nothing is dropped silently.
+
+Files (``.json`` list, ``.jsonl``/``.ndjson`` lines, ``.parquet``) are read with
+``datasets.load_dataset`` into memory, with a throw-away cache directory, so nothing is written
+next to the data (which may be read-only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "FORMATS",
+    "EditRecord",
+    "StreamFormatError",
+    "StreamLoad",
+    "detect_format",
+    "load_stream",
+    "parse_rows",
+    "record_to_fastpatch",
+    "save_stream_jsonl",
+]
+
+#: Canonical format names.
+FORMATS: tuple[str, ...] = ("zsre", "counterfact", "easyedit", "fastpatch")
+_ALIASES = {"mend": "zsre", "rome": "counterfact", "cf": "counterfact", "jsonl": "fastpatch"}
+
+
+@dataclass
+class EditRecord:
+    """One edit request, whatever format it came from."""
+
+    id: str  #: stable request id (case_id / id field, else the row index)
+    prompt: str
+    target: str  #: the new target, verbatim
+    ground_truth: str | None
+    rephrases: list[str]
+    locality: list[tuple[str, str]]  #: (prompt, answer) pairs the edit must not change
+    subject: str | None = None
+    source_row: int = 0  #: 0-based row in the source file
+
+
+@dataclass
+class StreamLoad:
+    """Result of :func:`load_stream`."""
+
+    records: list[EditRecord]
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  #: (row, field, reason)
+    format: str = "unknown"
+    #: "datasets", or "json" when the file had to be read with the json module (see _read_rows).
+    loader: str = "datasets"
+
+
+class StreamFormatError(ValueError):
+    """A malformed row (or an undetectable format). ``row`` is 0-based; ``field`` is a dotted
+    path such as ``"requested_rewrite.target_new.str"`` (empty when about the whole row)."""
+
+    def __init__(self, row: int, field: str, reason: str, path: str | os.PathLike[str] | None = None):
+        self.row = row
+        self.field = field
+        self.reason = reason
+        self.path = None if path is None else os.fspath(path)
+        where = f"{self.path}: " if self.path else ""
+        what = f", field {field!r}" if field else ""
+        super().__init__(f"{where}row {row} (0-based){what}: {reason}")
+
+
+class _RowError(Exception):
+    """Internal: a field problem inside one row (row number added by the caller)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(field, reason)
+        self.field = field
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Field helpers
+# --------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _get(obj: Mapping[str, Any], key: str, path: str, required: bool = True) -> Any:
+    """``obj[key]``; a missing key and a null value are the same thing (``datasets`` turns a key
+    absent from some rows into null)."""
+    value = obj.get(key, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise _RowError(path, "missing or null")
+        return None
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _str(obj: Mapping[str, Any], key: str, path: str, required: bool = True, nonempty: bool = True) -> str | None:
+    value = _get(obj, key, path, required)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _RowError(path, f"expected a string, got {_type_name(value)} {value!r}")
+    if nonempty and not value.strip():
+        raise _RowError(path, "empty string")
+    return value
+
+
+def _mapping(obj: Mapping[str, Any], key: str, path: str, required: bool = True) -> Mapping[str, Any] | None:
+    value = _get(obj, key, path, required)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _RowError(path, f"expected an object, got {_type_name(value)}")
+    return value
+
+
+def _str_list(obj: Mapping[str, Any], key: str, path: str, allow_str: bool = False) -> list[str]:
+    """An optional list of non-empty strings (missing/null -> [])."""
+    value = _get(obj, key, path, required=False)
+    if value is None:
+        return []
+    if isinstance(value, str) and allow_str:
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _RowError(path, f"expected a list of strings, got {_type_name(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _RowError(f"{path}[{i}]", f"expected a string, got {_type_name(item)} {item!r}")
+        if not item.strip():
+            raise _RowError(f"{path}[{i}]", "empty string")
+        out.append(item)
+    return out
+
+
+def _first_str(value: Any, path: str) -> str | None:
+    """A string, or the first string of a (possibly nested) list; [] -> None."""
+    while isinstance(value, (list, tuple)):
+        if not value:
+            return None
+        value, path = value[0], f"{path}[0]"
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _RowError(path, f"expected a string or a list of strings, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _row_id(row: Mapping[str, Any], key: str, index: int) -> str:
+    value = row.get(key)
+    if value is None:
+        return str(index)
+    if isinstance(value, bool):
+        raise _RowError(key, f"expected an int or string id, got bool {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value
+    raise _RowError(key, f"expected an int or non-empty string id, got {_type_name(value)} {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-format parsers: raw row (dict) -> EditRecord, or _RowError
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_zsre(row: Mapping[str, Any], index: int) -> EditRecord:
+    prompt = _str(row, "src", "src")
+    target = _str(row, "alt", "alt")
+    rephrase = _str(row, "rephrase", "rephrase")
+    answers = _get(row, "answers", "answers")
+    ground_truth = _first_str(answers, "answers")
+    loc = _str(row, "loc", "loc")
+    loc_ans = _str(row, "loc_ans", "loc_ans")
+    subject = _str(row, "subject", "subject", required=False)
+    return EditRecord(
+        id=_row_id(row, "case_id", index),
+        prompt=prompt,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        ground_truth=ground_truth,
+        rephrases=[rephrase],  # type: ignore[list-item]
+        locality=[(loc, loc_ans)],  # type: ignore[list-item]
+        subject=subject,
+        source_row=index,
+    )
+
+
+def _parse_counterfact(row: Mapping[str, Any], index: int) -> EditRecord:
+    rw = _mapping(row, "requested_rewrite", "requested_rewrite")
+    assert rw is not None
+    template = _str(rw, "prompt", "requested_rewrite.prompt")
+    subject = _str(rw, "subject", "requested_rewrite.subject")
+    assert template is not None and subject is not None
+    if "{}" not in template:
+        raise _RowError("requested_rewrite.prompt", f"no '{{}}' subject placeholder in {template!r}")
+    new = _mapping(rw, "target_new", "requested_rewrite.target_new")
+    true = _mapping(rw, "target_true", "requested_rewrite.target_true")
+    assert new is not None and true is not None
+    target = _str(new, "str", "requested_rewrite.target_new.str")
+    truth = _str(true, "str", "requested_rewrite.target_true.str")
+    neighbours = _str_list(row, "neighborhood_prompts", "neighborhood_prompts")
+    return EditRecord(
+        id=_row_id(row, "case_id", index),
+        prompt=template.replace("{}", subject),
+        target=target,  # type: ignore[arg-type]
+        ground_truth=truth,
+        rephrases=_str_list(row, "paraphrase_prompts", "paraphrase_prompts"),
+        locality=[(p, truth) for p in neighbours],  # type: ignore[misc]
+        subject=subject,
+        source_row=index,
+    )
+
+
+def _easyedit_locality(row: Mapping[str, Any]) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    # Flat variant (e.g. KnowledgeSpread's counterfact-edit.json).
+    flat_p = row.get("locality_prompt")
+    flat_a = row.get("locality_ground_truth")
+    if flat_p is not None or flat_a is not None:
+        pairs += _locality_pair(flat_p, flat_a, "locality_prompt", "locality_ground_truth")
+    # Nested variant: locality {name: {prompt, ground_truth}}.
+    loc = _mapping(row, "locality", "locality", required=False)
+    for name, item in (loc or {}).items():
+        if item is None:  # a name present in other rows only (datasets unifies struct keys)
+            continue
+        if not isinstance(item, Mapping):
+            raise _RowError(f"locality.{name}", f"expected an object, got {_type_name(item)}")
+        pairs += _locality_pair(
+            item.get("prompt"), item.get("ground_truth"),
+            f"locality.{name}.prompt", f"locality.{name}.ground_truth",
+        )
+    return pairs
+
+
+def _locality_pair(prompt: Any, answer: Any, p_path: str, a_path: str) -> list[tuple[str, str]]:
+    if prompt is None:
+        raise _RowError(p_path, f"missing or null (while {a_path} is given)")
+    if answer is None:
+        raise _RowError(a_path, f"missing or null (while {p_path} is given)")
+    if isinstance(prompt, str):
+        prompts, answers = [prompt], [answer]
+    elif isinstance(prompt, (list, tuple)):
+        prompts = list(prompt)
+        if not isinstance(answer, (list, tuple)) or len(answer) != len(prompts):
+            raise _RowError(a_path, f"expected a list parallel to the {len(prompts)} prompts")
+        answers = list(answer)
+    else:
+        raise _RowError(p_path, f"expected a string or a list of strings, got {_type_name(prompt)}")
+    out = []
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        pi = p_path if isinstance(prompt, str) else f"{p_path}[{i}]"
+        ai = a_path if isinstance(prompt, str) else f"{a_path}[{i}]"
+        if not isinstance(p, str):
+            raise _RowError(pi, f"expected a string, got {_type_name(p)} {p!r}")
+        if not p.strip():
+            raise _RowError(pi, "empty string")
+        a_str = _first_str(a, ai)
+        if a_str is None or not a_str.strip():
+            raise _RowError(ai, "empty")
+        out.append((p, a_str))
+    return out
+
+
+def _parse_easyedit(row: Mapping[str, Any], index: int) -> EditRecord:
+    prompt = _str(row, "prompt", "prompt")
+    target = _str(row, "target_new", "target_new")
+    gt_raw = _get(row, "ground_truth", "ground_truth", required=False)
+    ground_truth = None if gt_raw is None else _first_str(gt_raw, "ground_truth")
+    return EditRecord(
+        id=_row_id(row, "case_id", index),
+        prompt=prompt,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        ground_truth=ground_truth,
+        rephrases=_str_list(row, "rephrase_prompt", "rephrase_prompt", allow_str=True),
+        locality=_easyedit_locality(row),
+        subject=_str(row, "subject", "subject", required=False),
+        source_row=index,
+    )
+
+
+def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
+    prompt = _str(row, "input", "input")
+    target = _str(row, "target", "target")
+    locality: list[tuple[str, str]] = []
+    raw_loc = _get(row, "locality", "locality", required=False)
+    if raw_loc is not None:
+        if not isinstance(raw_loc, (list, tuple)):
+            raise _RowError("locality", f"expected a list of {{prompt, target}}, got {_type_name(raw_loc)}")
+        for i, item in enumerate(raw_loc):
+            if not isinstance(item, Mapping):
+                raise _RowError(f"locality[{i}]", f"expected an object, got {_type_name(item)}")
+            p = _str(item, "prompt", f"locality[{i}].prompt")
+            t = _str(item, "target", f"locality[{i}].target")
+            locality.append((p, t))  # type: ignore[arg-type]
+    gt = _str(row, "ground_truth", "ground_truth", required=False)
+    return EditRecord(
+        id=_row_id(row, "id", index),
+        prompt=prompt,  # type: ignore[arg-type]
+        target=target,  # type: ignore[arg-type]
+        ground_truth=gt,
+        rephrases=_str_list(row, "rephrases", "rephrases"),
+        locality=locality,
+        subject=_str(row, "subject", "subject", required=False),
+        source_row=index,
+    )
+
+
+_PARSERS: dict[str, Callable[[Mapping[str, Any], int], EditRecord]] = {
+    "zsre": _parse_zsre,
+    "counterfact": _parse_counterfact,
+    "easyedit": _parse_easyedit,
+    "fastpatch": _parse_fastpatch,
+}
+
+
+def detect_format(row: Mapping[str, Any]) -> str | None:
+    """The format a row's keys indicate, or None."""
+    keys = set(row)
+    if "requested_rewrite" in keys:
+        return "counterfact"
+    if {"src", "alt"} <= keys:
+        return "zsre"
+    if {"input", "target"} <= keys:
+        return "fastpatch"
+    if {"prompt", "target_new"} <= keys:
+        return "easyedit"
+    return None
+
+
+def _canonical_format(fmt: str) -> str:
+    name = fmt.strip().lower()
+    name = _ALIASES.get(name, name)
+    if name != "auto" and name not in FORMATS:
+        raise ValueError(f"unknown stream format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    return name
+
+
+def parse_rows(
+    rows: Sequence[Any],
+    fmt: str = "auto",
+    limit: int | None = None,
+    skip_bad: bool = False,
+    path: str | os.PathLike[str] | None = None,
+) -> StreamLoad:
+    """Normalise already-loaded rows (dicts). See :func:`load_stream` for the arguments."""
+    fmt = _canonical_format(fmt)
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if fmt == "auto":
+        if not rows:
+            return StreamLoad(records=[], format="unknown")
+        first = rows[0]
+        detected = detect_format(first) if isinstance(first, Mapping) else None
+        if detected is None:
+            keys = sorted(first) if isinstance(first, Mapping) else _type_name(first)
+            raise StreamFormatError(
+                0, "", f"cannot detect the stream format from the first row's keys {keys}; "
+                f"pass fmt= one of {FORMATS}", path)
+        fmt = detected
+    parser = _PARSERS[fmt]
+    out = StreamLoad(records=[], format=fmt)
+    seen: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        if limit is not None and len(out.records) >= limit:
+            break
+        try:
+            if not isinstance(row, Mapping):
+                raise _RowError("", f"expected an object, got {_type_name(row)}")
+            record = parser(row, index)
+            if record.id in seen:
+                id_field = "id" if fmt == "fastpatch" else "case_id"
+                raise _RowError(id_field, f"duplicate id {record.id!r} (first at row {seen[record.id]})")
+        except _RowError as err:
+            if not skip_bad:
+                raise StreamFormatError(index, err.field, err.reason, path) from None
+            out.skipped.append((index, err.field, err.reason))
+            continue
+        seen[record.id] = index
+        out.records.append(record)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------
+
+
+def _container(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; expected .json, .jsonl or .parquet")
+
+
+def _has_json_feature(feature: Any) -> bool:
+    """Whether a ``datasets`` feature tree contains the ``Json`` type (see :func:`_read_rows`)."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, Mapping):
+        return any(_has_json_feature(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(_has_json_feature(f) for f in feature)
+    inner = getattr(feature, "feature", None)
+    return inner is not None and _has_json_feature(inner)
+
+
+def _load_with_datasets(path: Path, container: str) -> tuple[list[dict[str, Any]], bool]:
+    """Rows through ``datasets``; the flag says whether any column has the ``Json`` type."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        # keep_in_memory + a throw-away cache_dir: nothing is written beside the data, and the
+        # temporary Arrow cache is deleted as soon as the rows are in memory.
+        with tempfile.TemporaryDirectory(prefix="fastpatch-ds-") as cache:
+            ds = datasets.load_dataset(
+                "json" if container in ("json", "jsonl") else "parquet",
+                data_files=str(path),
+                split="train",
+                keep_in_memory=True,
+                cache_dir=cache,
+            )
+            return ds.to_list(), _has_json_feature(ds.features)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_with_json(path: Path, container: str) -> list[Any]:
+    with open(path, encoding="utf-8") as fh:
+        if container == "json":
+            text = fh.read()
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                # A ".json" file holding JSON lines (datasets accepts those too).
+                return [json.loads(line) for line in text.splitlines() if line.strip()]
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a JSON list of rows, got {_type_name(data)}")
+            return data
+        rows = []
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {lineno} is not valid JSON: {err}") from err
+        return rows
+
+
+def _read_rows(path: Path) -> tuple[list[Any], str]:
+    """Rows of a file and the loader used ("datasets" or "json").
+
+    ``datasets`` is tried first. For .json/.jsonl we fall back to the json module when
+      * ``datasets`` fails: pyarrow cannot unify some heterogeneous nested fields, an empty file
+        has "no data", a top-level list of scalars, ...; or
+      * ``datasets`` succeeded only by typing a column as ``Json`` (values of mixed types). That
+        type is lossy: string values that parse as JSON come back decoded (``"1990"`` -> ``1990``,
+        observed with datasets 5.2), so a valid string target could be reported as a wrong type.
+    The json module keeps every value exactly as written, and the row validation then reports
+    the mixed-type rows precisely.
+    """
+    container = _container(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    if container == "parquet":
+        return _load_with_datasets(path, container)[0], "datasets"
+    try:
+        rows, lossy = _load_with_datasets(path, container)
+    except Exception:  # noqa: BLE001 - any datasets/pyarrow failure -> plain json below
+        lossy = True
+    if not lossy:
+        return rows, "datasets"
+    return _load_with_json(path, container), "json"
+
+
+def load_stream(
+    path: str | os.PathLike[str],
+    fmt: str = "auto",
+    limit: int | None = None,
+    skip_bad: bool = False,
+) -> StreamLoad:
+    """Load an edit stream from a .json (list), .jsonl or .parquet file.
+
+    Args:
+        path: the file.
+        fmt: ``"auto"`` (detect from the first row's keys) or one of :data:`FORMATS`
+            (aliases: ``"mend"`` -> zsre, ``"rome"`` -> counterfact).
+        limit: keep at most this many records (skipped rows do not count).
+        skip_bad: skip malformed rows, listing them in ``.skipped`` as (row, field, reason),
+            instead of raising.
+
+    Raises:
+        StreamFormatError: a malformed row (message: path, 0-based row, field, reason), or the
+            format cannot be detected.
+    """
+    p = Path(path)
+    rows, loader = _read_rows(p)
+    result = parse_rows(rows, fmt=fmt, limit=limit, skip_bad=skip_bad, path=p)
+    result.loader = loader
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def record_to_fastpatch(record: EditRecord) -> dict[str, Any]:
+    """One record as a fastpatch-format dict (every key present, so all rows share a schema)."""
+    return {
+        "id": record.id,
+        "input": record.prompt,
+        "target": record.target,
+        "ground_truth": record.ground_truth,
+        "subject": record.subject,
+        "rephrases": list(record.rephrases),
+        "locality": [{"prompt": p, "target": t} for p, t in record.locality],
+    }
+
+
+def save_stream_jsonl(records: Iterable[EditRecord], path: str | os.PathLike[str]) -> Path:
+    """Write records as fastpatch JSONL (one object a line, UTF-8); returns the path.
+
+    The file is written under a temporary name and renamed into place.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record_to_fastpatch(record), ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
