@@ -34,13 +34,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The script's own folder is on sys.path: import the baselines from there, and fastpatch from the
+# installed package (the repo root is deliberately not on the path: kernels/ is installed as
+# fastpatch.kernels, which a source checkout does not have at that name).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import fastpatch  # noqa: E402
-from benchmarks.baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
+from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
@@ -52,7 +55,7 @@ from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
 #: sizes, to validate this script before spending lease time on it.
 DRY = os.environ.get("FASTPATCH_GPU_CHECK_DRYRUN") == "1"
 DEV = "cpu" if DRY else "cuda"
-SHAPES = {"tiny": (64, 96 + 17)} if DRY else {"smollm2": (576, 1536), "bert-base": (768, 3072), "llama-7b": (4096, 11008)}
+SHAPES = {"tiny": (64, 96 + 17)} if DRY else {"llama-7b": (4096, 11008), "smollm2": (576, 1536), "bert-base": (768, 3072)}
 P_LIST = (0, 100) if DRY else (0, 100, 1000, 10000, 50000)
 M_LIST = (1, 5) if DRY else (1, 16, 512)
 BIG = (64, 113, 100) if DRY else (4096, 11008, 10000)  # d, F, P of the Llama-7B cases
@@ -67,7 +70,7 @@ def log(*a) -> None:
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
-def bench(fn, rep: int = 60) -> dict:
+def bench(fn, rep: int = 40) -> dict:
     if DRY:
         t = time.perf_counter()
         fn()
@@ -357,6 +360,9 @@ def memory() -> dict:
             "base_weights_not_copied": still_same}
 
 
+OUT_DIR: Path | None = None
+
+
 def section(name: str, fn, *args):
     log(f"== {name}")
     try:
@@ -366,6 +372,9 @@ def section(name: str, fn, *args):
         RESULTS["failures"].append(f"section {name} crashed: {e!r}")
         out = None
     RESULTS["sections"][name] = out
+    if OUT_DIR is not None:  # partial results survive a lease that runs out
+        RESULTS["wall_s"] = time.time() - T0
+        (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     return out
 
 
@@ -384,8 +393,10 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
     ap.add_argument("--quick", action="store_true", help="correctness only")
     args = ap.parse_args()
+    global OUT_DIR
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    OUT_DIR = out
     if DRY:
         os.environ.setdefault("FASTPATCH_BACKEND", "triton")
         name, sms = "dry-run (CPU, TRITON_INTERPRET=1)", 0
@@ -403,8 +414,8 @@ def main() -> int:
     log(f"correctness failures so far: {len(RESULTS['failures'])}")
     if not args.quick:
         section("ffn_latency", ffn_latency, hbm)
-        section("crossover", crossover)
         section("loss_kernel", loss_kernel, hbm)
+        section("crossover", crossover)
         section("whole_model", whole_model)
         section("memory", memory)
     RESULTS["wall_s"] = time.time() - T0
