@@ -33,8 +33,12 @@ from .reference import ACT_RELU
 
 __all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS"]
 
-#: Above this many tokens the base FFN goes to cuBLAS (see module docstring).
-FUSED_FFN_MAX_TOKENS = 16
+#: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 (Llama-7B FFN, bf16,
+#: P = 10,000; benchmarks/results/nvidia-h200/gpu_check.md, "crossover"): the one-launch kernel
+#: takes 0.130 / 0.148 / 0.179 / 0.206 / 0.397 ms at M = 1 / 16 / 32 / 64 / 128 against
+#: 0.167 / 0.180 / 0.198 / 0.209 / 0.245 ms for cuBLAS + patch_forward: it wins up to 64 tokens
+#: (by 1% there), so 32 keeps a margin.
+FUSED_FFN_MAX_TOKENS = 32
 #: 64 neurons per program: F=11008 gives 172 base programs, > 1 wave on 132 SMs; a 64x128 bf16
 #: weight tile is 16 KB, so gate+up tiles double-buffer within shared memory.
 BLOCK_F = 64

@@ -37,8 +37,10 @@ __all__ = ["patch_forward", "patch_forward_torch", "PatchForward", "FUSED_MAX_TO
 
 #: Token count up to which the fully fused kernel is used; above it the pre-activations come from
 #: a cuBLAS GEMM (compute-bound at that size) and ``_sparse_value_kernel`` does the rest.
-#: Measured crossover: see benchmarks/results/ (gpu_check.py, "patch_forward crossover").
-FUSED_MAX_TOKENS = 64
+#: Measured on an H200 (d = 4096, P = 10,000, bf16, with the cuBLAS base FFN; gpu_check.md
+#: "crossover"): fused 0.209 / 0.245 / 0.359 ms against gemm 0.235 / 0.260 / 0.332 ms at
+#: M = 64 / 128 / 256.
+FUSED_MAX_TOKENS = 128
 #: 16 is tl.dot's smallest tile side; decode batches (M <= 16) fit one token block.
 _MIN_BLOCK_M = 16
 #: 64 patches per tile: one 64 x 128 bf16 key tile is 16 KB, small enough for 3 pipeline stages.
