@@ -19,7 +19,8 @@ from torch import nn
 
 from fastpatch.ffn import FFNLayout
 
-__all__ = ["UnpatchedFFN", "ConcatPatcher", "GraceCodebook", "make_patches", "GatedFFN"]
+__all__ = ["UnpatchedFFN", "ConcatPatcher", "GraceCodebook", "make_patches", "GatedFFN", "DenseFFN",
+           "make_grace_codebook"]
 
 
 class GatedFFN(nn.Module):
@@ -38,6 +39,31 @@ class GatedFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DenseFFN(nn.Module):
+    """A two-matrix FFN with biases, ``wo(act(wi(x)))`` (BERT/BART/GPT-2 form), at any shape.
+
+    GELU (erf) by default, as BERT-base. Named ``wi``/``wo``/``act`` so ``detect_layout`` sees the
+    ``dense`` form.
+    """
+
+    def __init__(
+        self, d: int, f: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        act: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        kw = dict(bias=True, dtype=dtype, device=device)
+        self.wi = nn.Linear(d, f, **kw)
+        self.wo = nn.Linear(f, d, **kw)
+        self.act = act if act is not None else nn.GELU()
+        with torch.no_grad():
+            for lin in (self.wi, self.wo):
+                lin.weight.normal_(0, lin.in_features ** -0.5)
+                lin.bias.normal_(0, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.act(self.wi(x)))
 
 
 class UnpatchedFFN(nn.Module):
@@ -119,3 +145,30 @@ def make_patches(
         keys[p] = q / q.pow(2).sum()
     dt = x.dtype
     return keys.to(dt), biases.to(dt), values.to(dt), n_active
+
+
+def make_grace_codebook(
+    x: torch.Tensor, P: int, d_out: int, hit_tokens: int | None = None, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """A GRACE codebook of ``P`` keys (one per edit) where a few tokens of ``x`` hit.
+
+    GRACE keys are layer inputs of edited examples. ``hit_tokens`` tokens of ``x`` (the same default
+    as :func:`make_patches`' active tokens) get a key at a tiny offset from their input; the other
+    keys are random vectors of the inputs' scale, far outside the radius. The radius is a quarter
+    of the smallest input norm. Returns keys, values, radius and the number of tokens that hit.
+    """
+    dev = x.device
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    M, d = x.shape
+    xs = x.detach().float()
+    scale = float(xs.norm(dim=1).mean()) / d**0.5
+    keys = torch.randn(P, d, generator=g, device=dev) * scale
+    values = torch.randn(P, d_out, generator=g, device=dev) / d_out**0.5
+    if hit_tokens is None:
+        hit_tokens = M if M <= 8 else max(8, M // 8)
+    hit_tokens = min(hit_tokens, M, P)
+    pos = torch.randperm(P, generator=g, device=dev)[:hit_tokens]
+    keys[pos] = xs[:hit_tokens] + 1e-3 * scale * torch.randn(hit_tokens, d, generator=g, device=dev)
+    radius = 0.25 * float(xs.norm(dim=1).min())
+    dt = x.dtype
+    return keys.to(dt), values.to(dt), radius, hit_tokens

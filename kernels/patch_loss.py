@@ -413,7 +413,7 @@ class PatchMemoryLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, memory, keys, bias, a_edit, topk, margin, backend=None):  # type: ignore[override]
+    def forward(ctx, memory, keys, bias, a_edit, topk, margin, backend=None, stats=None):  # type: ignore[override]
         _check_inputs(memory, keys, bias, a_edit, topk)
         triton_path = use_triton(memory, backend)
         cd = _compute_dtype(memory, keys, bias, a_edit)
@@ -428,6 +428,8 @@ class PatchMemoryLoss(torch.autograd.Function):
         e2 = torch.exp(z)
         l1 = e1.mean(1)
         l2 = e2.mean(1)
+        if stats is not None:  # the largest memory pre-activation per neuron: free here
+            stats["mem_max"] = vals.max(dim=1).values.detach()
         ctx.save_for_backward(memory, idx, e1, e2, l1)
         ctx.triton_path = triton_path
         ctx.dtypes = (keys.dtype, bias.dtype, a_edit.dtype)
@@ -451,7 +453,7 @@ class PatchMemoryLoss(torch.autograd.Function):
             grad_bias = w.sum(1).to(bd)
         if ctx.needs_input_grad[3]:
             grad_a = (-g1 * l1).to(ad)
-        return None, grad_keys, grad_bias, grad_a, None, None, None
+        return None, grad_keys, grad_bias, grad_a, None, None, None, None
 
 
 def patch_memory_loss(
@@ -462,14 +464,17 @@ def patch_memory_loss(
     topk: int = 1000,
     margin: float = 3.0,
     backend: str | None = None,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-neuron memory losses ``(l_m1, l_m2)``, each (n,), fp32 (fp64 if an input is fp64).
 
     ``backend``: None/"auto" (Triton on CUDA), "triton" or "torch"; see ``dispatch.use_triton``.
     ``memory`` (N, d) is treated as a constant; keys (n, d), bias (n,), a_edit (n,) get gradients.
+    ``stats``: if a dict is given, ``stats["mem_max"]`` receives each neuron's largest memory
+    pre-activation (n,), which the editor's stopping rule needs (is the patch silent on memory?).
     """
     _check_inputs(memory, keys, bias, a_edit, topk)
-    return PatchMemoryLoss.apply(memory.detach(), keys, bias, a_edit, int(topk), float(margin), backend)
+    return PatchMemoryLoss.apply(memory.detach(), keys, bias, a_edit, int(topk), float(margin), backend, stats)
 
 
 def patch_memory_loss_reference(

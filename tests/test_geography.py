@@ -61,10 +61,12 @@ def test_capital_prompts_and_paraphrases(facts, files) -> None:
         paras = geo.capital_paraphrases(f)
         assert len(paras) >= 3 and len(set(paras)) == len(paras) and prompt not in paras
         assert all(f.country in p for p in paras)
-        qa = [p for p in paras if p.startswith("Q: ")]
-        assert len(qa) == n_intents and all(p.endswith("?\nA:") for p in qa)
+        # one question per intent template, answered with the dialog template's opening
+        qa = [p for p in paras if "? " in p]
+        assert len(qa) == n_intents and all(p.endswith(prompt) for p in qa)
     france = geo.capital_paraphrases("France")
-    assert "Q: What is the capital of France?\nA:" in france
+    assert "What is the capital of France? The capital of France is" in france
+    assert "The capital city of France is" in france
     assert geo.capital_prompt("France") == "The capital of France is"
 
 

@@ -60,7 +60,7 @@ _WITH_ARTICLE = frozenset({
     "United Arab Emirates", "United Kingdom", "United States",
 })
 #: Hand-written declarative paraphrase added to the intent-derived questions.
-_EXTRA_CAPITAL_PARAPHRASE = "{possessive} capital city is"
+_EXTRA_CAPITAL_PARAPHRASE = "the capital city of {country} is"
 _CONTINENT_TEMPLATE = "{country} is located in the continent of"
 
 
@@ -240,17 +240,22 @@ def _questions(intent_file: str, country: str) -> list[str]:
 
 
 def capital_paraphrases(country: str | CountryFact, extra: bool = True) -> list[str]:
-    """Question-form rewordings of :func:`capital_prompt`, answer following.
+    """Question-form rewordings of :func:`capital_prompt`, with the answer next.
 
-    One ``"Q: <question>?\\nA:"`` per line of ``capital_of.intent`` ("what is the capital of X",
-    "what's the capital of X"), plus (``extra=True``) ``"X's capital city is"``.
+    One per line of ``capital_of.intent`` ("what is the capital of X", "what's the capital of
+    X"), answered the way the skill answers, with the start of its ``capital_of.dialog`` line:
+    ``"What is the capital of X? The capital of X is"``. Plus (``extra=True``)
+    ``"The capital city of X is"``.
+
+    Bare ``"Q: What is the capital of X?\nA:"`` prompts are not used: SmolLM2-135M answers them
+    with a sentence (" The capital of ..."), so even facts it knows score 0% as a next-token test
+    there (measured: 0 of 49 known capitals), which would measure the format, not the edit.
     """
     name = _country_name(country)
-    out = [f"Q: {q}\nA:" for q in _questions("capital_of.intent", name)]
+    answer = capital_prompt(name)
+    out = [f"{q} {answer[0].upper()}{answer[1:]}" for q in _questions("capital_of.intent", name)]
     if extra:
-        text = _in_text(name)
-        possessive = text + ("'" if text.endswith("s") else "'s")  # "the United States' ..."
-        out.append(_sentence(_EXTRA_CAPITAL_PARAPHRASE.format(possessive=possessive)))
+        out.append(_sentence(_EXTRA_CAPITAL_PARAPHRASE.format(country=_in_text(name))))
     return list(dict.fromkeys(out))
 
 

@@ -1,0 +1,155 @@
+"""Family adapters: where the last FFN is, how a request becomes token positions, and what the
+model computes after the patched FFN (the "tail") so a training step can skip everything below.
+
+The tail starts at a module whose *input* is the residual state right after the FFN output is
+added (``s0``). Patches add ``delta = act(x K^T + b) V`` to the FFN output, so after an edit the
+tail sees ``s0 + delta`` — position-wise, for the last layer of every supported family. A
+training step therefore re-runs only ``tail(s0 + delta)`` at the positions the loss reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..ffn import SUPPORTED_LAYOUTS, UnknownLayoutError, resolve_module
+
+__all__ = ["FamilyAdapter", "find_adapter", "SUPPORTED_FAMILIES"]
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "bert", "bart", "mbart", "t5")
+
+
+@dataclass
+class FamilyAdapter:
+    """How the editor drives one model family.
+
+    Attributes:
+        family: model_type-like name.
+        task: ``causal`` (decoder-only LM), ``seq2seq`` (encoder-decoder LM), ``mlm`` (masked LM)
+            or ``cls`` (sequence classifier, read at [CLS]).
+        ffn_path: dotted path of the last FFN (or of its layer for split layouts).
+        tail_input: dotted path of the module whose input is ``s0``; None disables the fast path.
+        tail: ``s (n, d) -> logits (n, vocab or labels)``.
+    """
+
+    family: str
+    task: str
+    ffn_path: str
+    tail_input: str | None
+    tail: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def fast_path(self) -> bool:
+        return self.tail is not None and self.tail_input is not None
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        resolve_module(model, path)
+        return True
+    except (KeyError, ValueError):
+        return False
+
+
+def _llama_like(model: nn.Module, family: str) -> FamilyAdapter:
+    cfg = model.config
+    layer = model.model.layers[-1]
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    # Gemma-2/3 normalise the MLP output before the residual add: s0 + delta is then not what the
+    # tail sees, so these use the generic (full forward) path.
+    linear_residual = not hasattr(layer, "post_feedforward_layernorm")
+
+    def tail(s: torch.Tensor) -> torch.Tensor:
+        logits = model.lm_head(model.model.norm(s))
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return FamilyAdapter(family, "causal", "model.layers.-1.mlp",
+                         "model.norm" if linear_residual else None, tail if linear_residual else None)
+
+
+def _gpt2(model: nn.Module) -> FamilyAdapter:
+    return FamilyAdapter("gpt2", "causal", "transformer.h.-1.mlp", "transformer.ln_f",
+                         lambda s: model.lm_head(model.transformer.ln_f(s)))
+
+
+def _bert(model: nn.Module) -> FamilyAdapter:
+    ln = model.bert.encoder.layer[-1].output.LayerNorm
+    if hasattr(model, "classifier"):  # BertForSequenceClassification
+        pooler = model.bert.pooler
+        if pooler is None:
+            raise UnknownLayoutError("BERT sequence classifier without a pooler is not supported")
+
+        def cls_tail(s: torch.Tensor) -> torch.Tensor:
+            h = ln(s)
+            return model.classifier(model.dropout(pooler.activation(pooler.dense(h))))
+
+        return FamilyAdapter("bert", "cls", "bert.encoder.layer.-1", "bert.encoder.layer.-1.output.LayerNorm", cls_tail)
+    if hasattr(model, "cls"):  # BertForMaskedLM
+        return FamilyAdapter("bert", "mlm", "bert.encoder.layer.-1", "bert.encoder.layer.-1.output.LayerNorm",
+                             lambda s: model.cls(ln(s)))
+    raise UnknownLayoutError(f"{type(model).__name__}: BERT needs a masked-LM or sequence-classification head")
+
+
+def _bart(model: nn.Module, family: str) -> FamilyAdapter:
+    dec = model.model.decoder
+    final_ln = getattr(dec, "layer_norm", None)  # mBART
+
+    def tail(s: torch.Tensor) -> torch.Tensor:
+        h = dec.layers[-1].final_layer_norm(s)
+        if final_ln is not None:
+            h = final_ln(h)
+        logits = model.lm_head(h)
+        bias = getattr(model, "final_logits_bias", None)
+        return logits + bias[0] if bias is not None else logits
+
+    return FamilyAdapter(family, "seq2seq", "model.decoder.layers.-1", "model.decoder.layers.-1.final_layer_norm", tail)
+
+
+def _t5(model: nn.Module) -> FamilyAdapter:
+    cfg = model.config
+    scale = cfg.d_model**-0.5 if getattr(cfg, "tie_word_embeddings", True) else 1.0
+
+    def tail(s: torch.Tensor) -> torch.Tensor:
+        h = model.decoder.dropout(model.decoder.final_layer_norm(s))
+        return model.lm_head(h * scale)
+
+    return FamilyAdapter("t5", "seq2seq", "decoder.block.-1.layer.-1", "decoder.final_layer_norm", tail)
+
+
+def find_adapter(model: nn.Module, module_path: str | None = None) -> FamilyAdapter:
+    """The adapter for ``model``; ``module_path`` overrides where the FFN is.
+
+    An unknown family with an explicit path gets a generic adapter (full-forward training path).
+    An unknown family without a path raises ``UnknownLayoutError`` listing the supported ones.
+    """
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    adapter: FamilyAdapter | None = None
+    if mt in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text") and _has(model, "model.layers.-1.mlp") \
+            and hasattr(model, "lm_head"):
+        adapter = _llama_like(model, mt)
+    elif mt == "gpt2" and hasattr(model, "lm_head"):
+        adapter = _gpt2(model)
+    elif mt == "bert" and hasattr(model, "bert"):
+        adapter = _bert(model)
+    elif mt in ("bart", "mbart") and hasattr(model, "lm_head"):
+        adapter = _bart(model, mt)
+    elif mt == "t5" and hasattr(model, "lm_head"):
+        adapter = _t5(model)
+    if adapter is None:
+        if module_path is None:
+            raise UnknownLayoutError(
+                f"don't know where the last FFN of {type(model).__name__} (model_type={mt!r}) is. "
+                f"Supported families: {', '.join(SUPPORTED_FAMILIES)}; FFN layouts: {'; '.join(SUPPORTED_LAYOUTS)}. "
+                "Pass module_path='...' to name the FFN explicitly."
+            )
+        is_s2s = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        return FamilyAdapter(mt or type(model).__name__, "seq2seq" if is_s2s else "causal", module_path, None, None)
+    if module_path is not None and resolve_module(model, module_path)[1] != resolve_module(model, adapter.ffn_path)[1]:
+        # A different FFN than the last one: the tail no longer starts right after it.
+        adapter = FamilyAdapter(adapter.family, adapter.task, module_path, None, None)
+    return adapter

@@ -1,0 +1,135 @@
+"""Requests, results and configuration of the T-Patcher editor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["EditRequest", "EditResult", "EditorConfig", "EditError"]
+
+
+class EditError(ValueError):
+    """A request or configuration the editor cannot act on (the model is left untouched)."""
+
+
+@dataclass
+class EditRequest:
+    """One edit.
+
+    Generative models: ``prompt`` and ``target`` (the continuation, or for seq2seq models the
+    output). Classifiers: ``prompt`` (the input) and ``label`` (class index).
+    ``rephrases`` are optional paraphrases (used by the runner's GR metric, not by training).
+    """
+
+    prompt: str
+    target: str | None = None
+    label: int | None = None
+    edit_id: str | None = None
+    rephrases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EditResult:
+    """What one edit did."""
+
+    edit_id: str
+    success: bool
+    steps: int
+    seconds: float
+    patch_ids: list[int]
+    losses: dict[str, float]
+    n_neurons: int
+    already_correct: bool = False
+    kept_failed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def authors(cls, **overrides: Any) -> "EditorConfig":
+        """The authors' exact setup: k = q/||q||^2, b = 0, random value times amplifier 10."""
+        return cls(**{"init": "authors", "value_init": "random", **overrides})
+
+
+@dataclass
+class EditorConfig:
+    """Every knob of T-Patcher; defaults are the authors' (../docs: tpatcher.md).
+
+    Attributes:
+        alc: weight of the activation loss L_act.
+        mlc: weight of the memory loss L_m1 + L_m2 (authors: 10 generative, 5 classification).
+        act_topk: L_act is the mean of the top-k of exp(-a_e).
+        mem_topk: L_m1/L_m2 are means of the top-k memory terms.
+        margin: the +3 margin of L_m1 and L_m2.
+        lr / weight_decay / grad_clip: Adam settings.
+        max_steps: give up after this many steps (the edit then fails).
+        max_neurons: generative edits get one neuron per wrong target position, at most this many.
+        label_smoothing: of the generative edit loss (NLL).
+        memory_cap: most FFN-input vectors kept in the memory set.
+        init: ``"authors"`` (k = q/||q||^2, b = 0) or ``"memory"`` (key pointed away from the
+            memory mean and bias set from the memory's pre-activations, so the patch starts firing
+            on the edit and silent on the memory).
+        value_init: ``"random"`` (authors: random direction times an amplifier) or ``"unembed"``
+            (along the target token's output embedding minus the predicted one's, with the
+            amplifier doubled until the edit is predicted right: a few tail-only evaluations).
+        amplifier: initial value amplifier (authors: 10).
+        activation: patch activation, ``"relu"`` or ``"host"``.
+        keep_failed: keep the patches of an edit that did not converge.
+        check_every: test the stopping rule every this many steps.
+        fast_path: re-run only what comes after the patched FFN (needs a family adapter).
+        seed: seed of the random value init.
+    """
+
+    alc: float = 1.0
+    mlc: float = 10.0
+    act_topk: int = 5
+    mem_topk: int = 1000
+    margin: float = 3.0
+    lr: float = 1e-2
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    max_steps: int = 200
+    max_neurons: int = 5
+    label_smoothing: float = 0.1
+    memory_cap: int = 40_000
+    init: str = "memory"
+    value_init: str = "unembed"
+    amplifier: float = 10.0
+    activation: str = "relu"
+    keep_failed: bool = False
+    check_every: int = 1
+    fast_path: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``EditError`` on negative/NaN weights or unknown options."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)):
+                if isinstance(v, float) and math.isnan(v):
+                    raise EditError(f"config.{f.name} is NaN")
+                if v < 0:
+                    raise EditError(f"config.{f.name} must be >= 0, got {v}")
+        for name in ("lr", "max_steps", "max_neurons", "mem_topk", "act_topk", "memory_cap", "check_every"):
+            if getattr(self, name) <= 0:
+                raise EditError(f"config.{name} must be > 0, got {getattr(self, name)}")
+        if self.init not in ("authors", "memory"):
+            raise EditError(f"config.init must be 'authors' or 'memory', got {self.init!r}")
+        if self.value_init not in ("random", "unembed"):
+            raise EditError(f"config.value_init must be 'random' or 'unembed', got {self.value_init!r}")
+        if self.activation not in ("relu", "host"):
+            raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise EditError(f"config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def authors(cls, **overrides: Any) -> "EditorConfig":
+        """The authors' exact setup: k = q/||q||^2, b = 0, random value times amplifier 10."""
+        return cls(**{"init": "authors", "value_init": "random", **overrides})

@@ -1,0 +1,274 @@
+"""The T-Patcher editor on tiny models built from configs (random weights, real code paths)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+from fastpatch.editor import Editor, EditError, EditorConfig, EditRequest
+from fastpatch.ffn import UnknownLayoutError
+
+from .tiny_models import TINY
+
+WORDS = ("the capital of is a an in on city country river paris rome lima oslo peru norway france italy "
+         "what who where which language currency spoken river mountain red green blue one two three four "
+         "five six seven eight nine ten").split()
+
+
+def word_tokenizer(mask: bool = False) -> PreTrainedTokenizerFast:
+    """A real word-level tokenizer over a small vocabulary (ids < 97, the tiny models' vocab)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="</s>")
+
+
+CORPUS = ["the river of norway is red", "what language is spoken in peru", "the currency of italy is one",
+          "who is in rome", "two three four five six", "the mountain in france is blue", "a city on a river"]
+
+
+def _editor(name: str = "llama", **cfg) -> Editor:
+    torch.manual_seed(0)
+    model = TINY[name][0]()
+    cfg.setdefault("max_steps", 300)
+    ed = Editor(model, word_tokenizer(), EditorConfig(**cfg))
+    ed.build_memory(CORPUS)
+    return ed
+
+
+def _logits(ed: Editor, text: str) -> torch.Tensor:
+    ids = ed.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return ed.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_edit_fixes_the_mistake_and_keeps_memory_silent(name: str) -> None:
+    ed = _editor(name)
+    req = EditRequest("the capital of peru is", "lima", edit_id="peru")
+    assert ed.check([req.prompt], [req.target]) == [False]
+    before_other = {t: _logits(ed, t) for t in CORPUS}
+    res = ed.edit(req)
+    assert res.success and res.n_neurons == 1 and len(res.patch_ids) == 1
+    assert ed.check([req.prompt], [req.target]) == [True]
+    # the patch is exactly silent on the memory corpus: those outputs are bit for bit unchanged
+    for t, lg in before_other.items():
+        assert torch.equal(_logits(ed, t), lg)
+    assert ed.activations(CORPUS).max() == 0
+    assert ed.activations([req.prompt])[0, 0] > 0
+
+
+def test_multi_token_target_gets_one_neuron_per_wrong_position_capped() -> None:
+    ed = _editor("llama", max_neurons=2)
+    res = ed.edit(EditRequest("the capital of norway is", "oslo city river red", edit_id="n"))
+    assert res.n_neurons == 2  # 4 target tokens, the model gets (nearly) all wrong; cap is 2
+    ed2 = _editor("llama", max_neurons=5)
+    res2 = ed2.edit(EditRequest("the capital of norway is", "oslo city river", edit_id="n"))
+    assert res2.success and ed2.check(["the capital of norway is"], ["oslo city river"]) == [True]
+    assert res2.n_neurons == len(ed2.ffn.bank.ids_for_edit("n")) >= 2
+
+
+def test_sequential_edits_rollback_and_retention() -> None:
+    ed = _editor("llama")
+    reqs = [EditRequest("the capital of peru is", "lima", edit_id="a"),
+            EditRequest("the capital of norway is", "oslo", edit_id="b"),
+            EditRequest("the capital of italy is", "rome", edit_id="c")]
+    for r in reqs:
+        assert ed.edit(r).success
+    assert ed.check([r.prompt for r in reqs], [r.target for r in reqs]) == [True, True, True]
+    n_mem = len(ed.memory)
+    ed.rollback("b")
+    assert ed.check([r.prompt for r in reqs], [r.target for r in reqs]) == [True, False, True]
+    assert len(ed.memory) < n_mem and "b" not in ed.edits
+    with pytest.raises(KeyError, match="unknown edit id"):
+        ed.rollback("b")
+
+
+def test_edit_batch_trains_requests_jointly_each_with_own_neurons() -> None:
+    ed = _editor("gpt2")
+    reqs = [EditRequest("the capital of peru is", "lima", edit_id="p"),
+            EditRequest("the capital of norway is", "oslo", edit_id="n")]
+    res = ed.edit_batch(reqs)
+    assert [r.success for r in res] == [True, True]
+    assert set(ed.ffn.bank.ids_for_edit("p")).isdisjoint(ed.ffn.bank.ids_for_edit("n"))
+    assert ed.check([r.prompt for r in reqs], [r.target for r in reqs]) == [True, True]
+
+
+def _state(ed: Editor):
+    return (ed.ffn.bank.keys.clone(), ed.ffn.bank.ids, len(ed.memory), dict(ed.edits),
+            [p.detach().clone() for p in ed.model.parameters()])
+
+
+def _same_state(a, b) -> bool:
+    return (torch.equal(a[0], b[0]) and a[1:4] == b[1:4] and all(torch.equal(x, y) for x, y in zip(a[4], b[4])))
+
+
+def test_failed_edit_leaves_model_untouched_unless_kept() -> None:
+    ed = _editor("llama", max_steps=1, init="authors")
+    before = _state(ed)
+    res = ed.edit(EditRequest("the capital of peru is", "lima", edit_id="x"))
+    assert not res.success and res.patch_ids == []
+    assert _same_state(_state(ed), before)
+    ed_keep = _editor("llama", max_steps=1, init="authors", keep_failed=True)
+    res = ed_keep.edit(EditRequest("the capital of peru is", "lima", edit_id="x"))
+    assert not res.success and res.kept_failed and len(res.patch_ids) == 1
+
+
+def test_exception_mid_edit_leaves_model_untouched(monkeypatch) -> None:
+    ed = _editor("llama", init="authors", value_init="random")  # trains for many steps
+    ed.edit(EditRequest("the capital of italy is", "rome", edit_id="ok"))
+    before = _state(ed)
+    calls = {"n": 0}
+    real = torch.optim.Adam.step
+
+    def exploding_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash in the middle of training")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", exploding_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ed.edit(EditRequest("the capital of peru is", "lima", edit_id="boom"))
+    assert _same_state(_state(ed), before)
+    assert ed.ffn._trainable is None
+
+
+def test_exception_while_committing_a_batch_rolls_back_the_committed_part(monkeypatch) -> None:
+    ed = _editor("gpt2")
+    before = _state(ed)
+    real_add = type(ed.ffn).add_patches
+    calls = {"n": 0}
+
+    def failing_add(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full while committing")
+        return real_add(self, *a, **k)
+
+    monkeypatch.setattr(type(ed.ffn), "add_patches", failing_add)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ed.edit_batch([EditRequest("the capital of peru is", "lima", edit_id="p"),
+                       EditRequest("the capital of norway is", "oslo", edit_id="n")])
+    assert calls["n"] == 2  # the first request had been committed, then undone
+    assert _same_state(_state(ed), before)
+
+
+@pytest.mark.parametrize(
+    "req,match",
+    [
+        (EditRequest("", "lima"), "empty prompt"),
+        (EditRequest("   ", "lima"), "empty prompt"),
+        (EditRequest("the capital of peru is", ""), "empty target"),
+        (EditRequest("the capital of peru is", None), "empty target"),
+        (EditRequest(" ".join(["the"] * 80), "lima"), "longer than the model's context"),
+    ],
+)
+def test_bad_requests_rejected_before_touching_anything(req: EditRequest, match: str) -> None:
+    ed = _editor("llama")
+    before = _state(ed)
+    with pytest.raises(EditError, match=match):
+        ed.edit(req)
+    assert _same_state(_state(ed), before)
+
+
+def test_target_that_tokenizes_to_nothing_is_rejected() -> None:
+    ed = _editor("llama")
+    # like many real tokenizers, this one's normalizer drops zero-width characters
+    ed.tokenizer.backend_tokenizer.normalizer = normalizers.Replace("\u200b", "")
+    before = _state(ed)
+    with pytest.raises(EditError, match="tokenizes to no tokens"):
+        ed.edit(EditRequest("the capital of peru is", "\u200b"))
+    assert _same_state(_state(ed), before)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [({"alc": -1.0}, "alc"), ({"mlc": float("nan")}, "NaN"), ({"lr": 0.0}, "lr"), ({"init": "magic"}, "init")],
+)
+def test_bad_config_rejected(kw, match: str) -> None:
+    with pytest.raises(EditError, match=match):
+        EditorConfig(**kw)
+
+
+def test_empty_memory_corpus_rejected() -> None:
+    ed = Editor(TINY["llama"][0](), word_tokenizer())
+    with pytest.raises(EditError, match="memory corpus is empty"):
+        ed.build_memory(["", "  "])
+
+
+def test_unknown_model_layout_lists_families() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(UnknownLayoutError, match="Supported families: llama"):
+        Editor(model, word_tokenizer())
+
+
+def test_classifier_label_out_of_range_and_cls_edit() -> None:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=113,
+                     max_position_embeddings=64, num_labels=2)
+    model = BertForSequenceClassification(cfg).eval()
+    ed = Editor(model, word_tokenizer(), EditorConfig(mlc=5.0, max_steps=300))
+    ed.build_memory(CORPUS)
+    with pytest.raises(EditError, match="out of range"):
+        ed.edit(EditRequest("the capital of peru is lima", label=2))
+    text = "the capital of peru is lima"
+    wrong = 1 - ed.predict_tokens([text], [0])[0][0]
+    res = ed.edit(EditRequest(text, label=wrong, edit_id="c"))
+    assert res.success and res.n_neurons == 1
+    assert ed.check([text], [wrong]) == [True]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "bart"])
+def test_fast_path_equals_full_forward_losses_and_gradients(name: str) -> None:
+    """The fast path (tail only) and the generic path (full forward) compute the same step."""
+    torch.manual_seed(0)
+    model = TINY[name][0]().double()
+    tok = word_tokenizer()
+    ed = Editor(model, tok, EditorConfig())
+    ed.build_memory(CORPUS)
+    ed.edit(EditRequest(*(("the capital of [MASK] is", "peru") if name == "bert" else ("the capital of italy is", "rome")),
+                        edit_id="first"))  # an existing patch must be part of s0 too
+    assert ed.adapter.fast_path
+    req = EditRequest("the capital of [MASK] is" if name == "bert" else "the capital of peru is",
+                      "norway" if name == "bert" else "lima oslo")
+    enc = ed._encode(req)
+    cap = ed._capture(enc)
+    neurons = [(0, j) for j in range(len(enc.labels))]
+    params = ed._init_params([enc], [cap], neurons)
+    fast, info_f, _, _ = ed._losses([enc], [cap], neurons, params, full_forward=False)
+    full, info_s, _, _ = ed._losses([enc], [cap], neurons, params, full_forward=True)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)  # params train in fp32
+    g_fast = torch.autograd.grad(fast, list(params.values()))
+    g_full = torch.autograd.grad(full, list(params.values()))
+    for a, b in zip(g_fast, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_save_load_restores_edits_in_a_fresh_model(tmp_path) -> None:
+    ed = _editor("llama")
+    fresh = copy.deepcopy(ed.ffn.ffn)  # keep base FFN weights to rebuild an identical fresh model
+    del fresh
+    torch.manual_seed(0)
+    base = TINY["llama"][0]()
+    clean = copy.deepcopy(base)
+    ed = Editor(base, word_tokenizer(), EditorConfig(max_steps=300))
+    ed.build_memory(CORPUS)
+    ed.edit(EditRequest("the capital of peru is", "lima", edit_id="p"))
+    ed.save(tmp_path / "ed")
+    ed2 = Editor.load(tmp_path / "ed", clean, word_tokenizer())
+    assert ed2.check(["the capital of peru is"], ["lima"]) == [True]
+    assert len(ed2.memory) == len(ed.memory) and ed2.edits.keys() == ed.edits.keys()
+    with torch.no_grad():
+        ids = ed.tokenizer("the capital of peru is", return_tensors="pt")["input_ids"]
+        assert torch.equal(ed.model(input_ids=ids).logits, ed2.model(input_ids=ids).logits)
+    ed2.rollback("p")
+    assert ed2.check(["the capital of peru is"], ["lima"]) == [False]
+    with pytest.raises(EditError, match="not a saved fastpatch editor"):
+        Editor.load(tmp_path / "missing", copy.deepcopy(clean), word_tokenizer())
