@@ -172,3 +172,87 @@ def make_grace_codebook(
     radius = 0.25 * float(xs.norm(dim=1).min())
     dt = x.dtype
     return keys.to(dt), values.to(dt), radius, hit_tokens
+
+
+class _ConcatMLP(nn.Module):
+    """The authors' patched FFN during training: every forward re-concatenates the bank and the
+    trainable new neurons into bigger dense weights (``torch.cat``), then runs the whole layer."""
+
+    def __init__(self, base: nn.Module, keys, biases, values, new: dict) -> None:
+        super().__init__()
+        self.base = base
+        self.keys, self.biases, self.values, self.new = keys, biases, values, new
+        self.last_input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_input = x
+        n = self.new
+        K = torch.cat([self.keys, n["keys"].to(self.keys.dtype)])
+        b = torch.cat([self.biases, n["bias"].to(self.biases.dtype)])
+        V = torch.cat([self.values, (n["amp"] * n["v_dir"]).to(self.values.dtype)])
+        return self.base(x) + F.relu(F.linear(x, K, b)) @ V
+
+
+@torch.enable_grad()
+def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, int, float]:
+    """One edit the authors' way, on the same editor state: full forward and backward of the whole
+    model on every step, patches concatenated into dense weights on every forward, the memory
+    losses in plain PyTorch over the full memory, the authors' init (k = q/||q||^2, b = 0,
+    random value times 10), Adam 1e-2, and fastpatch's stopping rule (edit right, patch firing
+    on the edit, silent on the memory). Nothing is committed: returns (success, steps, seconds).
+    """
+    import math
+    import time
+
+    cfg = editor.config
+    t0 = time.perf_counter()
+    enc = editor._encode(request)
+    with torch.no_grad():
+        out = editor._forward(enc.inputs)
+    lp = enc.label_pos
+    labels = enc.labels
+    pred = out.logits[0][lp].argmax(-1)
+    wrong = (pred != labels).nonzero().squeeze(1).tolist()[: cfg.max_neurons]
+    if not wrong:
+        return True, 0, time.perf_counter() - t0
+    pffn = editor.ffn
+    cap = editor._capture(enc)
+    q = cap["x"][lp[wrong]].float()
+    d_out = pffn.bank.d_out
+    g = torch.Generator().manual_seed(cfg.seed)
+    new = {
+        "keys": (q / q.pow(2).sum(1, keepdim=True)).requires_grad_(True),
+        "bias": torch.zeros(len(wrong), requires_grad=True),
+        "v_dir": (torch.randn(len(wrong), d_out, generator=g) / math.sqrt(d_out)).requires_grad_(True),
+        "amp": torch.full((len(wrong), 1), cfg.amplifier, requires_grad=True),
+    }
+    owner, attr = pffn._owner
+    concat = _ConcatMLP(pffn.ffn, pffn.bank.keys, pffn.bank.biases, pffn.bank.values, new)
+    setattr(owner, attr, concat)
+    mem = editor.memory.vectors.float()
+    opt = torch.optim.Adam(list(new.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, success = 0, False
+    try:
+        for step in range(max_steps + 1):
+            logits = editor._forward(enc.inputs).logits[0][lp].float()
+            l_edit = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+            x = concat.last_input[0][lp[wrong]].float()
+            a_e = (x * new["keys"]).sum(1) + new["bias"]
+            l_act = torch.exp(-a_e).topk(min(cfg.act_topk, len(wrong))).values.mean()
+            A = mem @ new["keys"].t() + new["bias"]
+            top = A.topk(min(cfg.mem_topk, A.shape[0]), dim=0).values
+            l_m1 = torch.exp(top - a_e + cfg.margin).mean(0).mean()
+            l_m2 = torch.exp(top + cfg.margin).mean(0).mean()
+            if bool((logits.argmax(-1) == labels).all()) and bool((a_e > 0).all()) and bool((A.max(0).values < 0).all()):
+                success = True
+                break
+            if step == max_steps:
+                break
+            loss = l_edit + cfg.alc * l_act + cfg.mlc * (l_m1 + l_m2)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(new.values()), cfg.grad_clip)
+            opt.step()
+    finally:
+        setattr(owner, attr, pffn)
+    return success, step, time.perf_counter() - t0

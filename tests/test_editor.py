@@ -272,3 +272,10 @@ def test_save_load_restores_edits_in_a_fresh_model(tmp_path) -> None:
     assert ed2.check(["the capital of peru is"], ["lima"]) == [False]
     with pytest.raises(EditError, match="not a saved fastpatch editor"):
         Editor.load(tmp_path / "missing", copy.deepcopy(clean), word_tokenizer())
+
+
+def test_edit_inside_no_grad_context_still_trains() -> None:
+    ed = _editor("llama", init="authors", value_init="random")
+    with torch.no_grad():
+        res = ed.edit(EditRequest("the capital of peru is", "lima", edit_id="ng"))
+    assert res.success and res.steps > 0

@@ -328,7 +328,8 @@ class Editor:
             dt = time.perf_counter() - t0
             return [EditResult(ids[i], True, 0, dt, [], {}, 0, already_correct=True) for i in range(len(reqs))]
         params = self._init_params(encs, cap, neurons)
-        steps, losses, ok = self._train(encs, cap, neurons, params)
+        with torch.enable_grad():  # editing works inside a caller's no_grad()/inference code too
+            steps, losses, ok = self._train(encs, cap, neurons, params)
         K, b, V = self._final(params)
         dt = time.perf_counter() - t0
         # commit: patches and memory rows of each request together, all or nothing
