@@ -99,7 +99,8 @@ def test_memory_and_locality_disjoint(facts) -> None:
     edit = {geo.capital_prompt(f) for f in facts} | {p for f in facts for p in geo.capital_paraphrases(f)}
     assert set(memory).isdisjoint(edit) and loc_prompts.isdisjoint(edit)
     assert set(geo.load_fanoutqa_questions()) <= set(memory)
-    assert {p for p, _ in geo.region_prompts()} <= set(memory)
+    assert {p for p, _ in geo.currency_prompts()} <= set(memory)
+    assert set(locality) == set(geo.region_prompts())
 
 
 def test_geography_stream_is_fastpatch_jsonl(tmp_path: Path, facts) -> None:
@@ -114,7 +115,7 @@ def test_geography_stream_is_fastpatch_jsonl(tmp_path: Path, facts) -> None:
         assert len(rec["locality"]) == 2
         for item in rec["locality"]:
             assert (item["prompt"], item["target"]) in loc_pairs
-        own = {p for p, _ in geo.currency_prompts([f])}
+        own = {p for p, _ in geo.region_prompts([f])}
         assert own.isdisjoint(item["prompt"] for item in rec["locality"])  # other countries only
     assert geo.geography_stream(seed=3) == geo.geography_stream(seed=3)
     assert len(geo.geography_stream(n=5, shuffle=True, seed=1)) == 5

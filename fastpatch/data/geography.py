@@ -331,17 +331,19 @@ def split_memory_and_locality(
     """Two disjoint prompt sets: ``(memory_texts, locality_pairs)``.
 
     * memory texts (inputs the patches must stay inactive on, e.g. T-Patcher's memory):
-      FanOutQA questions + continent prompts (prompts only);
-    * locality pairs (held-out checks that an edit changes nothing else): currency prompts.
+      FanOutQA questions + currency prompts (prompts only);
+    * locality pairs (held-out checks that an edit changes nothing else): continent prompts.
+      SmolLM2-135M knows about half of the continents (105 of 194) but few currencies (13 of
+      191), so continents make a retain set (TrainR) of useful size.
 
     The templates differ, so the sets are disjoint by construction; any memory text that is also
     a locality prompt (or an edit prompt/paraphrase) is removed anyway.
     """
     facts = load_country_facts() if facts is None else list(facts)
-    locality = currency_prompts(facts)
+    locality = region_prompts(facts)
     edit_texts = {capital_prompt(f) for f in facts} | {p for f in facts for p in capital_paraphrases(f)}
     banned = {p for p, _ in locality} | edit_texts
-    candidates = load_fanoutqa_questions(fanoutqa_limit) + [p for p, _ in region_prompts(facts)]
+    candidates = load_fanoutqa_questions(fanoutqa_limit) + [p for p, _ in currency_prompts(facts)]
     memory = [t for t in dict.fromkeys(candidates) if t not in banned]
     return memory, locality
 
@@ -358,9 +360,9 @@ def geography_stream(
         {"id": "geo-FRA", "input": "The capital of France is", "target": " Paris",
          "subject": "France", "ground_truth": None,
          "rephrases": ["Q: What is the capital of France?\\nA:", ...],
-         "locality": [{"prompt": "The currency of Japan is the", "target": " Japanese Yen"}, ...]}
+         "locality": [{"prompt": "Japan is located in the continent of", "target": " Asia"}, ...]}
 
-    Locality pairs come from the locality side of :func:`split_memory_and_locality` (currency
+    Locality pairs come from the locality side of :func:`split_memory_and_locality` (continent
     prompts of *other* countries), drawn with ``random.Random(seed)``. ``shuffle`` shuffles the
     country order with the same seed; ``n`` keeps the first n.
     """
@@ -371,9 +373,9 @@ def geography_stream(
         rng.shuffle(order)
     if n is not None:
         order = order[:n]
-    # Locality side of split_memory_and_locality (currency prompts), tagged with the country so
+    # Locality side of split_memory_and_locality (continent prompts), tagged with the country so
     # that a record never gets its own country's fact.
-    pool = [(f.country, p, a) for f in load_country_facts() for p, a in currency_prompts([f])]
+    pool = [(f.country, p, a) for f in load_country_facts() for p, a in region_prompts([f])]
     records = []
     for f in order:
         others = [(p, a) for c, p, a in pool if c != f.country]

@@ -311,8 +311,9 @@ class Editor:
                 raise EditError(f"edit id {eid!r} already exists")
             ids.append(eid)
         encs = [self._encode(r) for r in reqs]
-        if len(self.memory) == 0:
+        if len(self.memory) == 0 and not getattr(self, "_warned_empty", False):
             log.warning("editing with an empty memory set: call build_memory() for locality")
+            self._warned_empty = True
         cfg = self.config
         cap = [self._capture(e) for e in encs]
         # neurons: one per wrong target position (generative, at most max_neurons), or [CLS]
@@ -549,10 +550,12 @@ class Editor:
             return [self._encode(EditRequest(p, label=int(t))) for p, t in zip(prompts, targets)]
         return [self._encode(EditRequest(p, target=t)) for p, t in zip(prompts, targets)]
 
-    @torch.no_grad()
     def predict_tokens(self, prompts: Sequence[str], targets: Sequence[Any], batch_size: int = 32) -> list[list[int]]:
         """Teacher-forced argmax token ids at each target position (class id for classifiers)."""
-        encs = self._pairs(prompts, targets)
+        return self._predict(self._pairs(prompts, targets), batch_size)
+
+    @torch.no_grad()
+    def _predict(self, encs: list[_Encoded], batch_size: int) -> list[list[int]]:
         out: list[list[int]] = []
         pad = self.tokenizer.pad_token_id or 0
         for i in range(0, len(encs), batch_size):
@@ -573,10 +576,14 @@ class Editor:
                 out.append(lg.argmax(-1).tolist())
         return out
 
+    def target_ids(self, prompts: Sequence[str], targets: Sequence[Any]) -> list[list[int]]:
+        """The token ids each target is scored on (its label for classifiers); no forward pass."""
+        return [e.labels.tolist() for e in self._pairs(prompts, targets)]
+
     def check(self, prompts: Sequence[str], targets: Sequence[Any], batch_size: int = 32) -> list[bool]:
         """True where every target token (or the label) is the model's teacher-forced argmax."""
         encs = self._pairs(prompts, targets)
-        preds = self.predict_tokens(prompts, targets, batch_size)
+        preds = self._predict(encs, batch_size)
         return [p == e.labels.tolist() for p, e in zip(preds, encs)]
 
     @torch.no_grad()

@@ -1,0 +1,325 @@
+"""The ``fastpatch`` command line.
+
+    fastpatch run --model smollm2 --data geography --out runs/demo
+    fastpatch run --model DIR --data zsre.json --out runs/zsre --protocol easyedit --limit 1000
+    fastpatch run ... --resume                 # after a crash or kill: continue, nothing redone
+    fastpatch report runs/demo                 # re-render plots, print the summary table
+
+``--model``: ``smollm2`` (SmolLM2-135M-Instruct, converted once and cached) or a local Hugging
+Face directory. ``--data``: ``geography`` (the built-in country-capital stream, with its disjoint
+memory corpus and currency-fact locality set) or a file (.json/.jsonl/.parquet) in one of the
+formats of :mod:`fastpatch.data.formats`.
+
+Exit status: 0 done; 1 unexpected error; 2 bad arguments, bad data or a refused resume;
+130 interrupted (Ctrl-C; ``--resume`` continues from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("fastpatch.cli")
+
+GEOGRAPHY = "geography"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastpatch", description="Fast sequential model editing (Transformer-Patcher).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an edit stream against a model",
+                       description="Run an edit stream against a model; write edits.jsonl, summary.json/.csv, "
+                                   "plots and checkpoints to --out.")
+    r.add_argument("--model", required=True, help="'smollm2' or a local Hugging Face model directory")
+    r.add_argument("--data", required=True, help="'geography' (built-in) or an edit-stream file (.json/.jsonl/.parquet)")
+    r.add_argument("--out", required=True, help="output directory of the run")
+    r.add_argument("--limit", type=int, default=None, help="process only the first N requests")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an unfinished run in --out")
+    r.add_argument("--protocol", choices=("tpatcher", "easyedit"), default="tpatcher",
+                   help="tpatcher (default): edit only what the current model gets wrong; easyedit: edit every request")
+    r.add_argument("--format", default="auto", choices=("auto", "zsre", "counterfact", "easyedit", "fastpatch"),
+                   help="edit-stream file format (default: auto-detected)")
+    r.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted in the summary) instead of failing")
+    r.add_argument("--eval-every", type=int, default=50, metavar="K",
+                   help="evaluate ER/TrainR/TestR/Rel/Loc every K edits (0: only at the end; default 50)")
+    r.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                   help="checkpoint every K edits (default: --eval-every, or 50 when that is 0)")
+    r.add_argument("--memory", default="auto",
+                   help="T-Patcher memory corpus: auto (geography: its memory set; files: the built-in "
+                        "FanOutQA + continent prompts when installed; default), none, or a text file (one per line)")
+    r.add_argument("--memory-limit", type=int, default=400, metavar="N",
+                   help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
+                        "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400)")
+    r.add_argument("--retain-size", type=int, default=200, metavar="N", help="most locality pairs in each of the TrainR/TestR sets (default 200)")
+    r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
+    r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="EditorConfig override, e.g. --set max_steps=100 (repeatable)")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    r.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+    rp = sub.add_parser("report", help="re-render the plots and print the summary of a run directory")
+    rp.add_argument("dir", help="run directory (the --out of fastpatch run)")
+    rp.add_argument("--no-plots", action="store_true", help="only print the table")
+    rp.add_argument("--json", action="store_true", help="print summary.json instead of the table")
+    return p
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fastpatch").setLevel(level)
+    for noisy in ("transformers", "datasets", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:  # transformers' own weight-loading progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class CLIError(Exception):
+    """A user-facing error (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of `run`
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["max_steps=100", "keep_failed=true"]`` -> typed EditorConfig keyword arguments."""
+    from .editor import EditorConfig
+
+    types = {f.name: f for f in dataclasses.fields(EditorConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in types:
+            raise CLIError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        default = getattr(EditorConfig(), key)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("1", "true", "yes", "on")
+            elif isinstance(default, int):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise CLIError(f"--set {item!r}: {raw!r} is not a valid {type(default).__name__}") from None
+        out[key] = value
+    from .editor import EditError
+
+    try:
+        EditorConfig(**out)  # validate now, before the (slow) model load
+    except EditError as err:
+        raise CLIError(f"--set: {err}") from None
+    return out
+
+
+def load_data(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str] | None, list[tuple[str, str]] | None]:
+    """``(stream, data_id, memory_texts, retain_pairs)`` for ``--data``."""
+    from .runner import file_fingerprint
+
+    if args.data.strip().lower() == GEOGRAPHY:
+        from .data.geography import geography_records, split_memory_and_locality
+
+        records = geography_records()
+        memory, locality = split_memory_and_locality()
+        return records, {"name": GEOGRAPHY}, memory, locality
+    from .data.formats import load_stream
+
+    path = Path(args.data).expanduser()
+    if not path.is_file():
+        raise CLIError(f"--data {args.data!r}: no such file (or use --data geography)")
+    loaded = load_stream(path, fmt=args.format, skip_bad=args.skip_bad)
+    if loaded.skipped:
+        log.warning("%s: skipped %d malformed row(s) (--skip-bad), e.g. row %d field %r: %s", path,
+                    len(loaded.skipped), *loaded.skipped[0])
+    if not loaded.records:
+        raise CLIError(f"--data {args.data!r}: no edit requests in the file")
+    log.info("%s: %d requests (%s format)", path, len(loaded.records), loaded.format)
+    data_id = {**file_fingerprint(path), "format": loaded.format, "skip_bad": bool(args.skip_bad)}
+    return loaded, data_id, None, None
+
+
+def memory_corpus(args: argparse.Namespace, stream: Any, geo_memory: list[str] | None) -> list[str] | None:
+    """The memory texts for ``--memory`` (stream prompts, paraphrases and locality prompts are
+    always removed: the memory must be disjoint from what is evaluated)."""
+    choice = args.memory
+    records = getattr(stream, "records", stream)
+    if choice == "none":
+        return None
+    if choice == "auto":
+        if geo_memory is not None:
+            texts = geo_memory
+        else:
+            try:
+                from .data.geography import split_memory_and_locality
+
+                texts = split_memory_and_locality()[0]
+            except ImportError as err:
+                log.warning("no memory corpus (%s); T-Patcher's memory loss is off. Pass --memory FILE", err)
+                return None
+    else:
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise CLIError(f"--memory {choice!r}: expected auto, none or a text file")
+        texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    banned = {r.prompt for r in records} | {p for r in records for p in r.rephrases} | {
+        p for r in records for p, _ in r.locality}
+    texts = [t for t in dict.fromkeys(texts) if t not in banned]
+    if args.memory_limit and len(texts) > args.memory_limit:
+        import random
+
+        keep = set(random.Random(0).sample(range(len(texts)), args.memory_limit))
+        texts = [t for k, t in enumerate(texts) if k in keep]  # corpus order kept
+    return texts
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import (
+        RunPaths, check_resume, data_fingerprint, latest_checkpoint, model_fingerprint, read_run_info, run_stream,
+    )
+
+    out = Path(args.out)
+    overrides = parse_overrides(args.overrides)
+    for name in ("limit", "retain_size", "batch_size", "eval_every", "memory_limit"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name == "batch_size" else 0):
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {v}")
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        raise CLIError(f"--checkpoint-every must be > 0, got {args.checkpoint_every}")
+
+    stream, data_id, geo_memory, retain = load_data(args)
+    records = getattr(stream, "records", stream)
+    model_id = model_fingerprint(args.model)
+    fingerprints = {"model": model_id, "data": data_fingerprint(records), "protocol": args.protocol}
+
+    existing = read_run_info(out)
+    overwrite = args.overwrite
+    if existing is not None:
+        if args.resume:
+            check_resume(existing, fingerprints)  # refuse before the (slow) model load
+        elif not overwrite:
+            summary = RunPaths(out).summary_json
+            done = summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("complete")
+            if not done:
+                raise CLIError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite "
+                               f"to start over")
+            log.warning("%s holds a finished run: replacing it (pass another --out to keep it)", out)
+            overwrite = True
+    elif args.resume:
+        log.info("%s holds no run yet: starting a new one", out)
+
+    from .models import resolve_model
+
+    t0 = time.perf_counter()
+    model, tokenizer = resolve_model(args.model)
+    device = _device(args.device)
+    model.to(device)
+    log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
+
+    from .editor import Editor, EditorConfig
+
+    ckpt = latest_checkpoint(out) if (args.resume and existing is not None) else None
+    if ckpt is not None:
+        if overrides:
+            log.warning("--set is ignored on --resume: the editor configuration comes from the checkpoint")
+        editor = Editor.load(ckpt / "editor", model, tokenizer)
+    else:
+        editor = Editor(model, tokenizer, config=EditorConfig(**overrides))
+    memory = memory_corpus(args, stream, geo_memory) if ckpt is None else None
+
+    summary = run_stream(
+        editor, stream, out,
+        protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        limit=args.limit, resume=args.resume, overwrite=overwrite, memory_texts=memory, retain_pairs=retain,
+        retain_size=args.retain_size, batch_size=args.batch_size, model_id=model_id, data_id=data_id,
+        run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"}, "device": device},
+        progress=not args.no_progress and not args.quiet, plots=not args.no_plots,
+    )
+    from .report import format_table
+
+    print(format_table(summary))
+    print(f"\nrun directory: {out}  (edits.jsonl, summary.json/.csv"
+          f"{', metrics.png, heatmap.png, latency.png' if not args.no_plots else ''})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import load_run, report
+
+    if args.json:
+        print(json.dumps(load_run(args.dir)["summary"], indent=1))
+        return 0
+    report(args.dir, plots=not args.no_plots)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
+    from .runner import RunError
+
+    try:
+        from .data.formats import StreamFormatError
+    except ImportError:  # pragma: no cover
+        StreamFormatError = ValueError  # type: ignore[misc,assignment]
+    try:
+        from .models import ModelNotInstalledError
+    except ImportError:  # pragma: no cover
+        ModelNotInstalledError = ImportError  # type: ignore[misc,assignment]
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_report(args)
+    except KeyboardInterrupt:
+        print("\nfastpatch: interrupted; `fastpatch run ... --resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except (CLIError, RunError, StreamFormatError, ModelNotInstalledError, FileNotFoundError) as err:
+        print(f"fastpatch: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001
+        from .editor import EditError
+
+        # Bad input surfacing as ValueError/EditError (e.g. an unknown model name): a message, not a
+        # traceback -- unless -vv asks for it.
+        if isinstance(err, (EditError, ValueError, NotImplementedError)) and getattr(args, "verbose", 0) < 2:
+            print(f"fastpatch: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

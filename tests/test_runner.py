@@ -1,0 +1,152 @@
+"""``run_stream`` in-process with the real Editor on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastpatch.data.formats import load_stream
+from fastpatch.editor import Editor, EditorConfig
+from fastpatch.metrics import METRIC_NAMES
+from fastpatch.runner import (
+    RunError, RunExistsError, RunMismatchError, latest_checkpoint, retain_split, run_stream,
+)
+from tests.test_cli import make_tiny_model, read_lines, stream_rows, write_stream
+
+CFG = dict(max_steps=30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run much faster single-threaded (no thread sync on a busy 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _editor(model_dir: Path, ckpt: Path | None = None) -> Editor:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if ckpt is not None:
+        return Editor.load(ckpt / "editor", model, tok)
+    return Editor(model, tok, config=EditorConfig(**CFG))
+
+
+def _records(tmp_path: Path, n: int):
+    return load_stream(write_stream(tmp_path / "stream.jsonl", n=n)).records
+
+
+class Crash(Exception):
+    pass
+
+
+def test_retain_split_is_stable_and_disjoint() -> None:
+    pairs = [(f"prompt {i}", f"a{i}") for i in range(40)] + [("prompt 3", "dup")]
+    a, b = retain_split(pairs)
+    assert {p for p, _ in a}.isdisjoint({p for p, _ in b})
+    assert len(a) + len(b) == 40  # de-duplicated by prompt
+    a2, b2 = retain_split(list(reversed(pairs[:40])))
+    assert {p for p, _ in a2} == {p for p, _ in a} and {p for p, _ in b2} == {p for p, _ in b}
+    a3, b3 = retain_split(pairs, size=3)
+    assert len(a3) == 3 and len(b3) == 3
+
+
+def test_run_stream_outputs_and_eval_schedule(tiny: Path, tmp_path: Path) -> None:
+    records = _records(tmp_path, 7)
+    seen: list[dict] = []
+    out = tmp_path / "run"
+    summary = run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=2, checkpoint_every=3,
+                         progress=False, plots=False, on_record=seen.append, memory_texts=["Some unrelated text."])
+    assert summary["complete"] and summary["edits"] == 7
+    assert [ln["id"] for ln in seen] == [r.id for r in records]
+    assert read_lines(out / "edits.jsonl") == json.loads(json.dumps(seen))
+    evals = read_lines(out / "evals.jsonl")
+    assert [e["edits"] for e in evals] == [0, 2, 4, 6, 7]
+    assert set(METRIC_NAMES) <= set(summary["metrics"])
+    # SR is the running mean of the per-edit post-edit checks
+    assert summary["metrics"]["SR"] == pytest.approx(sum(ln["success"] for ln in seen) / 7)
+    # the final checkpoint is at the end of the stream
+    ckpt = latest_checkpoint(out)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["position"] == 7 and state["edits_bytes"] == (out / "edits.jsonl").stat().st_size
+    assert (out / "activations.npz").is_file() == (summary["patches"] > 0)
+
+
+def test_crash_then_resume_edits_each_request_once(tiny: Path, tmp_path: Path) -> None:
+    records = _records(tmp_path, 9)
+    out = tmp_path / "run"
+
+    def crash_at_eight(line: dict) -> None:
+        if line["i"] == 7:  # edits.jsonl has 2 lines past the last checkpoint (at 6)
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=3, progress=False, plots=False,
+                   on_record=crash_at_eight)
+    assert len(read_lines(out / "edits.jsonl")) == 8
+    ckpt = latest_checkpoint(out)
+    assert json.loads((ckpt / "state.json").read_text())["position"] == 6
+
+    # a fresh editor (not holding the checkpoint) is refused
+    with pytest.raises(RunError, match="does not hold checkpoint"):
+        run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=3, resume=True, progress=False,
+                   plots=False)
+    # not resuming and not overwriting is refused
+    with pytest.raises(RunExistsError):
+        run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=3, progress=False, plots=False)
+    # other data / protocol are refused
+    with pytest.raises(RunMismatchError, match="edit stream differs"):
+        run_stream(_editor(tiny, ckpt), records[:-1], out, protocol="easyedit", resume=True, progress=False)
+    with pytest.raises(RunMismatchError, match="protocol"):
+        run_stream(_editor(tiny, ckpt), records, out, protocol="tpatcher", resume=True, progress=False)
+
+    summary = run_stream(_editor(tiny, ckpt), records, out, protocol="easyedit", eval_every=3, resume=True,
+                         progress=False, plots=False)
+    lines = read_lines(out / "edits.jsonl")
+    ids = [ln["id"] for ln in lines]
+    assert ids == [r.id for r in records]  # each once, in order
+    assert summary["complete"] and summary["requests"] == 9 and summary["edits"] == 9
+    assert [e["edits"] for e in read_lines(out / "evals.jsonl")] == [0, 3, 6, 9]
+    assert summary["patches"] == sum(len(ln["patch_ids"]) for ln in lines)
+    assert summary["run"]["sessions"] == 2
+
+
+def test_limit_then_extend_within_baseline(tiny: Path, tmp_path: Path) -> None:
+    records = _records(tmp_path, 5)
+    out = tmp_path / "run"
+    s = run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=0, limit=2, progress=False,
+                   plots=False)
+    assert s["complete"] and s["requests"] == 2 and s["requests_total"] == 2
+    # the pre-edit baseline only covers 2 requests: extending needs the unedited model
+    with pytest.raises(RunError, match="baseline covers 2"):
+        run_stream(_editor(tiny, latest_checkpoint(out)), records, out, protocol="easyedit", eval_every=0,
+                   limit=5, resume=True, progress=False, plots=False)
+
+
+def test_tpatcher_protocol_counts_only_edits(tiny: Path, tmp_path: Path) -> None:
+    rows = stream_rows(2)
+    rows += [dict(rows[0], id="dup-0"), dict(rows[1], id="dup-1")]
+    records = load_stream(write_stream(tmp_path / "s.jsonl", rows=rows)).records
+    out = tmp_path / "run"
+    s = run_stream(_editor(tiny), records, out, protocol="tpatcher", eval_every=1, progress=False, plots=False)
+    lines = read_lines(out / "edits.jsonl")
+    for first, dup in ((lines[0], lines[2]), (lines[1], lines[3])):
+        if first["success"]:
+            assert dup["action"] == "skip"
+    assert s["edits"] == sum(ln["action"] == "edit" for ln in lines)
+    assert s["skipped_correct"] == 4 - s["edits"]
+    # ER covers the edited requests only; Rel. every request processed
+    assert s["metrics"]["SR"] == pytest.approx(
+        sum(ln["success"] for ln in lines if ln["action"] == "edit") / s["edits"])
