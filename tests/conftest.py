@@ -27,3 +27,13 @@ ODD_D = (64, 96 + 17, 576)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny models gain nothing from two, and two OpenMP
+    threads on a busy 2-core machine can slow every op down tenfold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -19,14 +19,9 @@ CFG = dict(max_steps=30)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run much faster single-threaded (no thread sync on a busy 2-core machine)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Tiny models run much faster single-threaded (conftest.one_thread)."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
