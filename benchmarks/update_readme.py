@@ -48,6 +48,8 @@ def gpu_section() -> list[str]:
                 f"reference in fp32 and bf16 ({len(sec.get('correctness') or [])} cases), "
                 f"{'all within tolerance' if not d['failures'] else 'FAILURES: ' + '; '.join(d['failures'])}. "
                 f"Full tables: [{rel}/README.md]({rel}/README.md).", ""]
+        if (path.parent / "ffn_latency.png").exists():
+            out += [f"![ffn latency on {env['gpu']}]({rel}/ffn_latency.png)", ""]
         lat = sec.get("ffn_latency") or []
         rows = []
         for M in (1, 16, 512):
@@ -95,6 +97,9 @@ def cpu_section() -> list[str]:
             continue
         out += [f"### CPU: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))} ({rel.name})", "",
                 f"Tables and plots: [{rel}/README.md]({rel}/README.md)." if (path.parent / "README.md").exists() else "", ""]
+        for png in ("ffn_latency.png", "model_latency.png"):
+            if (path.parent / png).exists():
+                out += [f"![{png[:-4]} on this CPU]({rel}/{png})", ""]
         if acc:
             out += ["PatchedFFN at SmolLM2 shapes (d=576, F=1536), P = 10,000 patches, a few firing: latency ratio "
                     "patched/unpatched (interleaved pairs), against the authors' concatenated layers:", ""]
