@@ -404,6 +404,8 @@ class Editor:
         for _ in range(max_doublings):
             _, _, correct, _ = self._losses(encs, cap, neurons, params, False, with_memory=False)
             if all(correct):
+                # Barely right on the edit is too weak where a paraphrase fires less strongly.
+                params["amp"] = params["amp"] * self.config.value_margin
                 return
             params["amp"] = params["amp"] * 2
 

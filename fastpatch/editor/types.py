@@ -74,6 +74,8 @@ class EditorConfig:
             (along the target token's output embedding minus the predicted one's, with the
             amplifier doubled until the edit is predicted right: a few tail-only evaluations).
         amplifier: initial value amplifier (authors: 10).
+        value_margin: with ``value_init="unembed"``, the amplifier found to make the edit right is
+            multiplied by this, so paraphrases on which the patch fires less strongly flip too.
         activation: patch activation, ``"relu"`` or ``"host"``.
         keep_failed: keep the patches of an edit that did not converge.
         check_every: test the stopping rule every this many steps.
@@ -96,6 +98,7 @@ class EditorConfig:
     init: str = "memory"
     value_init: str = "unembed"
     amplifier: float = 10.0
+    value_margin: float = 2.0
     activation: str = "relu"
     keep_failed: bool = False
     check_every: int = 1
