@@ -146,6 +146,12 @@ def run_section(folder: str, title: str) -> list[str]:
     s = json.loads(path.read_text())
     m = s.get("metrics") or s.get("final") or {}
     out = [f"### {title}", "", f"From [{path.relative_to(ROOT)}]({path.relative_to(ROOT)}).", ""]
+    t = s.get("time") or {}
+    if t:
+        out += [f"{s.get('requests')} requests, {s.get('edits')} edited ({s.get('protocol')} protocol), "
+                f"{s.get('patches')} patches; memory {((s.get('memory_set') or {}).get('vectors'))} vectors; "
+                f"median {_f(t.get('edit_seconds_median'))} s per edit (p90 {_f(t.get('edit_seconds_p90'))} s); "
+                f"wall time {_f(t.get('wall_seconds'))} s; peak RSS {_f((s.get('peak_memory') or {}).get('rss_mib'))} MiB.", ""]
     keys = [k for k in ("SR", "GR", "ER", "TrainR", "TestR", "Rel", "Gen", "Loc") if k in m]
     if keys:
         out += _table(keys, [[m[k] for k in keys]])
