@@ -12,7 +12,8 @@ Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 4. the fused/unfused crossover in tokens (sets FUSED_FFN_MAX_TOKENS / FUSED_MAX_TOKENS);
 5. the patch-training loss kernel at N = 40,000 memory vectors, d = 4096, with % of HBM;
 6. SmolLM2-architecture whole-model prefill/decode with 0 / 1k / 10k patches;
-7. memory: patch storage bytes against P*(2d+1), peak allocation.
+7. memory: patch storage bytes against P*(2d+1), peak allocation;
+8. editing: milliseconds per edit (SmolLM2 architecture, 40,000-vector memory; goal < 20 ms).
 
 Writes ``gpu_check.json``, ``ffn_latency.csv`` and prints a Markdown table. Every timed method is
 checked against the reference first: a fast wrong kernel fails the check.
@@ -335,6 +336,56 @@ def whole_model() -> list[dict]:
     return rows
 
 
+def editing() -> list[dict]:
+    """Seconds per edit on the GPU: SmolLM2-135M architecture (random weights, fp32), a
+    40,000-vector memory, single-token targets the model gets wrong; default editor and the
+    authors' init, same requests."""
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpatch.editor import Editor, EditorConfig, EditRequest
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    n_mem, n_edits = (2000, 3) if DRY else (40000, 20)
+    if DRY:
+        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
+
+    class _Tok:  # integer "tokenizer": prompts are space-separated token ids
+        pad_token_id, eos_token, all_special_ids, model_max_length = 0, None, [0], 2048
+
+        def __call__(self, text, add_special_tokens=True, return_tensors=None, **kw):
+            ids = [int(t) for t in text.split()]
+            return {"input_ids": torch.tensor([ids]) if return_tensors else ids}
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(DEV).eval()
+    rows = []
+    for name, ecfg in (("fastpatch", EditorConfig()), ("fastpatch, authors' init", EditorConfig.authors(max_steps=300))):
+        ed = Editor(model, _Tok(), ecfg)
+        ed.memory.add(torch.randn(n_mem, 576, device=DEV) * 0.5)
+        g = torch.Generator().manual_seed(1)
+        secs, steps = [], []
+        for i in range(n_edits + 2):  # the first two warm up kernels and caches
+            ids = torch.randint(1, cfg.vocab_size, (8,), generator=g).tolist()
+            prompt = " ".join(map(str, ids))
+            with torch.no_grad():
+                pred = int(model(torch.tensor([ids], device=DEV)).logits[0, -1].argmax())
+            target = (pred + 1 + i) % cfg.vocab_size or 1
+            torch.cuda.synchronize() if not DRY else None
+            res = ed.edit(EditRequest(prompt, str(target), edit_id=f"g{name}{i}"))
+            if i >= 2:
+                secs.append(res.seconds)
+                steps.append(res.steps)
+        rows.append({"method": name, "edits": len(secs), "memory_vectors": len(ed.memory),
+                     "median_ms_per_edit": 1e3 * statistics.median(secs), "p90_ms_per_edit": 1e3 * sorted(secs)[int(0.9 * (len(secs) - 1))],
+                     "median_steps": statistics.median(steps)})
+        ed.ffn.unwrap()
+    return rows
+
+
 def memory() -> dict:
     d, Fdim, P = BIG
     holder = torch.nn.Module()
@@ -418,6 +469,7 @@ def main() -> int:
         section("crossover", crossover)
         section("whole_model", whole_model)
         section("memory", memory)
+        section("editing", editing)
     RESULTS["wall_s"] = time.time() - T0
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     lat = RESULTS["sections"].get("ffn_latency") or []
@@ -431,7 +483,8 @@ def main() -> int:
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
                        ("crossover", ["M", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_gemm_ms"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
-                       ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"])]:
+                       ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),
+                       ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"])]:
         rows = RESULTS["sections"].get(name) or []
         if rows:
             report += [f"## {name}", md_table(rows, [c for c in cols if any(c in r for r in rows)]), ""]
