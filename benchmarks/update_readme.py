@@ -93,7 +93,8 @@ def cpu_section() -> list[str]:
         mi = d["machine_info"]
         acc = (d.get("fastpatch") or {}).get("acceptance_issue2_cpu") or []
         edit = [b for b in d["benchmarks"] if (b.get("group") or "").startswith("editing")]
-        if not acc and not edit:
+        stream = [b for b in d["benchmarks"] if (b.get("group") or "").startswith("stream")]
+        if not acc and not edit and not stream:
             continue
         out += [f"### CPU: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))} ({rel.name})", "",
                 f"Tables and plots: [{rel}/README.md]({rel}/README.md)." if (path.parent / "README.md").exists() else "", ""]
@@ -122,6 +123,13 @@ def cpu_section() -> list[str]:
                 out += ["", "Speed-up of the median against the authors-style loop: " +
                         ", ".join(f"{k} {v:.1f}x" for k, v in last.items() if k != "authors-style loop") + "."]
             out.append("")
+        for b in stream:
+            e = b["extra_info"]
+            m = e.get("summary_metrics") or {}
+            out += [f"Stream ({b['group']}): {e['requests']} requests in {e['stream_seconds']:.0f} s, "
+                    f"**{e['edits_per_minute']:.1f} edits per minute** including per-edit SR/GR checks, evaluations "
+                    f"every 50 edits and checkpoints (other processes' CPU load {e.get('other_cpu_pct', '?')}%); "
+                    + ", ".join(f"{k} {_f(v)}" for k, v in m.items() if v is not None) + ".", ""]
     return out
 
 
