@@ -139,7 +139,7 @@ def real_section() -> list[str]:
         r = json.loads(path.read_text())
         out += [f"### Real edits: {r['model']}, init `{r['init']}` ([{path.name}]({path.relative_to(ROOT)}))", "",
                 f"{r['countries']} countries; the model knew {r['known_before']} capitals; {r['edits']} edited in sequence; "
-                f"memory {r['memory_vectors']:,} vectors; {r['locality_prompts']} unrelated (currency) prompts for locality.", ""]
+                f"memory {r['memory_vectors']:,} vectors; {r['locality_prompts']} unrelated prompts (the locality side of `split_memory_and_locality`, disjoint from the memory) for locality.", ""]
         out += _table(["SR", "ER", "GR", "locality (greedy, token for token)", "median s/edit", "p90 s/edit", "median steps", "patches"],
                       [[r["SR"], r["ER"], r["GR"], r["locality_greedy_unchanged"], r["median_s_per_edit"], r["p90_s_per_edit"],
                         r["median_steps"], r["patches"]]])
