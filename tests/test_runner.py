@@ -13,20 +13,11 @@ from fastpatch.metrics import METRIC_NAMES
 from fastpatch.runner import (
     RunError, RunExistsError, RunMismatchError, latest_checkpoint, retain_split, run_stream,
 )
-from tests.test_cli import make_tiny_model, read_lines, stream_rows, write_stream
+from tests.test_cli import _one_thread, make_tiny_model, read_lines, stream_rows, tiny, write_stream  # noqa: F401 (fixtures)
 
 CFG = dict(max_steps=30)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread):
-    """Tiny models run much faster single-threaded (conftest.one_thread)."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def _editor(model_dir: Path, ckpt: Path | None = None) -> Editor:
