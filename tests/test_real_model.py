@@ -8,7 +8,7 @@ continent prompts) is disjoint from the locality prompts (currencies) by constru
 from __future__ import annotations
 
 import pytest
-import torch
+
 
 from fastpatch.editor import Editor, EditorConfig, EditRequest
 

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bank import weights_fingerprint
 from ..ffn import resolve_module
 from ..kernels.patch_loss import patch_memory_loss, patch_preactivations
 from ..kernels.reference import activation_reference
@@ -378,7 +377,7 @@ class Editor:
 
     def _init_params(self, encs, cap, neurons) -> dict[str, torch.Tensor]:
         cfg = self.config
-        d_in, d_out = self.ffn.bank.d_in, self.ffn.bank.d_out
+        d_out = self.ffn.bank.d_out
         q = torch.stack([cap[ri]["x"][encs[ri].label_pos[j]] for ri, j in neurons]).float()  # (n, d)
         keys = q / q.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
         bias = torch.zeros(len(neurons), device=q.device)
@@ -469,7 +468,7 @@ class Editor:
         for ri, enc in enumerate(encs):
             x = cap[ri]["x"].float()
             if full_forward:
-                with self._capturing(want_s0=False) as got, self.ffn.training_patches(K, b, V):
+                with self.ffn.training_patches(K, b, V):
                     out = self._forward(enc.inputs)
                 logits = out.logits[0]
                 logits = logits.reshape(1, -1) if self.task == "cls" else logits[enc.label_pos.to(logits.device)]
