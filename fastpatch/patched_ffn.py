@@ -79,6 +79,7 @@ class PatchedFFN(nn.Module):
         w = layout.w_up
         self.bank = PatchBank(layout.d_in, layout.d_out, dtype=w.dtype, device=w.device, capacity=capacity)
         self._trainable: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._disabled = False
         self._captured: torch.Tensor | None = None
         self._hook = None
         # Set by wrap(): where to put the original back on unwrap().
@@ -174,6 +175,19 @@ class PatchedFFN(nn.Module):
         finally:
             self._trainable = None
 
+    @contextlib.contextmanager
+    def patches_disabled(self) -> Iterator[None]:
+        """Run the original FFN alone inside the block (like PEFT's ``disable_adapter()``).
+
+        The bank is kept; training patches (``training_patches``) are ignored too.
+        """
+        old = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = old
+
     def fingerprint(self) -> str:
         """Fingerprint of the wrapped FFN's weights (independent of dtype/device)."""
         return weights_fingerprint(self.layout.base_tensors())
@@ -209,7 +223,7 @@ class PatchedFFN(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
         """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts."""
         bank = self.bank
-        if bank.num_patches == 0 and self._trainable is None:
+        if self._disabled or (bank.num_patches == 0 and self._trainable is None):
             return self.ffn(x, *args, **kwargs)
         xin = self._ffn_input(x)
         d = bank.d_in

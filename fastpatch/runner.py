@@ -17,6 +17,13 @@ and its paraphrases checked in one batch); ER, TrainR, TestR, Rel., Loc. (and Ge
 The pre-edit outputs Loc. and TrainR/TestR compare against are computed once, before the first
 edit, and kept in baseline.json.
 
+Classifiers (``editor.task == "cls"``, e.g. ``--model minilm --data claims``): a record's target
+names a class (``"true"``, through the model's ``config.label2id``, or the index as text), its
+``label`` field (when present) must agree, and so must every locality/retain answer; all of it is
+checked before the run starts (:func:`classification_labels`, a :class:`RunError` naming the
+request otherwise). Every metric is then computed on labels: "right" means the predicted class
+is the target class, and Loc. compares predicted classes before and after.
+
 Output directory::
 
     run.json          what was run: model/data/weights fingerprints, protocol, options
@@ -77,6 +84,7 @@ __all__ = [
     "RunExistsError",
     "RunMismatchError",
     "RunPaths",
+    "classification_labels",
     "data_fingerprint",
     "file_fingerprint",
     "latest_checkpoint",
@@ -244,10 +252,14 @@ def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _record_dict(r: EditRecord) -> dict[str, Any]:
-    return {
+    d = {
         "id": r.id, "prompt": r.prompt, "target": r.target, "ground_truth": r.ground_truth,
         "rephrases": list(r.rephrases), "locality": [list(p) for p in r.locality], "subject": r.subject,
     }
+    label = getattr(r, "label", None)
+    if label is not None:  # only classification records carry it: generative fingerprints are unchanged
+        d["label"] = label
+    return d
 
 
 def data_fingerprint(records: Sequence[EditRecord]) -> str:
@@ -419,9 +431,16 @@ class _Run:
         self.evals_fh: Any = None
         self.last_ckpt_edits = -1
         self.memory: dict[str, Any] = {}  # memory corpus: texts, vectors, seconds
+        #: classifiers: target text -> class index (see :func:`classification_labels`); else None
+        self.labels: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ baseline
-    def compute_baseline(self, retain_pairs: Sequence[tuple[str, str]], retain_size: int | None) -> dict[str, Any]:
+    def compute_baseline(
+        self,
+        retain_pairs: Sequence[tuple[str, str]],
+        retain_size: int | None,
+        retain_sets: tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]] | None = None,
+    ) -> dict[str, Any]:
         n = self.n_total
         t0 = time.perf_counter()
         loc_pairs: list[tuple[str, str]] = []
@@ -432,7 +451,11 @@ class _Run:
                 if key not in index:
                     index[key] = len(loc_pairs)
                     loc_pairs.append(key)
-        a, b = retain_split(retain_pairs, retain_size)
+        if retain_sets is not None:  # given explicitly: distinct pairs, the first retain_size of each
+            distinct = [list(dict.fromkeys((p, t) for p, t in s)) for s in retain_sets]
+            a, b = (d if retain_size is None else d[:retain_size] for d in distinct)
+        else:
+            a, b = retain_split(retain_pairs, retain_size)
         ok, tokens = self.check_and_tokens(a + b, loc_pairs)
         loc_tokens = [[tokens[index[(p, a)]] for p, a in r.locality] for r in self.records[:n]]
         train = [[p, t] for (p, t), c in zip(a, ok[: len(a)]) if c]
@@ -454,13 +477,22 @@ class _Run:
         return base
 
     # ---------------------------------------------------------------- evaluation
+    def target(self, target: str) -> Any:
+        """What the editor scores a target as: the text itself, or for a classifier the class
+        index it names (``"true"`` -> 1 through ``config.label2id``; validated up front)."""
+        if self.labels is None:
+            return target
+        if target not in self.labels:  # e.g. a resumed run's baseline pairs: resolve (or refuse) now
+            self.labels.update(classification_labels(self.ed, [], [("", target)]) or {})
+        return self.labels[target]
+
     def _sorted_call(self, fn: Callable[..., list[Any]], pairs: Sequence[tuple[str, str]]) -> list[Any]:
         """``fn(prompts, targets, batch_size=...)`` over pairs sorted by length (less padding in
         each batch), results returned in the input order."""
         if not pairs:
             return []
         order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]) + len(pairs[k][1]))
-        res = fn([pairs[k][0] for k in order], [pairs[k][1] for k in order], batch_size=self.batch_size)
+        res = fn([pairs[k][0] for k in order], [self.target(pairs[k][1]) for k in order], batch_size=self.batch_size)
         out: list[Any] = [None] * len(pairs)
         for k, r in zip(order, res):
             out[k] = r
@@ -489,7 +521,7 @@ class _Run:
             index.setdefault((p[0], p[1]), len(index))
         union = list(index)
         toks = self.token_pairs(union)
-        labels = target_ids([p for p, _ in check], [t for _, t in check]) if check else []
+        labels = target_ids([p for p, _ in check], [self.target(t) for _, t in check]) if check else []
         ok = [toks[index[(p, t)]] == list(map(int, lab)) for (p, t), lab in zip(check, labels)]
         return ok, [toks[index[(p, t)]] for p, t in tokens]
 
@@ -642,6 +674,7 @@ def run_stream(
     memory_texts: Sequence[str] | None = None,
     retain_pairs: Sequence[tuple[str, str]] | None = None,
     retain_size: int | None = 200,
+    retain_sets: tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]] | None = None,
     batch_size: int = 32,
     model_id: dict[str, Any] | str | None = None,
     data_id: dict[str, Any] | None = None,
@@ -672,6 +705,9 @@ def run_stream(
             start (a resumed editor carries its memory in the checkpoint).
         retain_pairs: ``(prompt, answer)`` pairs for TrainR/TestR (default: every locality pair of
             the stream). Split by :func:`retain_split`, at most ``retain_size`` per half.
+        retain_sets: ``(A, B)``: the TrainR candidates and the TestR set given explicitly (e.g. the
+            classifier's training claims and held-out claims), instead of splitting
+            ``retain_pairs``; each keeps its first ``retain_size`` distinct pairs.
         batch_size: evaluation batch size.
         model_id: what identifies the model for resume (see :func:`model_fingerprint`; default:
             derived from ``editor.model``).
@@ -723,6 +759,9 @@ def run_stream(
 
     run = _Run(editor, records, out, protocol=protocol, eval_every=eval_every, checkpoint_every=checkpoint_every,
                limit=limit, batch_size=batch_size, progress=progress, plots=plots, on_record=on_record)
+    # Classifiers: every target must name one of the model's classes (checked before anything is written).
+    extra = [p for s in (retain_sets or ()) for p in s] + list(retain_pairs or [])
+    run.labels = classification_labels(editor, records, extra)
 
     # ------------------------------------------------------------- start or resume
     existing = read_run_info(out) if paths.run_json.is_file() else None
@@ -798,7 +837,7 @@ def run_stream(
     if base is None:
         if retain_pairs is None:
             retain_pairs = [p for r in records for p in r.locality]
-        base = run.compute_baseline(retain_pairs, retain_size)
+        base = run.compute_baseline(retain_pairs, retain_size, retain_sets)
         write_json_atomic(paths.baseline, base, indent=None)
     run.baseline = base
     write_json_atomic(paths.run_json, info)
@@ -840,6 +879,65 @@ def run_stream(
         except Exception as err:  # noqa: BLE001 - plots never fail a finished run
             log.warning("could not render plots: %s", err)
     return summary
+
+
+def classification_labels(
+    editor: Any,
+    records: Sequence[EditRecord],
+    extra_pairs: Sequence[tuple[str, str]] = (),
+) -> dict[str, int] | None:
+    """For a classifier editor (``editor.task == "cls"``): ``{target text: class index}`` over
+    every target of ``records`` (their locality answers included) and of ``extra_pairs``; None
+    for a generative editor.
+
+    Targets name classes through the model's ``config.label2id`` (``"true"``), or give the index
+    as text (``"1"``); a record's ``label`` field, when present, must agree with its target.
+
+    Raises:
+        RunError: a target that is not a class of this classifier, an index out of range, a label
+            that contradicts its target, or classification records (``label``) for a generative
+            model. The message names the request id.
+    """
+    from .data.formats import resolve_label
+
+    task = getattr(editor, "task", None)
+    if task != "cls":
+        bad = next((r for r in records if getattr(r, "label", None) is not None), None)
+        if bad is not None:
+            raise RunError(
+                f"request {bad.id!r} is a classification request (label {bad.label}) but the model is a "
+                f"{task or 'generative'} model: run classification streams on a sequence classifier "
+                f"(e.g. --model minilm --data claims)")
+        return None
+    cfg = getattr(getattr(editor, "model", None), "config", None)
+    num_labels = int(getattr(cfg, "num_labels", 2))
+    label2id = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
+    out: dict[str, int] = {}
+
+    def index(value: str, where: str) -> int:
+        if value not in out:
+            try:
+                out[value] = resolve_label(value, label2id, num_labels)
+            except ValueError as err:
+                raise RunError(f"{where}: {err}") from None
+        return out[value]
+
+    for r in records:
+        got = index(r.target, f"request {r.id!r} (row {r.source_row})")
+        label = getattr(r, "label", None)
+        if label is not None:
+            try:
+                want = resolve_label(int(label), label2id, num_labels)
+            except ValueError as err:
+                raise RunError(f"request {r.id!r} (row {r.source_row}): {err}") from None
+            if want != got:
+                raise RunError(f"request {r.id!r} (row {r.source_row}): target {r.target!r} is class {got} "
+                               f"but its label field says {label}")
+        for p, a in r.locality:
+            index(a, f"request {r.id!r} (row {r.source_row}), locality prompt {p!r}")
+    for p, a in extra_pairs:
+        index(a, f"retain pair {p!r}")
+    return out
 
 
 def _ckpt_position(out: Path) -> int | None:
@@ -920,7 +1018,10 @@ def _process(run: _Run, i: int, r: EditRecord) -> dict[str, Any]:
     from .editor import EditError, EditRequest
 
     ed, st = run.ed, run.state
-    req = EditRequest(prompt=r.prompt, target=r.target, edit_id=str(r.id), rephrases=list(r.rephrases))
+    if run.labels is not None:  # a classifier: the label the target names (validated up front)
+        req = EditRequest(prompt=r.prompt, label=run.labels[r.target], edit_id=str(r.id), rephrases=list(r.rephrases))
+    else:
+        req = EditRequest(prompt=r.prompt, target=r.target, edit_id=str(r.id), rephrases=list(r.rephrases))
     t0 = time.perf_counter()
     error = None
     try:
@@ -949,6 +1050,8 @@ def _process(run: _Run, i: int, r: EditRecord) -> dict[str, Any]:
         "gr": (sum(ok[1:]) / len(ok[1:])) if len(ok) > 1 else None,
         "seconds": round(seconds, 4),
     }
+    if req.label is not None:
+        line["label"] = req.label  # the class the edit teaches (classifiers)
     if res is not None:
         d = res.to_dict()
         line.update({
@@ -992,6 +1095,7 @@ def build_summary(run: _Run, info: dict[str, Any], complete: bool) -> dict[str, 
         "model": info["fingerprints"]["model"].get("name"),
         "data": info.get("data", {}).get("name") or info.get("data", {}).get("path"),
         "protocol": run.protocol,
+        "task": getattr(run.ed, "task", None),
         "requests": st.position,
         "requests_total": run.n_total,
         "edits": st.n_edits,

@@ -190,7 +190,8 @@ def test_target_that_tokenizes_to_nothing_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "kw,match",
-    [({"alc": -1.0}, "alc"), ({"mlc": float("nan")}, "NaN"), ({"lr": 0.0}, "lr"), ({"init": "magic"}, "init")],
+    [({"alc": -1.0}, "alc"), ({"mlc": float("nan")}, "NaN"), ({"lr": 0.0}, "lr"), ({"init": "magic"}, "init"),
+     ({"value_init": "zeros"}, "value_init"), ({"augment": 99}, "augment"), ({"augment": -1}, "augment")],
 )
 def test_bad_config_rejected(kw, match: str) -> None:
     with pytest.raises(EditError, match=match):
@@ -225,30 +226,66 @@ def test_classifier_label_out_of_range_and_cls_edit() -> None:
     assert ed.check([text], [wrong]) == [True]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "t5", "bart"])
-def test_fast_path_equals_full_forward_losses_and_gradients(name: str) -> None:
-    """The fast path (tail only) and the generic path (full forward) compute the same step."""
+@pytest.mark.parametrize("name,augment", [("llama", 0), ("llama", 3), ("gpt2", 2), ("bert", 0), ("t5", 0), ("bart", 0)])
+def test_fast_path_equals_full_forward_losses_and_gradients(name: str, augment: int) -> None:
+    """The fast path (tail only) and the generic path (full forward) compute the same step,
+    with context-prefixed views too."""
     torch.manual_seed(0)
     model = TINY[name][0]().double()
     tok = word_tokenizer()
-    ed = Editor(model, tok, EditorConfig())
+    ed = Editor(model, tok, EditorConfig(augment=augment, augment_tokens=4))
     ed.build_memory(CORPUS)
     ed.edit(EditRequest(*(("the capital of [MASK] is", "peru") if name == "bert" else ("the capital of italy is", "rome")),
                         edit_id="first"))  # an existing patch must be part of s0 too
     assert ed.adapter.fast_path
     req = EditRequest("the capital of [MASK] is" if name == "bert" else "the capital of peru is",
                       "norway" if name == "bert" else "lima oslo")
-    enc = ed._encode(req)
-    cap = ed._capture(enc)
-    neurons = [(0, j) for j in range(len(enc.labels))]
-    params = ed._init_params([enc], [cap], neurons)
-    fast, info_f, _, _ = ed._losses([enc], [cap], neurons, params, full_forward=False)
-    full, info_s, _, _ = ed._losses([enc], [cap], neurons, params, full_forward=True)
+    batch = ed._prepare([req])
+    assert len(batch.views) == 1 + augment
+    batch.neurons = [(0, j) for j in range(len(batch.views[0].labels))]
+    params = ed._init_params(batch)
+    fast, info_f, *_ = ed._losses(batch, params, full_forward=False)
+    full, info_s, *_ = ed._losses(batch, params, full_forward=True)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)  # params train in fp32
     g_fast = torch.autograd.grad(fast, list(params.values()))
     g_full = torch.autograd.grad(full, list(params.values()))
     for a, b in zip(g_fast, g_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_batched_capture_matches_one_forward_per_view(name: str) -> None:
+    """The right-padded capture that stops at the tail records what a full forward per view does."""
+    torch.manual_seed(0)
+    ed = Editor(TINY[name][0]().double(), word_tokenizer(), EditorConfig(augment=3, augment_tokens=5))
+    views = [ed._encode(EditRequest(p, t)) for p, t in
+             [("the capital of peru is", "lima oslo"), ("rome", "paris"), ("the king of norway is a", "man")]]
+    views += ed._augmented(EditRequest("the capital of peru is", "lima"))
+    assert len(views) == 6 and len({v.inputs["input_ids"].shape[1] for v in views}) > 1  # padding happens
+    batched = ed._capture_all(views)
+    for v, got in zip(views, batched):
+        one = ed._capture(v)
+        torch.testing.assert_close(got["x"], one["x"])
+        torch.testing.assert_close(got["s0"], one["s0"])
+        assert torch.equal(got["pred"], one["pred"])
+
+
+def test_context_prefixes_are_generated_once_and_saved(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = TINY["llama"][0]()
+    clean = copy.deepcopy(base)
+    ed = Editor(base, word_tokenizer(), EditorConfig(augment=2, augment_tokens=3, max_steps=300))
+    assert Editor(copy.deepcopy(clean), word_tokenizer(), EditorConfig(augment=0)).context_prefixes() == []
+    prefixes = ed.context_prefixes()
+    assert len(prefixes) == 2 and all(p.endswith(". ") for p in prefixes)
+    assert prefixes[0].startswith("The") and prefixes[1].startswith("Therefore")
+    ed.build_memory(CORPUS)
+    res = ed.edit(EditRequest("the capital of peru is", "lima", edit_id="p"))
+    assert res.success
+    assert ed.context_prefixes() is not None and ed.context_prefixes() == prefixes  # not regenerated
+    ed.save(tmp_path / "ed")
+    ed2 = Editor.load(tmp_path / "ed", clean, word_tokenizer())
+    assert ed2._prefixes == prefixes
 
 
 def test_save_load_restores_edits_in_a_fresh_model(tmp_path) -> None:
@@ -279,3 +316,74 @@ def test_edit_inside_no_grad_context_still_trains() -> None:
     with torch.no_grad():
         res = ed.edit(EditRequest("the capital of peru is", "lima", edit_id="ng"))
     assert res.success and res.steps > 0
+
+
+@pytest.mark.parametrize("value_init", ["unembed", "gradient"])
+def test_augmented_edit_holds_behind_every_context_prefix(value_init: str) -> None:
+    """With context variants (and patience to make them all right), the edit holds behind every
+    generated prefix, not only on the prompt as given; without them it need not."""
+    prompt, target = "the capital of peru is", "lima"
+    ed = _editor(augment=3, augment_tokens=4, augment_patience=300, value_init=value_init)
+    variants = [p + prompt for p in ed.context_prefixes()]
+    assert ed.check(variants, [target] * 3) != [True] * 3  # the model does not know it yet
+    res = ed.edit(EditRequest(prompt, target, edit_id="p"))
+    assert res.success and ed.check([prompt], [target]) == [True]
+    assert ed.check(variants, [target] * 3) == [True] * 3
+    # memory margins still hold for the new neurons
+    pids = res.patch_ids
+    acts = ed.activations(CORPUS)[:, [ed.ffn.bank.ids.index(p) for p in pids]]
+    assert float(acts.max()) == 0.0
+
+
+def test_gradient_value_init_points_the_value_downhill() -> None:
+    """The "gradient" value direction lowers the edit loss to first order, for every neuron."""
+    ed = _editor(augment=2, augment_tokens=4, value_init="gradient")
+    batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo")])
+    assert batch.neurons
+    params = ed._init_params(batch)
+    k, b, v = ed._final({k: t.detach() for k, t in params.items()})
+    base, *_ = ed._losses(batch, {"keys": k, "bias": b, "v_dir": torch.zeros_like(v), "amp": params["amp"].detach()},
+                          False, with_memory=False)
+    small = {"keys": k, "bias": b, "v_dir": params["v_dir"].detach(), "amp": torch.full_like(params["amp"], 1e-3)}
+    nudged, *_ = ed._losses(batch, small, False, with_memory=False)
+    assert float(nudged.detach()) < float(base.detach())
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5", "bart"])
+def test_adapter_head_split_matches_tail(name: str) -> None:
+    """``head(features(s), idx)`` is the tail's logits, restricted to the rows ``idx``."""
+    torch.manual_seed(0)
+    ed = Editor(TINY[name][0]().double(), word_tokenizer(), EditorConfig())
+    s = torch.randn(5, ed.ffn.bank.d_out, dtype=torch.float64)
+    full = ed.adapter.tail(s)
+    torch.testing.assert_close(ed.adapter.head(ed.adapter.features(s), None), full)
+    idx = torch.tensor([3, 17, 18, 96])
+    torch.testing.assert_close(ed.adapter.head(ed.adapter.features(s), idx), full[:, idx])
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_candidate_loss_is_the_full_loss_when_it_covers_the_vocabulary(name: str) -> None:
+    torch.manual_seed(0)
+    ed = Editor(TINY[name][0]().double(), word_tokenizer(), EditorConfig(loss_vocab=16, augment=0))
+    ed.build_memory(CORPUS)
+    batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo")])
+    assert batch.cand is not None and 0 < len(batch.cand) < 97  # a real subset
+    params = ed._init_params(batch)
+    sub, *_ = ed._losses(batch, params, False)
+    batch.set_candidates(torch.arange(97))
+    whole, *_ = ed._losses(batch, params, False)
+    batch.cand = None
+    ref, *_ = ed._losses(batch, params, False)
+    torch.testing.assert_close(whole, ref)
+    assert not torch.allclose(sub, ref)  # the subset softmax is a different (cheaper) loss
+
+
+def test_candidate_loss_success_is_decided_over_the_whole_vocabulary() -> None:
+    """Every reported success is a real one: the edit's target is the full-vocabulary argmax."""
+    ed = _editor("llama", loss_vocab=16, augment=0)
+    pairs = [("the capital of peru is", "lima oslo"), ("the king of norway is", "rome"),
+             ("a b c d", "peru lima"), ("oslo is in", "italy")]
+    for k, (p, t) in enumerate(pairs):
+        res = ed.edit(EditRequest(p, t, edit_id=f"e{k}"))
+        assert res.success == ed.check([p], [t])[0]
+    assert sum(ed.check([p for p, _ in pairs], [t for _, t in pairs])) >= 3

@@ -271,3 +271,49 @@ def test_undetectable_and_empty(tmp_path: Path) -> None:
     with pytest.raises(StreamFormatError) as err:
         parse_rows([{"input": "a", "target": "b"}, "not an object"])
     assert err.value.row == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification records (label field / class-name targets)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fastpatch_classification_rows(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "input": "Paris is the capital of France.", "target": "true",
+         "rephrases": ["The capital of France is Paris."], "locality": [{"prompt": "Japan is in Asia.", "label": 1}]},
+        {"id": "b", "input": "Oslo is the capital of Peru.", "label": 0},
+        {"id": "c", "input": "Lima is the capital of Peru.", "target": "true", "label": 1},
+        {"id": "d", "input": "The capital of Peru is", "target": " Lima"},  # generative: label None
+    ]
+    records = parse_rows(rows).records
+    assert [(r.target, r.label) for r in records] == [("true", None), ("0", 0), ("true", 1), (" Lima", None)]
+    assert records[0].locality == [("Japan is in Asia.", "1")]
+    # written and read back unchanged (through datasets, which unifies the differing keys)
+    back = load_stream(save_stream_jsonl(records, tmp_path / "cls.jsonl"))
+    assert back.format == "fastpatch" and back.records == records
+
+    for bad, field in [({"input": "x", "label": True}, "label"), ({"input": "x", "label": -1}, "label"),
+                       ({"input": "x", "label": "true"}, "label"), ({"input": "x"}, "target"),
+                       ({"input": "x", "label": 1, "locality": [{"prompt": "p", "label": 1.5}]}, "locality[0].label"),
+                       ({"input": "x", "target": "t", "locality": [{"prompt": "p"}]}, "locality[0].target")]:
+        with pytest.raises(StreamFormatError) as err:
+            parse_rows([bad], fmt="fastpatch")
+        assert err.value.field == field, (bad, err.value)
+    assert parse_rows([{"input": "x", "label": 2.0}]).records[0].label == 2  # an integral float column
+
+
+def test_resolve_label() -> None:
+    from fastpatch.data.formats import resolve_label
+
+    names = {"false": 0, "true": 1}
+    assert [resolve_label(v, names, 2) for v in ("true", "False", " TRUE ", "0", "1", 1)] == [1, 0, 1, 0, 1, 1]
+    assert resolve_label("LABEL_1", {"LABEL_0": 0, "LABEL_1": 1}, 2) == 1
+    with pytest.raises(ValueError, match=r"out of range: this classifier has 2 labels: 0='false', 1='true'"):
+        resolve_label(2, names, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_label("-1", names, 2)
+    with pytest.raises(ValueError, match="not a class"):
+        resolve_label(" Paris", names, 2)
+    with pytest.raises(ValueError, match="not a class index or name"):
+        resolve_label(True, names, 2)

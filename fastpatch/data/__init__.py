@@ -1,8 +1,10 @@
-"""Edit streams: file formats (:mod:`.formats`) and real geography facts (:mod:`.geography`).
+"""Edit streams: file formats (:mod:`.formats`), real geography facts (:mod:`.geography`) and
+the true/false claims built from them for classifiers (:mod:`.claims`).
 
 Importing this package is cheap: ``datasets`` is imported only when a file is loaded.
 """
 
+from .claims import Claim, ClaimsData, build_claims, claims_data, claims_records
 from .formats import (
     FORMATS,
     EditRecord,
@@ -12,6 +14,7 @@ from .formats import (
     load_stream,
     parse_rows,
     record_to_fastpatch,
+    resolve_label,
     save_stream_jsonl,
 )
 from .geography import (
@@ -29,12 +32,17 @@ from .geography import (
 
 __all__ = [
     "FORMATS",
+    "Claim",
+    "ClaimsData",
     "CountryFact",
     "EditRecord",
     "StreamFormatError",
     "StreamLoad",
     "capital_paraphrases",
+    "build_claims",
     "capital_prompt",
+    "claims_data",
+    "claims_records",
     "currency_prompts",
     "detect_format",
     "geography_records",
@@ -45,6 +53,7 @@ __all__ = [
     "parse_rows",
     "record_to_fastpatch",
     "region_prompts",
+    "resolve_label",
     "save_stream_jsonl",
     "split_memory_and_locality",
 ]

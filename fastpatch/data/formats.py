@@ -19,8 +19,11 @@ Four on-disk formats are understood (auto-detected from the first row's keys, or
     string or a list (first element taken); a locality ``prompt`` may be a list with a parallel
     ``ground_truth`` list.
 ``fastpatch``
-    ``input, target, rephrases?, locality?[{prompt, target}], id?, ground_truth?, subject?`` --
-    what :func:`save_stream_jsonl` writes.
+    ``input, target, rephrases?, locality?[{prompt, target}], id?, ground_truth?, subject?,
+    label?`` -- what :func:`save_stream_jsonl` writes. A classification request gives ``label``
+    (a class index) and/or ``target`` naming the class (``"true"``, mapped through the model's
+    ``config.label2id`` when the stream runs, see :func:`resolve_label`); with ``label`` alone the
+    target is the index as text. Locality items take ``label`` in place of ``target`` likewise.
 
 Targets are kept verbatim (no spaces added or stripped: the editor handles spacing). Rows are
 numbered from 0 in file order. A malformed row raises :class:`StreamFormatError` naming the row
@@ -52,6 +55,7 @@ __all__ = [
     "load_stream",
     "parse_rows",
     "record_to_fastpatch",
+    "resolve_label",
     "save_stream_jsonl",
 ]
 
@@ -72,6 +76,9 @@ class EditRecord:
     locality: list[tuple[str, str]]  #: (prompt, answer) pairs the edit must not change
     subject: str | None = None
     source_row: int = 0  #: 0-based row in the source file
+    #: class index of a classification request (``target`` then holds its name or the index as
+    #: text); None for generative requests. See :func:`resolve_label`.
+    label: int | None = None
 
 
 @dataclass
@@ -316,9 +323,34 @@ def _parse_easyedit(row: Mapping[str, Any], index: int) -> EditRecord:
     )
 
 
+def _label(obj: Mapping[str, Any], key: str, path: str) -> int | None:
+    """An optional class index: a non-negative int (an integral float from a typed column is
+    accepted); missing/null -> None."""
+    value = _get(obj, key, path, required=False)
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _RowError(path, f"expected a class index (int >= 0), got {_type_name(value)} {value!r}")
+    if value < 0:
+        raise _RowError(path, f"class index must be >= 0, got {value}")
+    return value
+
+
+def _target_or_label(obj: Mapping[str, Any], path: str) -> tuple[str, int | None]:
+    """``target`` (verbatim) and/or ``label`` (a class index); at least one must be given. With
+    only a label, the target is the index as text ("1")."""
+    label = _label(obj, "label", f"{path}label")
+    if label is None:
+        return _str(obj, "target", f"{path}target"), None  # type: ignore[return-value]
+    target = _str(obj, "target", f"{path}target", required=False)
+    return (str(label) if target is None else target), label
+
+
 def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
     prompt = _str(row, "input", "input")
-    target = _str(row, "target", "target")
+    target, label = _target_or_label(row, "")
     locality: list[tuple[str, str]] = []
     raw_loc = _get(row, "locality", "locality", required=False)
     if raw_loc is not None:
@@ -328,7 +360,7 @@ def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
             if not isinstance(item, Mapping):
                 raise _RowError(f"locality[{i}]", f"expected an object, got {_type_name(item)}")
             p = _str(item, "prompt", f"locality[{i}].prompt")
-            t = _str(item, "target", f"locality[{i}].target")
+            t, _ = _target_or_label(item, f"locality[{i}].")
             locality.append((p, t))  # type: ignore[arg-type]
     gt = _str(row, "ground_truth", "ground_truth", required=False)
     return EditRecord(
@@ -340,6 +372,7 @@ def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
         locality=locality,
         subject=_str(row, "subject", "subject", required=False),
         source_row=index,
+        label=label,
     )
 
 
@@ -358,7 +391,7 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
         return "counterfact"
     if {"src", "alt"} <= keys:
         return "zsre"
-    if {"input", "target"} <= keys:
+    if {"input", "target"} <= keys or {"input", "label"} <= keys:
         return "fastpatch"
     if {"prompt", "target_new"} <= keys:
         return "easyedit"
@@ -416,6 +449,42 @@ def parse_rows(
         seen[record.id] = index
         out.records.append(record)
     return out
+
+
+def resolve_label(value: str | int, label2id: Mapping[str, int] | None, num_labels: int) -> int:
+    """The class index a classification target names, for a classifier with ``num_labels``
+    classes whose names are ``label2id`` (``config.label2id``).
+
+    ``value`` may be an int, a class name (matched exactly, then case-insensitively, surrounding
+    spaces ignored) or an index written as text (``"1"``).
+
+    Raises:
+        ValueError: not a name of this classifier, or an index outside ``0 .. num_labels - 1``;
+            the message lists the valid names and indices.
+    """
+    names = dict(label2id or {})
+    valid = f"{num_labels} labels: " + ", ".join(
+        f"{i}={n!r}" for i, n in sorted((int(i), n) for n, i in names.items())) if names else f"{num_labels} labels"
+    if isinstance(value, bool):
+        raise ValueError(f"label {value!r} is not a class index or name; this classifier has {valid}")
+    index: int | None = None
+    if isinstance(value, int):
+        index = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text in names:
+            index = int(names[text])
+        else:
+            folded = {n.lower(): int(i) for n, i in names.items()}
+            if text.lower() in folded:
+                index = folded[text.lower()]
+            elif text.lstrip("-").isdigit():
+                index = int(text)
+    if index is None:
+        raise ValueError(f"label {value!r} is not a class of this classifier ({valid})")
+    if not 0 <= index < num_labels:
+        raise ValueError(f"label {value!r} out of range: this classifier has {valid}")
+    return index
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,6 +628,7 @@ def record_to_fastpatch(record: EditRecord) -> dict[str, Any]:
         "subject": record.subject,
         "rephrases": list(record.rephrases),
         "locality": [{"prompt": p, "target": t} for p, t in record.locality],
+        "label": record.label,
     }
 
 

@@ -22,6 +22,25 @@ __all__ = ["FamilyAdapter", "find_adapter", "SUPPORTED_FAMILIES"]
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "bert", "bart", "mbart", "t5")
 
 
+def _linear_head(linear: nn.Module, softcap: float | None = None, extra_bias: torch.Tensor | None = None
+                 ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``(h, idx) -> logits`` of an output projection, over the rows ``idx`` only (None: all)."""
+
+    def head(h: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        w, b = linear.weight, getattr(linear, "bias", None)
+        if extra_bias is not None:
+            b = extra_bias if b is None else b + extra_bias
+        if idx is not None:
+            w = w[idx]
+            b = b[idx] if b is not None else None
+        logits = torch.nn.functional.linear(h, w, b)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return head
+
+
 @dataclass
 class FamilyAdapter:
     """How the editor drives one model family.
@@ -33,6 +52,10 @@ class FamilyAdapter:
         ffn_path: dotted path of the last FFN (or of its layer for split layouts).
         tail_input: dotted path of the module whose input is ``s0``; None disables the fast path.
         tail: ``s (n, d) -> logits (n, vocab or labels)``.
+        features: LM heads only: ``s -> h``, the tail up to the output projection, so that
+            ``tail(s) == head(features(s), None)``.
+        head: ``(h, idx) -> logits`` over the vocabulary rows ``idx`` only (``None``: all). The
+            editor's candidate-vocabulary loss (``EditorConfig.loss_vocab``) needs both.
     """
 
     family: str
@@ -40,6 +63,8 @@ class FamilyAdapter:
     ffn_path: str
     tail_input: str | None
     tail: Callable[[torch.Tensor], torch.Tensor] | None
+    features: Callable[[torch.Tensor], torch.Tensor] | None = None
+    head: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     @property
     def fast_path(self) -> bool:
@@ -62,19 +87,20 @@ def _llama_like(model: nn.Module, family: str) -> FamilyAdapter:
     # tail sees, so these use the generic (full forward) path.
     linear_residual = not hasattr(layer, "post_feedforward_layernorm")
 
-    def tail(s: torch.Tensor) -> torch.Tensor:
-        logits = model.lm_head(model.model.norm(s))
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+    head = _linear_head(model.lm_head, softcap)
 
-    return FamilyAdapter(family, "causal", "model.layers.-1.mlp",
-                         "model.norm" if linear_residual else None, tail if linear_residual else None)
+    def tail(s: torch.Tensor) -> torch.Tensor:
+        return head(model.model.norm(s), None)
+
+    if not linear_residual:
+        return FamilyAdapter(family, "causal", "model.layers.-1.mlp", None, None)
+    return FamilyAdapter(family, "causal", "model.layers.-1.mlp", "model.norm", tail, model.model.norm, head)
 
 
 def _gpt2(model: nn.Module) -> FamilyAdapter:
     return FamilyAdapter("gpt2", "causal", "transformer.h.-1.mlp", "transformer.ln_f",
-                         lambda s: model.lm_head(model.transformer.ln_f(s)))
+                         lambda s: model.lm_head(model.transformer.ln_f(s)), model.transformer.ln_f,
+                         _linear_head(model.lm_head))
 
 
 def _bert(model: nn.Module) -> FamilyAdapter:
@@ -99,26 +125,28 @@ def _bart(model: nn.Module, family: str) -> FamilyAdapter:
     dec = model.model.decoder
     final_ln = getattr(dec, "layer_norm", None)  # mBART
 
-    def tail(s: torch.Tensor) -> torch.Tensor:
-        h = dec.layers[-1].final_layer_norm(s)
-        if final_ln is not None:
-            h = final_ln(h)
-        logits = model.lm_head(h)
-        bias = getattr(model, "final_logits_bias", None)
-        return logits + bias[0] if bias is not None else logits
+    bias = getattr(model, "final_logits_bias", None)
+    head = _linear_head(model.lm_head, extra_bias=bias[0] if bias is not None else None)
 
-    return FamilyAdapter(family, "seq2seq", "model.decoder.layers.-1", "model.decoder.layers.-1.final_layer_norm", tail)
+    def features(s: torch.Tensor) -> torch.Tensor:
+        h = dec.layers[-1].final_layer_norm(s)
+        return final_ln(h) if final_ln is not None else h
+
+    return FamilyAdapter(family, "seq2seq", "model.decoder.layers.-1", "model.decoder.layers.-1.final_layer_norm",
+                         lambda s: head(features(s), None), features, head)
 
 
 def _t5(model: nn.Module) -> FamilyAdapter:
     cfg = model.config
     scale = cfg.d_model**-0.5 if getattr(cfg, "tie_word_embeddings", True) else 1.0
 
-    def tail(s: torch.Tensor) -> torch.Tensor:
-        h = model.decoder.dropout(model.decoder.final_layer_norm(s))
-        return model.lm_head(h * scale)
+    head = _linear_head(model.lm_head)
 
-    return FamilyAdapter("t5", "seq2seq", "decoder.block.-1.layer.-1", "decoder.final_layer_norm", tail)
+    def features(s: torch.Tensor) -> torch.Tensor:
+        return model.decoder.dropout(model.decoder.final_layer_norm(s)) * scale
+
+    return FamilyAdapter("t5", "seq2seq", "decoder.block.-1.layer.-1", "decoder.final_layer_norm",
+                         lambda s: head(features(s), None), features, head)
 
 
 def find_adapter(model: nn.Module, module_path: str | None = None) -> FamilyAdapter:

@@ -41,13 +41,18 @@ from ..kernels.reference import activation_reference
 from ..patched_ffn import PatchedFFN
 from .adapters import FamilyAdapter, find_adapter
 from .memory import CORPUS, MemorySet
-from .types import EditError, EditorConfig, EditRequest, EditResult
+from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest, EditResult
 
 __all__ = ["Editor"]
 
 log = logging.getLogger("fastpatch.editor")
 
 _STATE_VERSION = 1
+
+#: Weight of the context variants' own scatter next to the memory covariance when the key is
+#: whitened: 1 already evens the patch's pre-activation across the variants (measured on SmolLM2:
+#: spread 1.0-1.04 instead of 1-55); more changes nothing there.
+_VIEW_SCATTER = 1.0
 
 
 class _StopForward(Exception):
@@ -62,6 +67,56 @@ class _Encoded:
     label_pos: torch.Tensor  # positions in the FFN's sequence (decoder for seq2seq)
     labels: torch.Tensor  # target token ids or class label, one per label position
     ffn_len: int  # length of the FFN's sequence
+
+
+@dataclass
+class _Batch:
+    """What one ``edit_batch`` trains on.
+
+    ``views`` holds every request as given followed by its context-prefixed variants;
+    ``groups[r]`` lists the views of request ``r`` (its own first); ``cap[v]`` is what the
+    capture forward recorded for view ``v``. Neuron ``n = (r, j)`` belongs to request ``r`` and
+    reads target position ``j`` (an index into ``label_pos``) of every view of ``r``.
+    """
+
+    views: list[_Encoded]
+    cap: list[dict[str, torch.Tensor]]
+    groups: list[list[int]]
+    neurons: list[tuple[int, int]]
+    _rows: dict[str, torch.Tensor] | None = None
+    #: candidate-vocabulary loss: the sorted token ids the edit loss's softmax runs over (None: all)
+    cand: torch.Tensor | None = None
+
+    def set_candidates(self, tokens: torch.Tensor) -> None:
+        """Use ``tokens`` (plus every label) as the candidate vocabulary."""
+        rows = self.tail_rows()
+        self.cand = torch.unique(torch.cat([tokens.reshape(-1).to(rows["labels"].device), rows["labels"]]))
+        rows["cand_labels"] = torch.searchsorted(self.cand, rows["labels"])
+
+    def tail_rows(self) -> dict[str, torch.Tensor]:
+        """The label rows of every view stacked (built once per edit): FFN inputs ``x``, tail
+        inputs ``s0``, ``labels``, owning ``view`` and loss ``weight`` (a view's rows share
+        1/(rows * views of its request), so L_edit averages positions, then views)."""
+        if self._rows is None:
+            xs, s0s, labels, view, weight = [], [], [], [], []
+            for group in self.groups:
+                for v in group:
+                    enc, c = self.views[v], self.cap[v]
+                    k = len(enc.labels)
+                    xs.append(c["x"][enc.label_pos.to(c["x"].device)].float())
+                    s0s.append(c["s0"])
+                    labels.append(enc.labels)
+                    view += [v] * k
+                    weight += [1.0 / (k * len(group))] * k
+            dev = s0s[0].device
+            self._rows = {"x": torch.cat(xs), "s0": torch.cat(s0s), "labels": torch.cat(labels).to(dev),
+                          "view": torch.tensor(view, device=dev), "weight": torch.tensor(weight, device=dev)}
+        return self._rows
+
+    def neuron_inputs(self, n: int) -> torch.Tensor:
+        """(views of its request, d): the FFN inputs neuron ``n`` reads, its own request's first."""
+        r, j = self.neurons[n]
+        return torch.stack([self.cap[v]["x"][self.views[v].label_pos[j]] for v in self.groups[r]]).float()
 
 
 class Editor:
@@ -102,6 +157,7 @@ class Editor:
         )
         self.edits: dict[str, dict[str, Any]] = {}  # edit_id -> {"code", "patch_ids", "time"}
         self._next_code = 0
+        self._prefixes: list[str] | None = None  # generated once, on the first augmented edit
         if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -203,11 +259,14 @@ class Editor:
 
     # ----------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def _capturing(self, want_s0: bool = True, stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def _capturing(self, want_s0: bool = True, stop: bool = False, stop_at_tail: bool = False
+                   ) -> Iterator[dict[str, torch.Tensor]]:
         """Capture the FFN input ``x`` and (fast path) the tail input ``s0`` during a forward.
 
         With ``stop``, the forward ends as soon as ``x`` is captured (raises ``_StopForward``):
         what comes after the patched FFN, the LM head over every position included, is skipped.
+        With ``stop_at_tail`` it ends once ``s0`` is captured: the caller runs the tail itself,
+        at the positions it needs only.
         """
         got: dict[str, torch.Tensor] = {}
         hooks = []
@@ -219,8 +278,13 @@ class Editor:
                 raise _StopForward
 
         hooks.append(tap.register_forward_pre_hook(grab))
+        def grab_s0(module: nn.Module, args: tuple[Any, ...]) -> None:
+            got["s0"] = args[0]
+            if stop_at_tail:
+                raise _StopForward
+
         if want_s0 and self._tail_module is not None:
-            hooks.append(self._tail_module.register_forward_pre_hook(lambda m, a: got.__setitem__("s0", a[0])))
+            hooks.append(self._tail_module.register_forward_pre_hook(grab_s0))
         try:
             yield got
         finally:
@@ -309,27 +373,16 @@ class Editor:
             if eid in self.edits or eid in ids:
                 raise EditError(f"edit id {eid!r} already exists")
             ids.append(eid)
-        encs = [self._encode(r) for r in reqs]
-        if len(self.memory) == 0 and not getattr(self, "_warned_empty", False):
-            log.warning("editing with an empty memory set: call build_memory() for locality")
-            self._warned_empty = True
-        cfg = self.config
-        cap = [self._capture(e) for e in encs]
-        # neurons: one per wrong target position (generative, at most max_neurons), or [CLS]
-        neurons: list[tuple[int, int]] = []  # (request index, position index into label_pos)
-        already = []
-        for ri, c in enumerate(cap):
-            wrong = (c["pred"] != encs[ri].labels.to(c["pred"].device)).nonzero().squeeze(1).tolist()
-            already.append(not wrong)
-            for j in wrong[: cfg.max_neurons]:
-                neurons.append((ri, j))
+        batch = self._prepare(reqs)
         results: list[EditResult | None] = [None] * len(reqs)
-        if not neurons:
+        if not batch.neurons:
             dt = time.perf_counter() - t0
             return [EditResult(ids[i], True, 0, dt, [], {}, 0, already_correct=True) for i in range(len(reqs))]
-        params = self._init_params(encs, cap, neurons)
+        cfg = self.config
+        groups, cap, neurons = batch.groups, batch.cap, batch.neurons
+        params = self._init_params(batch)
         with torch.enable_grad():  # editing works inside a caller's no_grad()/inference code too
-            steps, losses, ok = self._train(encs, cap, neurons, params)
+            steps, losses, ok = self._train(batch, params)
         K, b, V = self._final(params)
         dt = time.perf_counter() - t0
         # commit: patches and memory rows of each request together, all or nothing
@@ -350,7 +403,7 @@ class Editor:
                     self._next_code += 1
                     self.edits[ids[ri]] = {"code": code, "patch_ids": pids, "time": time.time()}
                     committed.append(ids[ri])
-                    self.memory.add(cap[ri]["x"], owner=code)
+                    self.memory.add(cap[groups[ri][0]]["x"], owner=code)
                 else:
                     pids = []
                 results[ri] = EditResult(ids[ri], success, steps, dt, pids, losses, len(mine),
@@ -360,6 +413,124 @@ class Editor:
                 self._drop_edit(eid)
             raise
         return [r for r in results if r is not None]
+
+    def _prepare(self, reqs: Sequence[EditRequest]) -> _Batch:
+        """Encode (raises ``EditError`` on bad input), add context variants, capture, pick neurons."""
+        encs = [self._encode(r) for r in reqs]
+        if len(self.memory) == 0 and not getattr(self, "_warned_empty", False):
+            log.warning("editing with an empty memory set: call build_memory() for locality")
+            self._warned_empty = True
+        # views: each request as given (its first view) plus its context-prefixed variants
+        views: list[_Encoded] = []
+        groups: list[list[int]] = []
+        for r, e in zip(reqs, encs):
+            groups.append([len(views)])
+            views.append(e)
+            for v in self._augmented(r):
+                groups[-1].append(len(views))
+                views.append(v)
+        cap = self._capture_all(views)
+        # neurons: one per wrong target position (generative, at most max_neurons), or [CLS]
+        neurons: list[tuple[int, int]] = []  # (request index, position index into label_pos)
+        # With context variants, a position the request gets right as given but some variant
+        # gets wrong gets a neuron too (after the request's own wrong positions), so every view
+        # can be made right; a request that is right as given is not edited.
+        for ri, e in enumerate(encs):
+            wrong_in = [(cap[v]["pred"] != e.labels.to(cap[v]["pred"].device)) for v in groups[ri]]
+            own = wrong_in[0].nonzero().squeeze(1).tolist()
+            if not own:
+                continue
+            extra = torch.stack(wrong_in).any(0).nonzero().squeeze(1).tolist()
+            picked = own + [j for j in extra if j not in own]
+            neurons.extend((ri, j) for j in picked[: self.config.max_neurons])
+        batch = _Batch(views, cap, groups, neurons)
+        if neurons and all("top" in c for c in cap):
+            batch.set_candidates(torch.cat([c["top"].reshape(-1) for c in cap]))
+        return batch
+
+    # ------------------------------------------------------------ augmentation
+    def context_prefixes(self) -> list[str]:
+        """The generated context prefixes of ``config.augment`` (empty when it is 0).
+
+        Generated once with the model's own greedy decoding from fixed seed words, so they are
+        deterministic for a given model, and saved with the editor. Decoder-only models only.
+        """
+        n = self.config.augment if self.task == "causal" else 0
+        if n == 0:
+            return []
+        if self._prefixes is None or len(self._prefixes) < n:
+            # Generation starts after a newline: a bare first word at the very start of a text
+            # is out of distribution for many LMs (SmolLM2 continues "The" with "-the-world-").
+            seeds = list(CONTEXT_SEEDS[:n])
+            with self.ffn.patches_disabled():
+                gen = self.greedy(["\n" + w for w in seeds], max_new_tokens=self.config.augment_tokens)
+            texts = []
+            for seed, ids in zip(seeds, gen):
+                cont = self.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+                text = " ".join((seed + cont).split()).rstrip(" .,;:")
+                texts.append(text + ". ")
+            self._prefixes = texts
+        return self._prefixes[:n]
+
+    def _augmented(self, req: EditRequest) -> list[_Encoded]:
+        """The request behind each context prefix (variants longer than the context are left out)."""
+        out = []
+        for prefix in self.context_prefixes():
+            try:
+                out.append(self._encode(EditRequest(prefix + req.prompt, req.target, edit_id=req.edit_id)))
+            except EditError:
+                continue
+        return out
+
+    # ---------------------------------------------------------------- capture
+    @torch.no_grad()
+    def _capture_all(self, views: list[_Encoded]) -> list[dict[str, torch.Tensor]]:
+        """Per view: FFN inputs ``x`` (every position), the teacher-forced ``pred`` at the label
+        positions and, on the fast path, the tail input ``s0`` there.
+
+        Decoder-only models on the fast path capture every view in one right-padded forward that
+        stops at the tail; the tail then runs at the label positions only (not the LM head over
+        every position). Other families capture one view per forward.
+        """
+        fast = self.config.fast_path and self.adapter.fast_path
+        if not (fast and self.task == "causal"):
+            caps = [self._capture(v) for v in views]
+            k = self._top_per_row(sum(len(v.labels) for v in views))
+            if k and self.task != "cls":
+                for c in caps:
+                    logits = self.adapter.tail(c["s0"])
+                    c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+            return caps
+        pad = self.tokenizer.pad_token_id or 0
+        seqs = [v.inputs["input_ids"][0] for v in views]
+        L = max(t.shape[0] for t in seqs)
+        ids = torch.stack([F.pad(t, (0, L - t.shape[0]), value=pad) for t in seqs])
+        mask = torch.stack([F.pad(torch.ones_like(t), (0, L - t.shape[0])) for t in seqs])
+        with self._capturing(want_s0=True, stop_at_tail=True) as got:
+            try:
+                self._forward({"input_ids": ids, "attention_mask": mask})
+            except _StopForward:
+                pass
+        out = []
+        k = self._top_per_row(sum(len(v.labels) for v in views))
+        s0s = [got["s0"][bi][v.label_pos.to(self.device)].detach() for bi, v in enumerate(views)]
+        all_logits = self.adapter.tail(torch.cat(s0s))  # one head call for every view's rows
+        start = 0
+        for bi, v in enumerate(views):
+            logits = all_logits[start : start + len(v.labels)]
+            start += len(v.labels)
+            c = {"x": got["x"][bi][: seqs[bi].shape[0]].detach(), "pred": logits.argmax(-1).cpu(), "s0": s0s[bi]}
+            if k:
+                c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+            out.append(c)
+        return out
+
+    def _top_per_row(self, n_rows: int) -> int:
+        """Candidates kept per label row: ``loss_vocab`` shared out, at least 16 (0: no candidates)."""
+        cfg = self.config
+        if not (cfg.loss_vocab and cfg.fast_path and self.adapter.fast_path and self.adapter.head is not None):
+            return 0
+        return max(16, cfg.loss_vocab // max(1, n_rows))
 
     @torch.no_grad()
     def _capture(self, enc: _Encoded) -> dict[str, torch.Tensor]:
@@ -375,57 +546,75 @@ class Editor:
             res["s0"] = got["s0"][0][enc.label_pos.to(self.device)].detach()
         return res
 
-    def _init_params(self, encs, cap, neurons) -> dict[str, torch.Tensor]:
+    def _init_params(self, batch: _Batch) -> dict[str, torch.Tensor]:
         cfg = self.config
         d_out = self.ffn.bank.d_out
-        q = torch.stack([cap[ri]["x"][encs[ri].label_pos[j]] for ri, j in neurons]).float()  # (n, d)
+        qs = [batch.neuron_inputs(n) for n in range(len(batch.neurons))]  # each (views, d)
+        q = torch.stack([x.mean(0) for x in qs])  # (n, d)
         keys = q / q.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
-        bias = torch.zeros(len(neurons), device=q.device)
+        bias = torch.zeros(len(qs), device=q.device)
         if cfg.init == "memory" and len(self.memory) > 0:
-            keys, bias = self._memory_init(q, keys, bias)
+            keys, bias = self._memory_init(q, qs, keys, bias)
         g = torch.Generator(device="cpu").manual_seed(cfg.seed + len(self.edits))
-        v_dir = (torch.randn(len(neurons), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
-        if cfg.value_init == "unembed" and self.task != "cls":
-            v_dir = self._unembed_init(encs, cap, neurons, v_dir)
-        amp = torch.full((len(neurons), 1), cfg.amplifier, device=q.device)
+        v_dir = (torch.randn(len(qs), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
+        fast = self.adapter.fast_path and cfg.fast_path
+        if cfg.value_init in ("unembed", "gradient") and self.task != "cls":
+            v_dir = self._unembed_init(batch, v_dir)
+            if cfg.value_init == "gradient" and fast:  # (without the fast path: unembed)
+                v_dir = self._gradient_init(batch, keys, bias, v_dir)
+        amp = torch.full((len(qs), 1), cfg.amplifier, device=q.device)
         params = {"keys": keys, "bias": bias, "v_dir": v_dir, "amp": amp}
-        if cfg.value_init == "unembed" and self.task != "cls" and self.adapter.fast_path and cfg.fast_path:
-            self._search_amplifier(encs, cap, neurons, params)
+        if cfg.value_init in ("unembed", "gradient") and self.task != "cls" and fast:
+            self._search_amplifier(batch, params)
         return {k: t.clone().requires_grad_(True) for k, t in params.items()}
 
     @torch.no_grad()
-    def _search_amplifier(self, encs, cap, neurons, params, max_doublings: int = 10) -> None:
-        """Double the amplifiers until every request is predicted right (tail-only evaluations).
+    def _search_amplifier(self, batch: _Batch, params, max_doublings: int = 10) -> None:
+        """Double the amplifiers until every request is predicted right as given.
 
-        One tail evaluation costs about a third of a training step, so a few doublings replace
-        the many Adam steps it takes to grow a too-small value from the authors' amplifier of 10.
+        Tail-only evaluations: one costs about a third of a training step, so a few doublings
+        replace the many Adam steps it takes to grow a too-small value from the authors'
+        amplifier of 10. Context variants are not searched for: pushed further along the
+        unembedding direction, the final norm saturates and other tokens win; training (up to
+        ``config.augment_patience`` steps) takes them from there.
         """
         for _ in range(max_doublings):
-            _, _, correct, _ = self._losses(encs, cap, neurons, params, False, with_memory=False)
-            if all(correct):
+            _, _, _, main_ok, _ = self._losses(batch, params, False, with_memory=False)
+            if batch.cand is not None and all(main_ok):
+                main_ok = self._exact_flags(batch, params)[1]
+            if all(main_ok):
                 # Barely right on the edit is too weak where a paraphrase fires less strongly.
                 params["amp"] = params["amp"] * self.config.value_margin
                 return
             params["amp"] = params["amp"] * 2
 
     @torch.no_grad()
-    def _memory_init(self, q, keys, bias):
+    def _memory_init(self, q, qs, keys, bias):
         """Key along the memory-whitened direction of the edit, bias between edit and memory.
 
         ``u = (C + lam I)^-1 (q - mu)`` (the linear discriminant of the edit vector against the
-        memory's mean ``mu`` and covariance ``C``): plain ``q - mu`` is dominated by the few
-        high-variance directions (attention-sink positions) where memory vectors have huge
-        projections. The key is scaled and the bias set so that the patch starts at
-        pre-activation +1 on its edit position and at most -1 on every memory vector; where the
-        memory does not separate from the edit along ``u``, the authors' init is kept.
+        memory's mean ``mu`` and covariance ``C``; ``q`` is the mean over the request's views):
+        plain ``q - mu`` is dominated by the few high-variance directions (attention-sink
+        positions) where memory vectors have huge projections. The key is scaled and the bias
+        set so that the patch starts at pre-activation at least +1 on every view of its edit and
+        at most -1 on every memory vector; where the memory does not separate from the edit
+        along ``u``, the authors' init is kept.
         """
         mem = self.memory.vectors
         mu, cov = self.memory.moments()
         lam = 1e-2 * float(cov.diagonal().mean()) + 1e-8
         eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        u = torch.linalg.solve(cov + lam * eye, (q.double() - mu).t()).t()  # (n, d)
+        if all(x.shape[0] == 1 for x in qs):
+            u = torch.linalg.solve(cov + lam * eye, (q.double() - mu).t()).t()  # (n, d)
+        else:  # the views' own scatter too, so the patch fires about equally on every view
+            rows = []
+            for n, x in enumerate(qs):
+                dx = x.double() - x.double().mean(0)
+                scatter = dx.t() @ dx / x.shape[0]
+                rows.append(torch.linalg.solve(cov + scatter * _VIEW_SCATTER + lam * eye, q[n].double() - mu))
+            u = torch.stack(rows)
         u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
-        a_q = (q * u).sum(1)
+        a_q = torch.stack([(x @ u[n]).min() for n, x in enumerate(qs)])  # weakest view
         a_mem = patch_preactivations(mem, u.to(mem.dtype), torch.zeros(len(u), device=u.device, dtype=mem.dtype))
         m_max = a_mem.float().max(0).values
         gap = a_q - m_max
@@ -438,57 +627,62 @@ class Editor:
         return keys, bias
 
     @torch.no_grad()
-    def _unembed_init(self, encs, cap, neurons, v_dir):
+    def _unembed_init(self, batch: _Batch, v_dir):
         head = self.model.get_output_embeddings()
         if head is None:
             return v_dir
         W = head.weight
         out = v_dir.clone()
-        for n, (ri, j) in enumerate(neurons):
-            t = int(encs[ri].labels[j])
-            p = int(cap[ri]["pred"][j])
+        for n, (ri, j) in enumerate(batch.neurons):
+            t = int(batch.views[batch.groups[ri][0]].labels[j])
+            # the wrong prediction to push away from: the request's own, else its first wrong view's
+            preds = [int(batch.cap[v]["pred"][j]) for v in batch.groups[ri]]
+            p = next((x for x in preds if x != t), preds[0])
             u = (W[t] - W[p]).float()
             out[n] = u / u.norm().clamp_min(1e-12)
         return out
+
+    def _gradient_init(self, batch: _Batch, keys, bias, v_dir):
+        """Each value along the descent direction of L_edit at the tail input, summed over the
+        rows its neuron fires on (weighted by its activation there): one tail forward and
+        backward. Unlike the unembedding difference, it accounts for the final norm and for
+        every view's own wrong prediction."""
+        rows = batch.tail_rows()
+        with torch.no_grad():
+            a = activation_reference(rows["x"] @ keys.t() + bias, self.ffn.patch_act)  # (rows, n)
+        with torch.enable_grad():
+            s = rows["s0"].float().clone().requires_grad_(True)
+            ce = F.cross_entropy(self.adapter.tail(s.to(rows["s0"].dtype)).float(), rows["labels"], reduction="none")
+            (g,) = torch.autograd.grad((ce * rows["weight"]).sum(), s)
+        d = -(a.t() @ g)
+        norm = d.norm(dim=1, keepdim=True)
+        return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
 
     @staticmethod
     def _final(params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return params["keys"], params["bias"], params["amp"] * params["v_dir"]
 
-    def _losses(self, encs, cap, neurons, params, full_forward: bool, with_memory: bool = True
-                ) -> tuple[torch.Tensor, dict[str, float], list[bool], bool]:
-        """One evaluation of L = L_edit + alc L_act + mlc (L_m1 + L_m2); returns stop flags too."""
+    def _losses(self, batch: _Batch, params, full_forward: bool, with_memory: bool = True
+                ) -> tuple[torch.Tensor, dict[str, float], list[bool], list[bool], bool]:
+        """One evaluation of L = L_edit + alc L_act + mlc (L_m1 + L_m2).
+
+        L_edit is each request's loss averaged over its views; L_act takes the top-k over every
+        (neuron, view) pre-activation, and L_m1 compares the memory with each neuron's weakest
+        view. Returns the loss, its parts, per request "every view right" and "right as given",
+        and whether every neuron fires on every view while staying below 0 on the memory.
+        """
         cfg = self.config
         K, b, V = self._final(params)
-        act = self.ffn.patch_act
-        l_edit = torch.zeros((), device=K.device)
-        correct: list[bool] = []
-        a_edit = torch.empty(len(neurons), device=K.device)
-        a_list = []
-        for ri, enc in enumerate(encs):
-            x = cap[ri]["x"].float()
-            if full_forward:
-                with self.ffn.training_patches(K, b, V):
-                    out = self._forward(enc.inputs)
-                logits = out.logits[0]
-                logits = logits.reshape(1, -1) if self.task == "cls" else logits[enc.label_pos.to(logits.device)]
-            else:
-                xl = x[enc.label_pos.to(x.device)]
-                delta = activation_reference(xl @ K.t() + b, act) @ V
-                s0 = cap[ri]["s0"]
-                logits = self.adapter.tail((s0.float() + delta).to(s0.dtype))
-            logits = logits.float()
-            labels = enc.labels.to(logits.device)
-            if self.task == "cls":
-                l_edit = l_edit + F.cross_entropy(logits, labels)
-            else:
-                l_edit = l_edit + F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            correct.append(bool((logits.argmax(-1) == labels).all()))
-        for n, (ri, j) in enumerate(neurons):
-            x = cap[ri]["x"].float()
-            a_list.append(x[encs[ri].label_pos[j]] @ K[n] + b[n])
-        a_edit = torch.stack(a_list)
-        l_act = torch.exp(-a_edit).topk(min(cfg.act_topk, len(neurons))).values.mean()
+        if full_forward:
+            l_edit, ok_view = self._edit_loss_full(batch, K, b, V)
+        else:
+            l_edit, ok_view = self._edit_loss_tail(batch, K, b, V)
+        correct = [all(ok_view[v] for v in g) for g in batch.groups]
+        main_ok = [ok_view[g[0]] for g in batch.groups]
+        a_views = [batch.neuron_inputs(n) @ K[n] + b[n] for n in range(len(batch.neurons))]
+        a_all = torch.cat(a_views)
+        a_edit = torch.stack([a.min() for a in a_views])  # each neuron's weakest view
+        l_act = torch.exp(-a_all).topk(min(cfg.act_topk, a_all.numel())).values.mean()
         stats: dict[str, torch.Tensor] = {}
         if len(self.memory) and with_memory:
             mem = self.memory.vectors
@@ -500,23 +694,101 @@ class Editor:
             l_m1 = l_m2 = torch.zeros((), device=K.device)
             mem_silent = True
         loss = l_edit + cfg.alc * l_act + cfg.mlc * (l_m1 + l_m2)
-        fires = bool((a_edit > 0).all())
+        fires = bool((a_all > 0).all())
         info = {k: float(v.detach()) for k, v in
                 (("loss", loss), ("edit", l_edit), ("act", l_act), ("m1", l_m1), ("m2", l_m2))}
-        return loss, info, correct, fires and mem_silent
+        return loss, info, correct, main_ok, fires and mem_silent
 
-    def _train(self, encs, cap, neurons, params) -> tuple[int, dict[str, float], list[bool]]:
+    def _edit_loss_full(self, batch: _Batch, K, b, V) -> tuple[torch.Tensor, list[bool]]:
+        """L_edit through a full forward per view (families without a tail adapter)."""
+        cfg = self.config
+        l_edit = torch.zeros((), device=K.device)
+        ok: list[bool] = []
+        for group in batch.groups:
+            for v in group:
+                enc = batch.views[v]
+                with self.ffn.training_patches(K, b, V):
+                    out = self._forward(enc.inputs)
+                logits = out.logits[0]
+                logits = logits.reshape(1, -1) if self.task == "cls" else logits[enc.label_pos.to(logits.device)]
+                logits = logits.float()
+                labels = enc.labels.to(logits.device)
+                smooth = 0.0 if self.task == "cls" else cfg.label_smoothing
+                l_edit = l_edit + F.cross_entropy(logits, labels, label_smoothing=smooth) / len(group)
+                ok.append(bool((logits.argmax(-1) == labels).all()))
+        return l_edit, ok
+
+    def _edit_loss_tail(self, batch: _Batch, K, b, V) -> tuple[torch.Tensor, list[bool]]:
+        """L_edit on the fast path: one tail call over the label rows of every view.
+
+        The tail's head reads its whole weight matrix whatever the number of rows, so the views
+        and requests share one call (and one backward) per step. With candidates
+        (``config.loss_vocab``) the softmax runs over those tokens only, and the "right" flags
+        are provisional until :meth:`_exact_flags` confirms them over the whole vocabulary.
+        """
+        rows = batch.tail_rows()
+        delta = activation_reference(rows["x"] @ K.t() + b, self.ffn.patch_act) @ V
+        s0 = rows["s0"]
+        s = (s0.float() + delta).to(s0.dtype)
+        if batch.cand is not None:
+            logits = self.adapter.head(self.adapter.features(s), batch.cand).float()
+            labels = rows["cand_labels"]
+        else:
+            logits = self.adapter.tail(s).float()
+            labels = rows["labels"]
+        smooth = 0.0 if self.task == "cls" else self.config.label_smoothing
+        ce = F.cross_entropy(logits, labels, label_smoothing=smooth, reduction="none")
+        l_edit = (ce * rows["weight"]).sum()
+        hit = (logits.argmax(-1) == labels).detach()
+        view = rows["view"]
+        wrong = torch.zeros(len(batch.views), dtype=torch.long, device=hit.device).index_add_(0, view, (~hit).long())
+        return l_edit, (wrong == 0).tolist()
+
+    @torch.no_grad()
+    def _exact_flags(self, batch: _Batch, params) -> tuple[list[bool], list[bool]]:
+        """Per request: every view right, and right as given, over the whole vocabulary.
+
+        A token outside the candidates that beats the target joins the candidates, so the next
+        steps push it down too.
+        """
+        K, b, V = self._final(params)
+        rows = batch.tail_rows()
+        delta = activation_reference(rows["x"] @ K.t() + b, self.ffn.patch_act) @ V
+        s0 = rows["s0"]
+        pred = self.adapter.tail((s0.float() + delta).to(s0.dtype)).argmax(-1)
+        hit = pred == rows["labels"]
+        if batch.cand is not None and not bool(hit.all()):
+            batch.set_candidates(torch.cat([batch.cand, pred[~hit]]))
+        wrong = torch.zeros(len(batch.views), dtype=torch.long, device=hit.device).index_add_(0, rows["view"], (~hit).long())
+        ok_view = (wrong == 0).tolist()
+        return [all(ok_view[v] for v in g) for g in batch.groups], [ok_view[g[0]] for g in batch.groups]
+
+    def _train(self, batch: _Batch, params) -> tuple[int, dict[str, float], list[bool]]:
         cfg = self.config
         full = not (cfg.fast_path and self.adapter.fast_path)
         plist = list(params.values())
         opt = torch.optim.Adam(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
         info: dict[str, float] = {}
-        correct = [False] * len(encs)
+        main_ok = [False] * len(batch.groups)
+        margins = False
         step = 0
+        settled: int | None = None  # first step at which every request is right as given
         for step in range(cfg.max_steps + 1):
-            loss, info, correct, margins = self._losses(encs, cap, neurons, params, full)
+            loss, info, correct, main_ok, margins = self._losses(batch, params, full)
+            # with candidates, the flags are provisional: confirmed over the whole vocabulary
+            # before a decision is taken on them
+            if all(correct) and margins and batch.cand is not None:
+                correct, main_ok = self._exact_flags(batch, params)
             if all(correct) and margins:
                 break
+            if all(main_ok) and margins:
+                settled = step if settled is None else settled
+                if step - settled >= cfg.augment_patience:
+                    if batch.cand is not None:
+                        correct, main_ok = self._exact_flags(batch, params)
+                    if all(main_ok):
+                        break  # the edit holds; stop chasing context variants
+                    settled = None
             if step == cfg.max_steps:
                 break
             grads = torch.autograd.grad(loss, plist)
@@ -526,8 +798,10 @@ class Editor:
             opt.step()
         for p in plist:
             p.requires_grad_(False)
-        # a request succeeds when it is predicted right and the memory margins hold
-        ok = [c and margins for c in correct]
+        if batch.cand is not None:
+            correct, main_ok = self._exact_flags(batch, params)
+        # a request succeeds when it is predicted right as given and the memory margins hold
+        ok = [c and margins for c in main_ok]
         info = {k: round(v, 6) for k, v in info.items()}
         return step, info, ok
 
@@ -640,6 +914,7 @@ class Editor:
             "fingerprint": fp,
             "edits": self.edits,
             "next_code": self._next_code,
+            "context_prefixes": self._prefixes,
         }
         (tmp / "editor.json").write_text(json.dumps(state, indent=1))
         old = directory.with_name(directory.name + ".old-save")
@@ -670,4 +945,6 @@ class Editor:
         ed.memory.load_state(load_file(str(directory / "memory.safetensors")))
         ed.edits = state["edits"]
         ed._next_code = int(state["next_code"])
+        prefixes = state.get("context_prefixes")
+        ed._prefixes = list(prefixes) if prefixes is not None else None
         return ed
