@@ -2,10 +2,11 @@
 
 Three methods on the same edits, same memory set, same stopping rule:
 
-- ``fastpatch``: the default editor (tail-only fast path, memory-whitened key init, amplifier
-  search);
-- ``fastpatch, authors' init``: the fast path with the authors' k = q/||q||^2, b = 0 and random
-  value (isolates what the init buys);
+- ``fastpatch``: the default editor (tail-only fast path, context variants, memory-whitened key
+  init, gradient value init with its amplifier search, candidate-vocabulary loss);
+- ``fastpatch, authors' init``: ``EditorConfig.authors()`` on the same fast path: the authors'
+  k = q/||q||^2, b = 0 and random value, the edit input alone, the full-vocabulary loss
+  (isolates what the defaults buy);
 - ``authors-style loop``: full forward and backward of the model on every step with the patches
   concatenated into dense weights (``baselines.authors_style_edit``).
 

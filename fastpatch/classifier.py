@@ -36,8 +36,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from .data.claims import LABELS, ClaimsData, claims_data
-from .models import MINILM_PIP, ModelNotInstalledError, _dtype_kwargs, cache_root, minilm_dir
+from .models import MINILM_PIP, ModelNotInstalledError, _dtype_kwargs, cache_root, minilm_dir, write_model_cache
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -345,32 +343,16 @@ def build_classifier_cache(
     target = classifier_cache_dir(target)
     identity = _identity(data, budget)
     model, tokenizer, results = train_claims_classifier(data, budget)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        info = {**identity, **results, "weights_bytes": (tmp / "model.safetensors").stat().st_size,
-                "id2label": {str(k): v for k, v in ID2LABEL.items()}, "versions": _versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        # Marker last: a directory is a valid cache only once everything else is on disk.
-        (tmp / _MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _cache_is_valid(target, identity):  # another process finished first?
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    info: dict[str, Any] = {}
+
+    def marker(tmp: Path) -> dict[str, Any]:
+        info.update({**identity, **results, "weights_bytes": (tmp / "model.safetensors").stat().st_size,
+                     "id2label": {str(k): v for k, v in ID2LABEL.items()}, "versions": _versions(),
+                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return info
+
+    # replaces whatever is there (a valid cache too: this is an explicit rebuild)
+    write_model_cache(target, model, tokenizer, marker, lambda: _cache_is_valid(target, identity), keep_valid=False)
     log.info("MiniLM claim classifier cached in %s", target)
     return info
 

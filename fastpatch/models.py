@@ -36,7 +36,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -59,6 +59,7 @@ __all__ = [
     "resolve_model",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
+    "write_model_cache",
 ]
 
 #: Environment variable naming the cache *root* (the SmolLM2 cache is a sub-directory of it).
@@ -200,6 +201,26 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
         except AttributeError:  # pragma: no cover - read-only property in some versions
             pass
 
+    write_model_cache(target, model, tokenizer, _gguf_fingerprint(gguf), lambda: _cache_is_valid(target, gguf))
+
+
+def write_model_cache(
+    target: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    marker: dict[str, Any] | Callable[[Path], dict[str, Any]],
+    is_valid: Callable[[], bool],
+    keep_valid: bool = True,
+) -> None:
+    """Publish ``model`` + ``tokenizer`` as the cache directory ``target``, atomically.
+
+    Everything is written to a temporary directory beside ``target`` (safetensors), the marker
+    file ``fastpatch_cache.json`` (``marker``, or ``marker(tmp_dir)`` once the weights are
+    written) last, and the directory is renamed into place, so
+    a crash never leaves a half-written cache. ``is_valid()`` says whether ``target`` is a valid
+    cache: with ``keep_valid``, one that another process finished meanwhile is kept; a stale or
+    foreign directory is moved aside and replaced.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -209,21 +230,20 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # Marker last: a directory is a valid cache only once everything else is on disk.
-        (tmp / _MARKER).write_text(json.dumps(_gguf_fingerprint(gguf), indent=1), encoding="utf-8")
+        info = marker(tmp) if callable(marker) else marker
+        (tmp / _MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
         for f in tmp.rglob("*"):
             f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)  # some writers create 0600 files
-        if _cache_is_valid(target, gguf):
+        if keep_valid and is_valid():
             return  # another process finished first; keep its cache (it may be reading it)
         if target.exists():
-            # A stale or foreign directory (no/mismatching marker): move it aside, then replace.
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
             os.replace(target, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            # Another process finished first: keep its cache if valid, else re-raise.
-            if not _cache_is_valid(target, gguf):
+            if not is_valid():  # another process finished first: keep its cache if valid
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -245,7 +245,10 @@ def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
     w = min(12, max(5, 3 + n_p / 40))
     h = min(12, max(4, 2 + n_e / 40))
     fig, ax = plt.subplots(figsize=(w, h), dpi=110)
-    vmax = float(np.percentile(act, 99.5)) if np.any(act > 0) else 1.0
+    # Scale to the patches that fire: most cells are exactly 0 (that is the point of the diagonal),
+    # so a percentile over every cell would be 0 and saturate every firing patch alike.
+    firing = act[act > 0]
+    vmax = float(np.percentile(firing, 99)) if firing.size else 1.0
     im = ax.imshow(act, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=max(vmax, 1e-6))
     fig.colorbar(im, ax=ax, label="patch activation (max over tokens)")
     ax.set_xlabel(f"patches (creation order, {n_p})")

