@@ -176,6 +176,21 @@ def _check_call(m: _Model, call, method: str, P: int, want_logits: torch.Tensor)
     return info
 
 
+def _measure(benchmark, paired, m: _Model, call, method: str, P: int, reference, group: str, extra: dict) -> None:
+    """Check ``call`` against the reference logits, time it, pair it with the unpatched model."""
+    info = _check_call(m, call, method, P, reference)
+    benchmark.group = group
+    benchmark.extra_info.update({
+        "kind": "model", **extra, "method": method, "P": P,
+        "layers": m.cfg.num_hidden_layers, "vocab": m.cfg.vocab_size, "weights": "random",
+        "dtype": "float32", **info, "rss_bytes": benv.rss_bytes(),
+    })
+    benchmark(call)
+    if method != "unpatched":
+        paired(benchmark.extra_info, call, m.unpatched(call))
+    benchmark.extra_info["peak_rss_bytes"] = benv.peak_rss_bytes()
+
+
 def _ids(cases):
     return [f"{m.split()[0]}-P{p}" for m, p in cases]
 
@@ -186,17 +201,8 @@ def test_model_prefill(benchmark, smol: _Model, paired, method: str, P: int) -> 
     restore = m.install(method, P)
     try:
         call = lambda: m.model(m.ids, use_cache=False).logits  # noqa: E731
-        info = _check_call(m, call, method, P, m.logits_prefill)
-        benchmark.group = f"model prefill (SmolLM2 arch, {SEQ} tokens)"
-        benchmark.extra_info.update({
-            "kind": "model", "phase": "prefill", "method": method, "P": P, "tokens": SEQ,
-            "layers": m.cfg.num_hidden_layers, "vocab": m.cfg.vocab_size, "weights": "random",
-            "dtype": "float32", **info, "rss_bytes": benv.rss_bytes(),
-        })
-        benchmark(call)
-        if method != "unpatched":
-            paired(benchmark.extra_info, call, m.unpatched(call))
-        benchmark.extra_info["peak_rss_bytes"] = benv.peak_rss_bytes()
+        _measure(benchmark, paired, m, call, method, P, m.logits_prefill,
+                 f"model prefill (SmolLM2 arch, {SEQ} tokens)", {"phase": "prefill", "tokens": SEQ})
     finally:
         restore()
 
@@ -214,18 +220,8 @@ def test_model_decode(benchmark, smol: _Model, paired, method: str, P: int) -> N
             cache.crop(-1)  # back to SEQ tokens: every call decodes on a cache of SEQ
             return logits
 
-        info = _check_call(m, decode, method, P, m.logits_decode)
+        _measure(benchmark, paired, m, decode, method, P, m.logits_decode,
+                 f"model decode (SmolLM2 arch, 1 token, KV cache {SEQ})", {"phase": "decode", "kv_cache": SEQ})
         assert cache.get_seq_length() == SEQ
-        benchmark.group = f"model decode (SmolLM2 arch, 1 token, KV cache {SEQ})"
-        benchmark.extra_info.update({
-            "kind": "model", "phase": "decode", "method": method, "P": P, "kv_cache": SEQ,
-            "layers": m.cfg.num_hidden_layers, "vocab": m.cfg.vocab_size, "weights": "random",
-            "dtype": "float32", **info, "rss_bytes": benv.rss_bytes(),
-        })
-        benchmark(decode)
-        if method != "unpatched":
-            paired(benchmark.extra_info, decode, m.unpatched(decode))
-        assert cache.get_seq_length() == SEQ
-        benchmark.extra_info["peak_rss_bytes"] = benv.peak_rss_bytes()
     finally:
         restore()
