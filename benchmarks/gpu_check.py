@@ -9,7 +9,10 @@ Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 3. patched FFN latency: fastpatch (fused / unfused) against the unpatched FFN, the authors'
    concatenated-Linear T-Patcher and a GRACE-style codebook, at SmolLM2, BERT-base and Llama-7B
    FFN shapes, P in {0, 100, 1k, 10k, 50k}, M in {1, 16, 512}, with bytes, GB/s and % of HBM;
-4. the fused/unfused crossover in tokens (sets FUSED_FFN_MAX_TOKENS / FUSED_MAX_TOKENS);
+4. the fused/unfused crossover in tokens (sets FUSED_FFN_MAX_TOKENS / FUSED_MAX_TOKENS), with the
+   three large-batch strategies (fused, compact, gemm);
+4b. the launch-configuration sweep: every autotune candidate of the fused FFN timed on its own at
+   Llama-7B shapes, P = 10,000, M = 1 and 16, beside what the autotuner picked;
 5. the patch-training loss kernel at N = 40,000 memory vectors, d = 4096, with % of HBM;
 6. SmolLM2-architecture whole-model prefill/decode with 0 / 1k / 10k patches;
 7. memory: patch storage bytes against P*(2d+1), peak allocation;
@@ -41,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import fastpatch  # noqa: E402
@@ -48,8 +52,8 @@ from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # no
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
-from fastpatch.kernels.fused_ffn import fused_patched_ffn  # noqa: E402
-from fastpatch.kernels.patch_forward import patch_forward  # noqa: E402
+from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, ffn_configs_for, fused_patched_ffn  # noqa: E402
+from fastpatch.kernels.patch_forward import _patch_fused_kernel, patch_configs_for, patch_forward  # noqa: E402
 from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
 
 #: FASTPATCH_GPU_CHECK_DRYRUN=1 runs every section on the CPU through TRITON_INTERPRET=1 at toy
@@ -114,7 +118,7 @@ def correctness() -> list[dict]:
             keys, bias, values, _ = make_patches(x, P, d_out, active_per_token=3)
             base = torch.randn(M, d_out, device=DEV, dtype=dtype)
             ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
-            for strategy in ("fused", "gemm"):
+            for strategy in ("fused", "compact", "gemm"):
                 out = patch_forward(x, keys, bias, values, base, backend="triton", strategy=strategy)
                 err = close(out, ref, dtype, f"patch_forward[{strategy}] M={M} P={P} d={d} {dtype}")
                 rows.append({"kernel": f"patch_forward/{strategy}", "dtype": str(dtype), "M": M, "P": P, "d": d, "max_err": err})
@@ -136,7 +140,55 @@ def correctness() -> list[dict]:
                 err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
                 rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
                              "P": P, "d": d, "max_err": err})
+    rows += config_correctness()
     rows += loss_correctness()
+    return rows
+
+
+def _cfg_name(c) -> str:
+    k = c.kwargs
+    return ("gemv " if k["BLOCK_M"] == 1 else f"dot{k['BLOCK_M']} ") + " ".join(
+        f"{n.split('_')[1]}{v}" for n, v in k.items() if n != "BLOCK_M") + f" w{c.num_warps} s{c.num_stages}"
+
+
+def config_correctness() -> list[dict]:
+    """Every candidate the autotuner may pick, on its own, in the low-precision dtype."""
+    rows = []
+    dtype = LOW
+    d, Fdim, d_out, P = (113, 96 + 17, 113, 7) if DRY else (576 + 17, 1536 + 17, 576 + 17, 1000 + 17)
+    for M in (1, 5, 17) if DRY else (1, 5, 17, 33):
+        for gated in (True, False):
+            act = R.ACT_SILU if gated else R.ACT_GELU_TANH
+            x = torch.randn(M, d, device=DEV, dtype=dtype)
+            w_up = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype)
+            w_gate = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype) if gated else None
+            down = (torch.randn(d_out, Fdim, device=DEV) / Fdim**0.5).to(dtype)
+            b_up = None if gated else torch.randn(Fdim, device=DEV).to(dtype)
+            keys, bias, values, _ = make_patches(x, P, d_out, active_per_token=3)
+            D = lambda t: None if t is None else t.double()  # noqa: E731
+            ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
+                                          keys=D(keys), bias=D(bias), values=D(values))
+            for c in ffn_configs_for(M):
+                try:
+                    out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, keys=keys, bias=bias,
+                                            values=values, config=c)
+                except OutOfResources as e:  # the autotuner skips such a candidate too
+                    rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
+                    continue
+                err = close(out, ref, dtype, f"fused_ffn config [{_cfg_name(c)}] gated={gated} M={M} {dtype}")
+                rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
+                             "max_err": err})
+        base = torch.randn(M, d_out, device=DEV, dtype=dtype)
+        ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
+        for c in patch_configs_for(M):
+            try:
+                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)
+            except OutOfResources as e:
+                rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
+                continue
+            err = close(out, ref, dtype, f"patch_forward config [{_cfg_name(c)}] M={M} {dtype}")
+            rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
+                         "max_err": err})
     return rows
 
 
@@ -241,9 +293,50 @@ def crossover() -> list[dict]:
                                               keys=keys, bias=biases, values=values)
             unf_a = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused")  # noqa: E731
             unf_b = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="gemm")  # noqa: E731
-            rows.append({"M": M, "fused_ffn_ms": bench(fused)["ms"], "cublas+patch_fused_ms": bench(unf_a)["ms"],
+            unf_c = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact")  # noqa: E731
+            rows.append({"M": M, "unpatched_ms": bench(lambda: ffn(x))["ms"],
+                         "fused_ffn_ms": bench(fused)["ms"] if M <= 64 else None,
+                         "cublas+patch_fused_ms": bench(unf_a)["ms"], "cublas+patch_compact_ms": bench(unf_c)["ms"],
                          "cublas+patch_gemm_ms": bench(unf_b)["ms"]})
     return rows
+
+
+# ----------------------------------------------------------------- 4b. configuration sweep
+def config_sweep(hbm_gbs: float) -> list[dict]:
+    """Each autotune candidate of the fused FFN timed alone (Llama-7B shapes, P = 10,000)."""
+    rows = []
+    d, Fdim, P = BIG
+    dtype = LOW
+    ffn = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
+    lay = detect_layout(ffn)
+    for M in (1, 16) if not DRY else (1, 5):
+        x = torch.randn(M, d, device=DEV, dtype=dtype)
+        keys, biases, values, n_active = make_patches(x, P, d)
+        nbytes = 3 * d * Fdim * 2 + P * (d + 1) * 2 + n_active * d * 2 + 2 * M * d * 2
+        call = lambda c: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
+                                           keys=keys, bias=biases, values=values, config=c)
+        with torch.no_grad():
+            for c in [None, *ffn_configs_for(M)]:
+                try:
+                    t = bench(lambda c=c: call(c))
+                except Exception as e:  # a candidate that does not fit this card (shared memory)
+                    rows.append({"M": M, "config": _cfg_name(c), "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+                name = "autotuned: " + _cfg_name(_fused_ffn_kernel.best_config) if c is None and hasattr(
+                    _fused_ffn_kernel, "best_config") else ("default" if c is None else _cfg_name(c))
+                gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+                rows.append({"M": M, "config": name, **t, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
+        log(f"config sweep M={M} done")
+    return rows
+
+
+def autotune_choices() -> dict:
+    """What the autotuner picked for each key it saw in this run."""
+    out = {}
+    for name, k in (("fused_ffn", _fused_ffn_kernel), ("patch_fused", _patch_fused_kernel)):
+        cache = getattr(k, "cache", {}) or {}
+        out[name] = {str(key): _cfg_name(c) for key, c in cache.items()}
+    return out
 
 
 # -------------------------------------------------------------------------- 5. loss kernel
@@ -353,27 +446,21 @@ def editing() -> list[dict]:
     if DRY:
         cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
 
-    class _Tok:  # integer "tokenizer": prompts are space-separated token ids
-        pad_token_id, eos_token, all_special_ids, model_max_length = 0, None, [0], 2048
-
-        def __call__(self, text, add_special_tokens=True, return_tensors=None, **kw):
-            ids = [int(t) for t in text.split()]
-            return {"input_ids": torch.tensor([ids]) if return_tensors else ids}
-
+    tok = _id_tokenizer(cfg.vocab_size)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(DEV).eval()
     rows = []
     for name, ecfg in (("fastpatch", EditorConfig()), ("fastpatch, authors' init", EditorConfig.authors(max_steps=300))):
-        ed = Editor(model, _Tok(), ecfg)
+        ed = Editor(model, tok, ecfg)
         ed.memory.add(torch.randn(n_mem, 576, device=DEV) * 0.5)
         g = torch.Generator().manual_seed(1)
         secs, steps = [], []
         for i in range(n_edits + 2):  # the first two warm up kernels and caches
-            ids = torch.randint(1, cfg.vocab_size, (8,), generator=g).tolist()
+            ids = torch.randint(3, cfg.vocab_size, (8,), generator=g).tolist()
             prompt = " ".join(map(str, ids))
             with torch.no_grad():
                 pred = int(model(torch.tensor([ids], device=DEV)).logits[0, -1].argmax())
-            target = (pred + 1 + i) % cfg.vocab_size or 1
+            target = 3 + (pred + 1 + i) % (cfg.vocab_size - 3)
             torch.cuda.synchronize() if not DRY else None
             res = ed.edit(EditRequest(prompt, str(target), edit_id=f"g{name}{i}"))
             if i >= 2:
@@ -384,6 +471,19 @@ def editing() -> list[dict]:
                      "median_steps": statistics.median(steps)})
         ed.ffn.unwrap()
     return rows
+
+
+def _id_tokenizer(vocab_size: int):
+    """A real (word-level) Hugging Face tokenizer whose words are the token ids themselves:
+    "17 4093 5" encodes to [17, 4093, 5]. Ids 0-2 are [PAD], [UNK] and </s>. The lease machine
+    has no hub access, and the editing cost does not depend on the vocabulary's spelling."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "</s>": 2, **{str(i): i for i in range(3, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
 
 
 def memory() -> dict:
@@ -467,6 +567,8 @@ def main() -> int:
         section("ffn_latency", ffn_latency, hbm)
         section("loss_kernel", loss_kernel, hbm)
         section("crossover", crossover)
+        section("config_sweep", config_sweep, hbm)
+        RESULTS["autotune"] = autotune_choices()
         section("whole_model", whole_model)
         section("memory", memory)
         section("editing", editing)
@@ -481,13 +583,16 @@ def main() -> int:
     report = [f"# GPU check on {RESULTS['env']['gpu']}", f"HBM copy bandwidth: {hbm:.0f} GB/s", ""]
     for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
-                       ("crossover", ["M", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_gemm_ms"]),
+                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms"]),
+                       ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
                        ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),
                        ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"])]:
         rows = RESULTS["sections"].get(name) or []
         if rows:
             report += [f"## {name}", md_table(rows, [c for c in cols if any(c in r for r in rows)]), ""]
+    if RESULTS.get("autotune"):
+        report += ["## autotune choices", "```", json.dumps(RESULTS["autotune"], indent=1), "```", ""]
     if RESULTS["sections"].get("memory"):
         report += ["## memory", "```", json.dumps(RESULTS["sections"]["memory"], indent=1), "```", ""]
     report += ["## failures", *(f"- {f}" for f in RESULTS["failures"] or ["none"])]

@@ -126,7 +126,8 @@ def load_gpu(path: Path) -> dict:
         if b and r["median_ms"]:
             r["vs_unpatched"] = r["median_ms"] / b
     return {"path": path, "env": j.get("env", {}), "rows": rows, "sections": sec,
-            "bandwidth": {"GBps": sec.get("hbm_bandwidth_GBps")}, "failures": j.get("failures", [])}
+            "bandwidth": {"GBps": sec.get("hbm_bandwidth_GBps")}, "failures": j.get("failures", []),
+            "autotune": j.get("autotune") or {}}
 
 
 # -------------------------------------------------------------------------- plotting
@@ -427,11 +428,14 @@ def gpu_readme(res: dict, folder: Path, has_png: bool) -> str:
                  fmt(r.get("GBps")), f"{r['pct_of_bandwidth']:.1f}" if r.get("pct_of_bandwidth") is not None else "–"]
                 for r in res["rows"]]
         L += ["### Roofline", "", table(["shape", "M", "P", "method", "median ms", "GB/s", "% of HBM"], body), ""]
-    for name in ("crossover", "loss_kernel", "whole_model"):
+    for name in ("crossover", "config_sweep", "loss_kernel", "whole_model", "editing"):
         rws = sec.get(name) or []
         if rws:
-            cols = list(rws[0])
+            cols = list(dict.fromkeys(c for r in rws for c in r))
             L += [f"## {name}", "", table(cols, [[fmt(r.get(c)) for c in cols] for r in rws]), ""]
+    picks = [[kernel, key, cfg] for kernel, m in res.get("autotune", {}).items() for key, cfg in m.items()]
+    if picks:
+        L += ["## Autotune choices", "", table(["kernel", "key", "configuration"], picks), ""]
     if sec.get("memory"):
         L += ["## memory", "", table(["", "value"], [[k, fmt(v)] for k, v in sec["memory"].items()]), ""]
     return "\n".join(L) + "\n"

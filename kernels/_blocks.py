@@ -32,6 +32,20 @@ def act_fn(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def mm(a, b, acc, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` for an (BLOCK_M, K) by (K, N) tile pair, fp32 accumulation.
+
+    ``tl.dot`` needs at least 16 rows; a single row (batch-1 decode) is a broadcast multiply and a
+    sum over K instead, so the weight tile stays in registers rather than being staged through
+    shared memory for 15 rows of padding.
+    """
+    if BLOCK_M == 1:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def project_rows(
     x_ptr, w_ptr, offs_m, m_mask, offs_r, r_mask, D,
     stride_xm, stride_xd, stride_wr, stride_wd,
@@ -51,15 +65,44 @@ def project_rows(
             w_ptr + offs_r[None, :] * stride_wr + offs_d[:, None] * stride_wd,
             mask=r_mask[None, :] & d_mask[:, None], other=0.0,
         )
-        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        acc = mm(xt, wt, acc, BLOCK_M, INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def project_rows_pair(
+    x_ptr, wa_ptr, wb_ptr, offs_m, m_mask, offs_r, r_mask, D,
+    stride_xm, stride_xd, stride_ar, stride_ad, stride_br, stride_bd,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``(x Wa[offs_r]^T, x Wb[offs_r]^T)`` in one pass over ``D`` (gate and up of a gated MLP).
+
+    One loop instead of two shares each ``x`` tile and keeps twice the weight bytes in flight per
+    iteration, which is what a memory-bound decode step needs.
+    """
+    acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        d_mask = offs_d < D
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
+            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        w_mask = r_mask[None, :] & d_mask[:, None]
+        wa = tl.load(wa_ptr + offs_r[None, :] * stride_ar + offs_d[:, None] * stride_ad, mask=w_mask, other=0.0)
+        wb = tl.load(wb_ptr + offs_r[None, :] * stride_br + offs_d[:, None] * stride_bd, mask=w_mask, other=0.0)
+        acc_a = mm(xt, wa, acc_a, BLOCK_M, INPUT_PRECISION)
+        acc_b = mm(xt, wb, acc_b, BLOCK_M, INPUT_PRECISION)
+    return acc_a, acc_b
 
 
 @triton.jit
 def accumulate_rows(
     h, w_ptr, offs_r, r_mask, ws_ptr, offs_m, m_mask, D_OUT,
     stride_wr, stride_wn, stride_sm, stride_sn,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``ws[offs_m] += h @ W[offs_r]`` over all ``D_OUT`` columns, with fp32 atomics.
 
@@ -73,8 +116,83 @@ def accumulate_rows(
             w_ptr + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
             mask=r_mask[:, None] & n_mask[None, :], other=0.0,
         )
-        contrib = tl.dot(hv, wt, input_precision=INPUT_PRECISION)
+        contrib = mm(hv, wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_M, INPUT_PRECISION)
         tl.atomic_add(
             ws_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
             contrib, mask=m_mask[:, None] & n_mask[None, :], sem="relaxed",
         )
+
+
+@triton.jit
+def store_plus_base(
+    acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
+    stride_bm, stride_bn, stride_om, stride_on, HAS_BASE: tl.constexpr,
+):
+    """``out[offs_m, offs_n] = acc (+ base)`` in the output's dtype."""
+    o_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_BASE:
+        acc += tl.load(
+            base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=o_mask, other=0.0
+        ).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+#: Token buckets: a kernel's BLOCK_M. Decode batches up to 16 tokens share one 16-row tile (the
+#: smallest ``tl.dot`` tile); one token may also run as a GEMV (BLOCK_M = 1).
+TOKEN_BUCKETS = (1, 16, 32, 64)
+
+
+def token_bucket(M: int) -> int:
+    """The token bucket of an ``M``-token input: its tile height and its autotune key."""
+    return 1 if M == 1 else next((b for b in TOKEN_BUCKETS[1:] if M <= b), TOKEN_BUCKETS[-1])
+
+
+def candidate_configs(block_name: str, dot_tiles: list[tuple], gemv_tiles: list[tuple], larger: dict[int, int]) -> list:
+    """``triton.Config`` candidates of a kernel tiled over tokens and over ``block_name``.
+
+    Tiles are ``(BLOCK_<rows>, BLOCK_D, BLOCK_N, warps, stages)``. The 16-token bucket gets every
+    ``tl.dot`` tile, a single token every GEMV tile, and bucket ``b`` of ``larger`` the first
+    ``larger[b]`` dot tiles. Within a bucket the first candidate is the default.
+    """
+    def cfg(block_m: int, tile: tuple):
+        rows, block_d, block_n, warps, stages = tile
+        return triton.Config({"BLOCK_M": block_m, block_name: rows, "BLOCK_D": block_d, "BLOCK_N": block_n},
+                             num_warps=warps, num_stages=stages)
+
+    out = [cfg(16, t) for t in dot_tiles] + [cfg(1, t) for t in gemv_tiles]
+    for bucket, n in larger.items():
+        out += [cfg(bucket, t) for t in dot_tiles[:n]]
+    return out
+
+
+def configs_for(configs: list, M: int) -> list:
+    """The candidates among ``configs`` (each with a ``BLOCK_M``) for ``M`` tokens, default first.
+
+    One token may run padded to a 16-row ``tl.dot`` tile (the default: what was measured first)
+    or as a GEMV; more tokens run at their bucket's tile height.
+    """
+    bucket = token_bucket(M)
+    allowed = (16, 1) if bucket == 1 else (bucket,)
+    return [c for b in allowed for c in configs if c.kwargs["BLOCK_M"] == b]
+
+
+def prune_by_tokens(configs: list, named_args: dict, **kwargs) -> list:
+    """``triton.autotune`` early prune: keep the candidates of the call's token bucket."""
+    keep = {id(c) for c in configs_for(configs, named_args["M"])}
+    return [c for c in configs if id(c) in keep]
+
+
+def work_bucket(P: int, F: int = 0) -> int:
+    """A coarse size class of a patch bank, for autotune keys: a bank grows one edit at a time,
+    and retuning at every size would stall the caller. With ``F`` (fused FFN), the class is the
+    bank's size relative to the FFN's own neurons in powers of 4 (0 patches, < F/16, < F/4, < F,
+    < 4F, more); without, powers of 4 of ``P`` itself.
+    """
+    if P <= 0:
+        return 0
+    if F > 0:
+        ratio_edges = (F / 16, F / 4, F, 4 * F)
+        return 1 + sum(P >= e for e in ratio_edges)
+    return 1 + (P.bit_length() - 1) // 2

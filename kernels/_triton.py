@@ -12,7 +12,7 @@ import os
 import types
 from typing import Any, Callable
 
-__all__ = ["HAS_TRITON", "triton", "tl", "interpret_mode"]
+__all__ = ["HAS_TRITON", "triton", "tl", "interpret_mode", "autotune", "autotune_enabled", "AUTOTUNE_ENV", "launch"]
 
 
 def interpret_mode() -> bool:
@@ -46,3 +46,43 @@ except Exception:  # ImportError, or a broken install that fails while loading i
         next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()),
     )
     tl = _Placeholder()  # type: ignore[assignment]
+
+
+#: ``FASTPATCH_AUTOTUNE=0`` runs every kernel at its first (default) configuration instead of
+#: benchmarking the candidates at the first call of each shape. The interpreter never tunes: it
+#: is numpy, and timing it means nothing.
+AUTOTUNE_ENV = "FASTPATCH_AUTOTUNE"
+
+
+def autotune_enabled() -> bool:
+    """Whether kernels pick their launch configuration by measurement (read at import)."""
+    return HAS_TRITON and not interpret_mode() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def autotune(configs: list, key: list[str], **kwargs: Any) -> Callable:
+    """``triton.autotune`` that caches its choice on disk where this Triton can.
+
+    Triton >= 3.2 stores the winning configuration next to the compiled kernels, so a serving
+    process pays the tuning cost once per machine rather than once per start.
+    """
+    if not HAS_TRITON:
+        return lambda fn: fn
+    import inspect
+
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def launch(kernel: Any, grid: Any, args: tuple, kwargs: dict, config: Any = None) -> None:
+    """Launch ``kernel`` (an autotuned Triton kernel) with ``args``/``kwargs``.
+
+    With ``config`` given, or where tuning is off (``autotune_enabled()``), the tuner is bypassed
+    and the kernel runs at exactly that configuration (the default when ``config`` is None is the
+    caller's job: pass it). Otherwise the tuner measures its candidates at the first call per key.
+    """
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        return
+    fn = getattr(kernel, "fn", kernel)
+    fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -21,17 +21,25 @@ so results can differ from run to run in the last fp32 bit; under
 
 For larger inputs cuBLAS GEMMs for the base FFN plus ``patch_forward`` win; ``PatchedFFN``
 dispatches by ``FUSED_FFN_MAX_TOKENS`` (measured crossover in benchmarks/results/).
+
+Launch configuration. The tile sizes, warps and pipeline depth are tuned by measurement on the
+device (``triton.autotune``, keyed on the token bucket, the bank's size class and the FFN shape,
+cached on disk) among the
+candidates in ``FFN_CONFIGS``; the first candidate of each token bucket is the default, used when
+``FASTPATCH_AUTOTUNE=0`` and under the interpreter. A single token (batch-1 decode) may run as a
+GEMV (``BLOCK_M = 1``: broadcast multiply and sum, no ``tl.dot`` padding to 16 rows); whether that
+beats the padded ``tl.dot`` is left to the measurement.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._blocks import accumulate_rows, act_fn, project_rows
-from ._triton import tl, triton
+from ._blocks import accumulate_rows, act_fn, candidate_configs, configs_for, project_rows, project_rows_pair, prune_by_tokens, token_bucket, work_bucket
+from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .reference import ACT_RELU
 
-__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS"]
+__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for"]
 
 #: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 (Llama-7B FFN, bf16,
 #: P = 10,000; benchmarks/results/nvidia-h200/gpu_check.md, "crossover"): the one-launch kernel
@@ -39,17 +47,49 @@ __all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS"]
 #: 0.167 / 0.180 / 0.198 / 0.209 / 0.245 ms for cuBLAS + patch_forward: it wins up to 64 tokens
 #: (by 1% there), so 32 keeps a margin.
 FUSED_FFN_MAX_TOKENS = 32
-#: 64 neurons per program: F=11008 gives 172 base programs, > 1 wave on 132 SMs; a 64x128 bf16
-#: weight tile is 16 KB, so gate+up tiles double-buffer within shared memory.
-BLOCK_F = 64
-BLOCK_D = 128
-BLOCK_N = 128
 
 
+#: (BLOCK_F, BLOCK_D, BLOCK_N, warps, stages) candidates for the ``tl.dot`` path (BLOCK_M >= 16).
+#: The first is the configuration measured on the H200 in session 1 (64 neurons per program:
+#: F = 11008 gives 172 base programs, > 1 wave on 132 SMs; a 64x128 bf16 weight tile is 16 KB).
+#: The others trade fewer, larger programs (fewer fp32 atomics into the output) against more
+#: bytes in flight per program (deeper pipelines, wider D tiles).
+_DOT_TILES = [
+    (64, 128, 128, 4, 2),
+    (64, 128, 128, 4, 3),
+    (32, 128, 128, 4, 3),
+    (64, 256, 128, 8, 3),
+    (128, 128, 128, 8, 3),
+    (32, 256, 256, 8, 2),
+]
+#: Candidates for the single-token GEMV path: the (BLOCK_D, BLOCK_F) weight tile lives in
+#: registers, so tiles stay at 4-16 K elements (32-64 fp32 registers a thread for 4-8 warps).
+_GEMV_TILES = [
+    (32, 128, 128, 4, 2),
+    (16, 256, 128, 4, 2),
+    (64, 64, 128, 4, 2),
+    (32, 256, 64, 8, 2),
+    (64, 128, 64, 8, 3),
+]
+#: Every candidate configuration, in order; within a token bucket the first one is the default.
+FFN_CONFIGS = candidate_configs("BLOCK_F", _DOT_TILES, _GEMV_TILES, {32: 4, 64: 2})
+
+
+def ffn_configs_for(M: int) -> list:
+    """The candidate launch configurations for ``M`` tokens; the first is the default."""
+    return configs_for(FFN_CONFIGS, M)
+
+
+@autotune(
+    configs=FFN_CONFIGS,
+    key=["M_BUCKET", "P_BUCKET", "D", "D_OUT", "F"],
+    prune_configs_by={"early_config_prune": prune_by_tokens},
+    restore_value=["ws_ptr"],  # the kernel accumulates into ws: each timing run starts from a copy
+)
 @triton.jit
 def _fused_ffn_kernel(
     x_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, k_ptr, kb_ptr, v_ptr, ws_ptr,
-    M, D, D_OUT, F, P, NUM_BASE_BLOCKS,
+    M, M_BUCKET, P_BUCKET, D, D_OUT, F, P,
     stride_xm, stride_xd,
     stride_gf, stride_gd, stride_uf, stride_ud, stride_df, stride_dn,
     stride_kp, stride_kd, stride_vp, stride_vn, stride_sm, stride_sn,
@@ -61,28 +101,31 @@ def _fused_ffn_kernel(
     pid_m = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     m_mask = offs_m < M
-    if pid < NUM_BASE_BLOCKS:
+    num_base_blocks = tl.cdiv(F, BLOCK_F)
+    if pid < num_base_blocks:
         offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
         f_mask = offs_f < F
-        up = project_rows(x_ptr, wu_ptr, offs_m, m_mask, offs_f, f_mask, D,
-                          stride_xm, stride_xd, stride_uf, stride_ud,
-                          BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
-        if HAS_BU:
-            up += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            gate = project_rows(x_ptr, wg_ptr, offs_m, m_mask, offs_f, f_mask, D,
-                                stride_xm, stride_xd, stride_gf, stride_gd,
-                                BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
+            gate, up = project_rows_pair(x_ptr, wg_ptr, wu_ptr, offs_m, m_mask, offs_f, f_mask, D,
+                                         stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
+                                         BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
             if HAS_BG:
                 gate += tl.load(bg_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_BU:
+                up += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
             h = act_fn(gate, ACT) * up
         else:
+            up = project_rows(x_ptr, wu_ptr, offs_m, m_mask, offs_f, f_mask, D,
+                              stride_xm, stride_xd, stride_uf, stride_ud,
+                              BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
+            if HAS_BU:
+                up += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
             h = act_fn(up, ACT)
         h = tl.where(m_mask[:, None] & f_mask[None, :], h, 0.0)
         accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT,
-                        stride_df, stride_dn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION)
+                        stride_df, stride_dn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
     else:
-        offs_p = (pid - NUM_BASE_BLOCKS) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
+        offs_p = (pid - num_base_blocks) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
         p_mask = offs_p < P
         pre = project_rows(x_ptr, k_ptr, offs_m, m_mask, offs_p, p_mask, D,
                            stride_xm, stride_xd, stride_kp, stride_kd,
@@ -96,7 +139,7 @@ def _fused_ffn_kernel(
             run = True
         if run:
             accumulate_rows(h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
-                            stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION)
+                            stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
 
 
 def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> None:
@@ -122,11 +165,14 @@ def fused_patched_ffn(
     bias: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     patch_act: int = ACT_RELU,
+    config: "triton.Config | None" = None,
 ) -> torch.Tensor:
     """One-launch patched FFN (Triton). Same contract as ``reference.patched_ffn_reference``.
 
     Weights are neuron-major views of any strides (``w_up``/``w_gate`` (F, d), ``w_down``
     (F, d_out)): pass ``linear.weight`` for up/gate and ``down.weight.t()`` for down.
+    ``config`` pins one launch configuration (one of ``ffn_configs_for(M)``); by default it is
+    tuned on the device, or the bucket's default where tuning is off.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (tokens, d), got shape {tuple(x.shape)}")
@@ -147,6 +193,8 @@ def fused_patched_ffn(
     for name, t in (("w_up", w_up), ("w_gate", w_gate), ("w_down", w_down), ("keys", keys), ("values", values)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
+    if config is not None and all(config is not c for c in ffn_configs_for(M)):
+        raise ValueError(f"config {config} is not a candidate for M={M}; pick one of ffn_configs_for({M})")
     if b_down is not None:
         # A fresh buffer: expand().contiguous() would alias the bias itself when M == 1.
         ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
@@ -155,25 +203,28 @@ def fused_patched_ffn(
         ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     if M == 0:
         return ws.to(x.dtype)
-    block_m = min(64, max(16, triton.next_power_of_2(M)))
-    nb_base = triton.cdiv(Fdim, BLOCK_F)
-    nb_patch = triton.cdiv(P, BLOCK_F)
+    if config is None and not autotune_enabled():
+        config = ffn_configs_for(M)[0]
     wg = w_gate if w_gate is not None else w_up
     k = keys if P else w_up
     v = values if P else w_down
     kb = bias if P else ws
-    _fused_ffn_kernel[(nb_base + nb_patch, triton.cdiv(M, block_m))](
-        x, wg, w_up, w_down,
-        b_gate if b_gate is not None else ws, b_up if b_up is not None else ws,
-        k, kb, v, ws,
-        M, D, D_OUT, Fdim, P, nb_base,
-        x.stride(0), x.stride(1),
-        wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), ws.stride(0), ws.stride(1),
-        GATED=w_gate is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-        ACT=act, PATCH_ACT=patch_act,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_F=BLOCK_F, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        num_warps=4, num_stages=2,
+
+    def grid(meta):
+        return (triton.cdiv(Fdim, meta["BLOCK_F"]) + triton.cdiv(P, meta["BLOCK_F"]), triton.cdiv(M, meta["BLOCK_M"]))
+
+    launch(
+        _fused_ffn_kernel, grid,
+        (x, wg, w_up, w_down,
+         b_gate if b_gate is not None else ws, b_up if b_up is not None else ws,
+         k, kb, v, ws,
+         M, token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, P,
+         x.stride(0), x.stride(1),
+         wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
+         k.stride(0), k.stride(1), v.stride(0), v.stride(1), ws.stride(0), ws.stride(1)),
+        dict(GATED=w_gate is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+             ACT=act, PATCH_ACT=patch_act,
+             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32"),
+        config,
     )
     return ws.to(x.dtype)

@@ -10,10 +10,21 @@ Two Triton kernels, one PyTorch path, one ``autograd.Function``:
     written to memory and the value tiles of inactive patches are never read: with ReLU patches
     the bytes moved are ``P*d`` (keys) + ``active_blocks*BLOCK_P*d_out`` (values).
 
-``_sparse_value_kernel`` (many tokens)
-    Here the ``x K^T`` product is compute-bound and cuBLAS does it best; this kernel then reads
-    the (M, P) pre-activations tile by tile, applies the activation, and skips value tiles whose
-    activation tile is all zero. No atomics: deterministic.
+``_compact_value_kernel`` (many tokens, ReLU: strategy ``compact``)
+    Here the ``x K^T`` product is compute-bound and cuBLAS does it best. The patches that fire on
+    any token are then listed on the device (a column max, a prefix sum and a scatter: no host
+    sync, so it can be captured in a CUDA graph), and this kernel multiplies only their
+    pre-activation columns into their value rows. The cost beyond the key GEMM is that of the
+    firing patches alone; the (M, P) pre-activations are read once, by the column max. No atomics,
+    and the list is in patch order: deterministic.
+
+``_sparse_value_kernel`` (many tokens: strategy ``gemm``; the path for non-ReLU activations)
+    After the same cuBLAS GEMM this kernel reads the (M, P) pre-activations tile by tile, once
+    per output block, applies the activation, and skips value tiles whose activation tile is all
+    zero. No atomics: deterministic.
+
+Launch configurations of ``_patch_fused_kernel`` are tuned on the device among
+``PATCH_FUSED_CONFIGS`` (see ``fused_ffn``; ``FASTPATCH_AUTOTUNE=0`` pins the defaults).
 
 PyTorch path (CPU, or ``FASTPATCH_BACKEND=torch``)
     ``addmm`` for the pre-activations, then only the active value rows are gathered
@@ -28,34 +39,73 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import accumulate_rows, act_fn, project_rows
-from ._triton import tl, triton
+from ._blocks import (
+    accumulate_rows, act_fn, candidate_configs, configs_for, project_rows, prune_by_tokens, store_plus_base,
+    token_bucket, work_bucket,
+)
+from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .dispatch import use_triton
 from .reference import ACT_RELU, activation_reference
 
-__all__ = ["patch_forward", "patch_forward_torch", "PatchForward", "FUSED_MAX_TOKENS", "check_patch_args"]
+__all__ = [
+    "patch_forward", "patch_forward_torch", "PatchForward", "FUSED_MAX_TOKENS", "STRATEGIES",
+    "PATCH_FUSED_CONFIGS", "patch_configs_for", "check_patch_args", "active_patch_list",
+]
 
 #: Token count up to which the fully fused kernel is used; above it the pre-activations come from
-#: a cuBLAS GEMM (compute-bound at that size) and ``_sparse_value_kernel`` does the rest.
+#: a cuBLAS GEMM (compute-bound at that size) and a value kernel does the rest.
 #: Measured on an H200 (d = 4096, P = 10,000, bf16, with the cuBLAS base FFN; gpu_check.md
 #: "crossover"): fused 0.209 / 0.245 / 0.359 ms against gemm 0.235 / 0.260 / 0.332 ms at
 #: M = 64 / 128 / 256.
 FUSED_MAX_TOKENS = 128
-#: 16 is tl.dot's smallest tile side; decode batches (M <= 16) fit one token block.
-_MIN_BLOCK_M = 16
-#: 64 patches per tile: one 64 x 128 bf16 key tile is 16 KB, small enough for 3 pipeline stages.
-BLOCK_P = 64
-BLOCK_D = 128
+#: ``strategy`` values of ``patch_forward``.
+STRATEGIES = ("auto", "fused", "compact", "gemm")
 BLOCK_N = 128
+#: Firing patches per step of the compact value kernel: 64 columns of pre-activations and 64
+#: value rows (16 KB in bf16 at BLOCK_N = 128).
+BLOCK_A = 64
+
+
+#: (BLOCK_P, BLOCK_D, BLOCK_N, warps, stages). The first is what was measured on the H200 in
+#: session 1 (64 patches per tile: a 64 x 128 bf16 key tile is 16 KB).
+_DOT_TILES = [
+    (64, 128, 128, 4, 2),
+    (64, 128, 128, 4, 3),
+    (32, 128, 128, 4, 3),
+    (64, 256, 128, 8, 3),
+    (128, 128, 64, 8, 3),
+]
+#: Single-token GEMV candidates: the (BLOCK_D, BLOCK_P) key tile lives in registers.
+_GEMV_TILES = [
+    (32, 128, 128, 4, 2),
+    (16, 256, 128, 4, 2),
+    (64, 64, 128, 4, 2),
+    (32, 256, 64, 8, 2),
+]
+#: Every candidate, in order; within a token bucket the first is the default.
+PATCH_FUSED_CONFIGS = candidate_configs("BLOCK_P", _DOT_TILES, _GEMV_TILES, {32: 3, 64: 3})
+
+
+def patch_configs_for(M: int) -> list:
+    """The candidate launch configurations of the fused patch kernel for ``M`` tokens."""
+    return configs_for(PATCH_FUSED_CONFIGS, M)
+
+
 #: Below this fraction of active patches the CPU path gathers active value rows instead of
 #: multiplying the whole bank.
 _GATHER_BELOW = 0.5
 
 
+@autotune(
+    configs=PATCH_FUSED_CONFIGS,
+    key=["M_BUCKET", "P_BUCKET", "D", "D_OUT"],
+    prune_configs_by={"early_config_prune": prune_by_tokens},
+    restore_value=["ws_ptr"],  # accumulates into ws: each timing run starts from a copy
+)
 @triton.jit
 def _patch_fused_kernel(
     x_ptr, k_ptr, b_ptr, v_ptr, ws_ptr,
-    M, D, D_OUT, P, P_PER_SPLIT,
+    M, M_BUCKET, P_BUCKET, D, D_OUT, P,
     stride_xm, stride_xd, stride_kp, stride_kd, stride_vp, stride_vn, stride_sm, stride_sn,
     ACT: tl.constexpr, SKIP_INACTIVE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -64,8 +114,10 @@ def _patch_fused_kernel(
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     m_mask = offs_m < M
-    p_start = pid_s * P_PER_SPLIT
-    p_end = tl.minimum(p_start + P_PER_SPLIT, P)
+    # The bank is cut into as many contiguous runs of whole tiles as the grid has splits.
+    blocks_per_split = tl.cdiv(tl.cdiv(P, BLOCK_P), tl.num_programs(1))
+    p_start = pid_s * blocks_per_split * BLOCK_P
+    p_end = tl.minimum(p_start + blocks_per_split * BLOCK_P, P)
     for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         p_mask = offs_p < p_end
@@ -84,8 +136,42 @@ def _patch_fused_kernel(
         if run:
             accumulate_rows(
                 h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
-                stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_N, INPUT_PRECISION,
+                stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION,
             )
+
+
+@triton.jit
+def _compact_value_kernel(
+    pre_ptr, idx_ptr, count_ptr, v_ptr, base_ptr, out_ptr,
+    M, D_OUT,
+    stride_hm, stride_hp, stride_vp, stride_vn, stride_bm, stride_bn, stride_om, stride_on,
+    ACT: tl.constexpr, HAS_BASE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < D_OUT
+    n_active = tl.load(count_ptr).to(tl.int64)  # on the device: no host sync
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for a0 in range(0, n_active, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A).to(tl.int64)
+        a_mask = offs_a < n_active
+        ids = tl.load(idx_ptr + offs_a, mask=a_mask, other=0).to(tl.int64)
+        pre = tl.load(
+            pre_ptr + offs_m[:, None] * stride_hm + ids[None, :] * stride_hp,
+            mask=m_mask[:, None] & a_mask[None, :], other=0.0,
+        ).to(tl.float32)
+        h = tl.where(m_mask[:, None] & a_mask[None, :], act_fn(pre, ACT), 0.0)
+        vt = tl.load(
+            v_ptr + ids[:, None] * stride_vp + offs_n[None, :] * stride_vn,
+            mask=a_mask[:, None] & n_mask[None, :], other=0.0,
+        )
+        acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
+    store_plus_base(acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
+                    stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)
 
 
 @triton.jit
@@ -123,13 +209,8 @@ def _sparse_value_kernel(
                 mask=p_mask[:, None] & n_mask[None, :], other=0.0,
             )
             acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
-    o_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_BASE:
-        acc += tl.load(
-            base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=o_mask, other=0.0
-        ).to(tl.float32)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    store_plus_base(acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
+                    stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)
 
 
 def check_patch_args(
@@ -170,31 +251,74 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: few programs, each as large as possible
 
 
+#: Token tile of the (non-tuned) value kernels after the cuBLAS GEMM; 16 is tl.dot's smallest.
 def _block_m(M: int) -> int:
-    return min(64, max(_MIN_BLOCK_M, triton.next_power_of_2(M)))
+    return min(64, max(16, triton.next_power_of_2(M)))
 
 
-def _patch_forward_fused(x, keys, bias, values, base, act, out_dtype):
+#: Patches per tile of ``_sparse_value_kernel``: a 64 x 128 bf16 value tile is 16 KB.
+_GEMM_BLOCK_P = 64
+
+
+def _patch_forward_fused(x, keys, bias, values, base, act, out_dtype, config=None):
     M, D = x.shape
     P, D_OUT = values.shape
     ws = base.float().clone() if base is not None else torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
-    block_m = _block_m(M)
-    m_blocks = triton.cdiv(M, block_m)
-    p_blocks = triton.cdiv(P, BLOCK_P)
-    # ~4 programs per SM keep every SM streaming keys while atomics of one program drain.
-    splits = max(1, min(p_blocks, (4 * _num_sms(x.device)) // m_blocks))
-    p_per_split = triton.cdiv(p_blocks, splits) * BLOCK_P
-    splits = triton.cdiv(P, p_per_split)
-    _patch_fused_kernel[(m_blocks, splits)](
-        x, keys, bias, values, ws,
-        M, D, D_OUT, P, p_per_split,
-        x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        ws.stride(0), ws.stride(1),
-        ACT=act, SKIP_INACTIVE=act == ACT_RELU, INPUT_PRECISION=_input_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_P=BLOCK_P, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        num_warps=4, num_stages=2,
+    if config is not None and all(config is not c for c in patch_configs_for(M)):
+        raise ValueError(f"config {config} is not a candidate for M={M}; pick one of patch_configs_for({M})")
+    if config is None and not autotune_enabled():
+        config = patch_configs_for(M)[0]
+    sms = _num_sms(x.device)
+
+    def grid(meta):
+        m_blocks = triton.cdiv(M, meta["BLOCK_M"])
+        # ~4 programs per SM keep every SM streaming keys while atomics of one program drain.
+        return (m_blocks, max(1, min(triton.cdiv(P, meta["BLOCK_P"]), (4 * sms) // m_blocks)))
+
+    launch(
+        _patch_fused_kernel, grid,
+        (x, keys, bias, values, ws, M, token_bucket(M), work_bucket(P), D, D_OUT, P,
+         x.stride(0), x.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+         ws.stride(0), ws.stride(1)),
+        dict(ACT=act, SKIP_INACTIVE=act == ACT_RELU, INPUT_PRECISION=_input_precision(x.dtype)),
+        config,
     )
     return ws.to(out_dtype)
+
+
+def active_patch_list(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patches whose ReLU fires on any row of ``pre`` (M, P), listed on the device.
+
+    Returns ``(idx, count)``: ``idx[:count]`` are the firing patches in increasing order, as
+    int32; ``count`` is a one-element device tensor. No host synchronisation (unlike
+    ``nonzero``): a column max, a prefix sum and one scatter whose targets are all distinct
+    (firing patches to their rank, the others behind them), so the result is deterministic.
+    """
+    P = pre.shape[1]
+    active = pre.amax(dim=0) > 0
+    rank = torch.cumsum(active, 0, dtype=torch.int32)  # inclusive: firing patches so far
+    arange = torch.arange(P, device=pre.device, dtype=torch.int32)
+    slot = torch.where(active, rank - 1, rank[-1] + arange - rank)  # a permutation of 0..P-1
+    idx = torch.empty(P, device=pre.device, dtype=torch.int32).scatter_(0, slot.long(), arange)
+    return idx, rank[-1:]
+
+
+def _patch_forward_compact(x, keys, bias, values, base, act, out_dtype):
+    M = x.shape[0]
+    D_OUT = values.shape[1]
+    pre = torch.addmm(bias.to(x.dtype), x, keys.t())  # cuBLAS: compute-bound at large M
+    idx, count = active_patch_list(pre)
+    out = torch.empty(M, D_OUT, device=x.device, dtype=out_dtype)
+    block_m = _block_m(M)
+    b = base if base is not None else out
+    _compact_value_kernel[(triton.cdiv(M, block_m), triton.cdiv(D_OUT, BLOCK_N))](
+        pre, idx, count, values, b, out, M, D_OUT,
+        pre.stride(0), pre.stride(1), values.stride(0), values.stride(1),
+        b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        ACT=act, HAS_BASE=base is not None, INPUT_PRECISION=_input_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_A=BLOCK_A, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+    )
+    return out
 
 
 def _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype):
@@ -211,7 +335,7 @@ def _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype):
         b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACT=act, SKIP_INACTIVE=act == ACT_RELU, HAS_BASE=base is not None,
         INPUT_PRECISION=_input_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_P=_GEMM_BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4, num_stages=2,
     )
     return out
 
@@ -246,6 +370,7 @@ def patch_forward(
     act: int = ACT_RELU,
     backend: str | None = None,
     strategy: str = "auto",
+    config: "triton.Config | None" = None,
 ) -> torch.Tensor:
     """``base + act(x K^T + b) V`` without autograd (see ``PatchForward`` for gradients).
 
@@ -255,9 +380,18 @@ def patch_forward(
         base: optional (M, d_out) to add to (the original FFN output).
         act: activation code (``reference.ACT_*``); ReLU enables skipping inactive patches.
         backend: ``auto``/``triton``/``torch``; default from ``FASTPATCH_BACKEND``.
-        strategy: ``auto``, ``fused`` (activations in registers) or ``gemm`` (cuBLAS + sparse
-            value kernel); Triton backend only.
+        strategy: Triton backend only. ``fused`` (activations in registers, atomics),
+            ``compact`` (cuBLAS pre-activations, then only the firing patches; ReLU only,
+            deterministic), ``gemm`` (cuBLAS, then every value tile whose activations are not
+            all zero; deterministic) or ``auto``: ``fused`` up to ``FUSED_MAX_TOKENS`` tokens,
+            else ``compact`` for ReLU and ``gemm`` for other activations.
+        config: pins the launch configuration of the ``fused`` kernel (one of
+            ``patch_configs_for(M)``); tuned on the device by default.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "compact" and act != ACT_RELU:
+        raise ValueError("strategy 'compact' needs ReLU patches: only ReLU gives the exact zeros it skips")
     check_patch_args(x, keys, bias, values, base)
     out_dtype = x.dtype
     if keys.shape[0] == 0:
@@ -267,12 +401,15 @@ def patch_forward(
     if not use_triton(x, backend):
         return patch_forward_torch(x, keys, bias, values, base, act)
     if strategy == "auto":
-        strategy = "fused" if x.shape[0] <= FUSED_MAX_TOKENS else "gemm"
+        if x.shape[0] <= FUSED_MAX_TOKENS:
+            strategy = "fused"
+        else:
+            strategy = "compact" if act == ACT_RELU else "gemm"
     if strategy == "fused":
-        return _patch_forward_fused(x, keys, bias, values, base, act, out_dtype)
-    if strategy == "gemm":
-        return _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype)
-    raise ValueError(f"strategy must be 'auto', 'fused' or 'gemm', got {strategy!r}")
+        return _patch_forward_fused(x, keys, bias, values, base, act, out_dtype, config)
+    if strategy == "compact":
+        return _patch_forward_compact(x, keys, bias, values, base, act, out_dtype)
+    return _patch_forward_gemm(x, keys, bias, values, base, act, out_dtype)
 
 
 class PatchForward(torch.autograd.Function):

@@ -59,16 +59,19 @@ def test_patch_forward_fused_kernel(M: int, P: int, d: int, dtype: torch.dtype) 
 
 
 @requires_triton
+@pytest.mark.parametrize("strategy", ["gemm", "compact"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,P,d", [(1, 7, 64), (5, 1000, 113), (130, 1000, 113), (130, 7, 576)])
-def test_patch_forward_gemm_strategy(M: int, P: int, d: int, dtype: torch.dtype) -> None:
+def test_patch_forward_gemm_and_compact_strategies(M: int, P: int, d: int, dtype: torch.dtype, strategy: str) -> None:
     x = torch.randn(M, d).to(dtype)
     for regime in REGIMES:
         keys, bias, values = _patches(P, d, 77, regime, dtype)
         for base in (None, torch.randn(M, 77).to(dtype)):
-            out = patch_forward(x, keys, bias, values, base, backend="triton", strategy="gemm")
+            out = patch_forward(x, keys, bias, values, base, backend="triton", strategy=strategy)
             ref = _ref(x, keys, bias, values, base)
             assert_close_to_ref(out, ref, dtype, _scale(ref))
+            if regime == "inactive" and base is not None:
+                assert torch.equal(out, base)
 
 
 @requires_triton

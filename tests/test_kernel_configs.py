@@ -1,0 +1,144 @@
+"""Every launch configuration a kernel may be tuned to, and the compact large-batch path.
+
+On a GPU ``triton.autotune`` picks among ``FFN_CONFIGS`` / ``PATCH_FUSED_CONFIGS`` by measurement,
+so each candidate must compute the same function: they are checked here one by one against the
+float64 reference under TRITON_INTERPRET=1, at odd shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpatch.kernels import _triton
+from fastpatch.kernels import reference as R
+from fastpatch.kernels._blocks import configs_for, token_bucket
+from fastpatch.kernels.fused_ffn import FFN_CONFIGS, ffn_configs_for, fused_patched_ffn
+from fastpatch.kernels.patch_forward import (
+    PATCH_FUSED_CONFIGS,
+    active_patch_list,
+    patch_configs_for,
+    patch_forward,
+)
+from fastpatch.kernels.testing import assert_close_to_ref
+
+from .conftest import requires_triton
+
+
+def _bank(P: int, d: int, d_out: int, dtype: torch.dtype, fire: float = 0.2):
+    keys = torch.randn(P, d) / d**0.5
+    bias = torch.where(torch.rand(P) < fire, torch.zeros(P), torch.full((P,), -100.0))
+    values = torch.randn(P, d_out) / max(1, P) ** 0.5
+    return keys.to(dtype), bias.to(dtype), values.to(dtype)
+
+
+def _label(c) -> str:
+    return "-".join(f"{v}" for v in c.kwargs.values()) + f"-w{c.num_warps}-s{c.num_stages}"
+
+
+def test_token_buckets_and_candidates() -> None:
+    assert [token_bucket(m) for m in (1, 2, 16, 17, 32, 33, 64, 65, 500)] == [1, 16, 16, 32, 32, 64, 64, 64, 64]
+    for configs in (FFN_CONFIGS, PATCH_FUSED_CONFIGS):
+        one = configs_for(configs, 1)
+        # a single token: the padded tl.dot tile first (the measured default), then the GEMVs
+        assert one[0].kwargs["BLOCK_M"] == 16 and any(c.kwargs["BLOCK_M"] == 1 for c in one)
+        for M in (2, 16, 17, 40, 130):
+            assert {c.kwargs["BLOCK_M"] for c in configs_for(configs, M)} == {token_bucket(M)}
+        assert len({_label(c) for c in configs}) == len(configs), "duplicate candidates"
+
+
+def test_interpreter_never_autotunes(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _triton.autotune_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(_triton.AUTOTUNE_ENV, "0")
+    assert not _triton.autotune_enabled()
+
+
+@requires_triton
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("M", [1, 5, 17, 33])
+def test_every_fused_ffn_config_matches_reference(M: int, gated: bool) -> None:
+    torch.manual_seed(M)
+    d, Fdim, d_out, P = 96 + 17, 2 * 64 + 17, 77, 2 * 64 + 17
+    act = R.ACT_SILU if gated else R.ACT_GELU_TANH
+    x = torch.randn(M, d)
+    w_up = torch.randn(Fdim, d) / d**0.5
+    w_gate = torch.randn(Fdim, d) / d**0.5 if gated else None
+    down = torch.randn(d_out, Fdim) / Fdim**0.5
+    b_up = None if gated else torch.randn(Fdim)
+    b_down = None if gated else torch.randn(d_out)
+    keys, bias, values = _bank(P, d, d_out, torch.float32)
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
+                                  b_down=D(b_down), keys=D(keys), bias=D(bias), values=D(values))
+    configs = ffn_configs_for(M)
+    assert configs
+    for c in configs:
+        out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                                keys=keys, bias=bias, values=values, config=c)
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+
+
+@requires_triton
+@pytest.mark.parametrize("M", [1, 5, 17, 65])
+def test_every_patch_fused_config_matches_reference(M: int) -> None:
+    torch.manual_seed(M)
+    d, d_out, P = 96 + 17, 77, 3 * 64 + 17
+    x = torch.randn(M, d)
+    base = torch.randn(M, d_out)
+    keys, bias, values = _bank(P, d, d_out, torch.float32)
+    ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
+    for c in patch_configs_for(M):
+        out = patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+
+
+@requires_triton
+def test_a_config_from_another_bucket_is_refused() -> None:
+    x = torch.randn(5, 64)
+    keys, bias, values = _bank(7, 64, 8, torch.float32)
+    gemv = next(c for c in PATCH_FUSED_CONFIGS if c.kwargs["BLOCK_M"] == 1)
+    with pytest.raises(ValueError, match="not a candidate for M=5"):
+        patch_forward(x, keys, bias, values, backend="triton", strategy="fused", config=gemv)
+    with pytest.raises(ValueError, match="not a candidate for M=5"):
+        fused_patched_ffn(x, torch.randn(9, 64), torch.randn(9, 8), R.ACT_SILU,
+                          config=next(c for c in FFN_CONFIGS if c.kwargs["BLOCK_M"] == 1))
+
+
+@pytest.mark.parametrize("M,P", [(1, 1), (7, 113), (130, 1000)])
+def test_active_patch_list_matches_nonzero(M: int, P: int) -> None:
+    torch.manual_seed(P)
+    pre = torch.where(torch.rand(M, P) < 0.01, torch.rand(M, P), -torch.rand(M, P))
+    pre[:, :1] = 0.0  # exactly zero does not fire
+    idx, count = active_patch_list(pre)
+    want = ((pre > 0).any(0)).nonzero().squeeze(1)
+    assert count.shape == (1,) and int(count) == want.numel()
+    assert torch.equal(idx[: int(count)].long(), want)
+    assert torch.equal(idx.sort().values.long(), torch.arange(P))  # a permutation: all targets distinct
+
+
+def test_compact_strategy_needs_relu() -> None:
+    x = torch.randn(5, 64)
+    keys, bias, values = _bank(7, 64, 8, torch.float32)
+    with pytest.raises(ValueError, match="needs ReLU"):
+        patch_forward(x, keys, bias, values, act=R.ACT_SILU, backend="torch", strategy="compact")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        patch_forward(x, keys, bias, values, backend="torch", strategy="sparse")
+
+
+@requires_triton
+def test_auto_strategy_picks_compact_for_large_relu_batches(monkeypatch) -> None:
+    from fastpatch.kernels import patch_forward as PF
+
+    calls: list[str] = []
+    for name in ("_patch_forward_fused", "_patch_forward_compact", "_patch_forward_gemm"):
+        real = getattr(PF, name)
+        monkeypatch.setattr(PF, name, lambda *a, _n=name, _r=real, **k: (calls.append(_n), _r(*a, **k))[1])
+    keys, bias, values = _bank(33, 64, 8, torch.float32)
+    M = PF.FUSED_MAX_TOKENS + 1
+    x = torch.randn(M, 64)
+    patch_forward(x, keys, bias, values, backend="triton")
+    patch_forward(x, keys, bias, values, act=R.ACT_GELU, backend="triton")
+    patch_forward(x[:3], keys, bias, values, backend="triton")
+    assert calls == ["_patch_forward_compact", "_patch_forward_gemm", "_patch_forward_fused"]
