@@ -69,9 +69,21 @@ def autotune(configs: list, key: list[str], **kwargs: Any) -> Callable:
         return lambda fn: fn
     import inspect
 
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
+    params = inspect.signature(triton.autotune).parameters
+    if "cache_results" in params:
         kwargs.setdefault("cache_results", True)
+    if "do_bench" in params:
+        # Triton's default times each candidate for 25 + 100 ms; these kernels take 0.01-1 ms,
+        # so 5 + 25 ms is still >= 25 repetitions and keeps a first call with ~10 candidates
+        # well under a second of measuring.
+        kwargs.setdefault("do_bench", _quick_bench)
     return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def _quick_bench(fn: Callable, quantiles: Any = None) -> Any:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 def launch(kernel: Any, grid: Any, args: tuple, kwargs: dict, config: Any = None) -> None:

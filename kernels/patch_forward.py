@@ -1,6 +1,6 @@
 """Patch forward: ``out = base + act(x K^T + b) V`` for thousands of patch neurons.
 
-Two Triton kernels, one PyTorch path, one ``autograd.Function``:
+Three Triton kernels, one PyTorch path, one ``autograd.Function``:
 
 ``_patch_fused_kernel`` (few tokens, M <= ``FUSED_MAX_TOKENS``)
     Grid (token blocks, patch splits). Each program walks its share of the patch bank in blocks of
