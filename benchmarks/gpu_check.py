@@ -156,7 +156,9 @@ def config_correctness() -> list[dict]:
     rows = []
     dtype = LOW
     d, Fdim, d_out, P = (113, 96 + 17, 113, 7) if DRY else (576 + 17, 1536 + 17, 576 + 17, 1000 + 17)
-    for M in (1, 5, 17) if DRY else (1, 5, 17, 33):
+    # one token (GEMV and 16-row tiles), a decode batch (16-row tiles), and 64-row tiles; the
+    # 32-row bucket shares its tiles with the 16-row one and is covered under the interpreter
+    for M in (1, 5, 17) if DRY else (1, 5, 33):
         for gated in (True, False):
             act = R.ACT_SILU if gated else R.ACT_GELU_TANH
             x = torch.randn(M, d, device=DEV, dtype=dtype)
@@ -285,7 +287,7 @@ def crossover() -> list[dict]:
     dtype = LOW
     ffn = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
     lay = detect_layout(ffn)
-    for M in ((1, 17) if DRY else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
+    for M in ((1, 17) if DRY else (1, 4, 16, 32, 64, 128, 256, 512)):
         x = torch.randn(M, d, device=DEV, dtype=dtype)
         keys, biases, values, _ = make_patches(x, P, d)
         with torch.no_grad():
