@@ -24,11 +24,10 @@ dispatches by ``FUSED_FFN_MAX_TOKENS`` (measured crossover in benchmarks/results
 
 Launch configuration. The tile sizes, warps and pipeline depth are tuned by measurement on the
 device (``triton.autotune``, keyed on the token bucket, the bank's size class and the FFN shape,
-cached on disk) among the
-candidates in ``FFN_CONFIGS``; the first candidate of each token bucket is the default, used when
-``FASTPATCH_AUTOTUNE=0`` and under the interpreter. A single token (batch-1 decode) may run as a
-GEMV (``BLOCK_M = 1``: broadcast multiply and sum, no ``tl.dot`` padding to 16 rows); whether that
-beats the padded ``tl.dot`` is left to the measurement.
+cached on disk) among the candidates in ``FFN_CONFIGS``; the first candidate of each token bucket
+is the default, used when ``FASTPATCH_AUTOTUNE=0`` and under the interpreter. A single token
+(batch-1 decode) may run as a GEMV (``BLOCK_M = 1``: broadcast multiply and sum, no ``tl.dot``
+padding to 16 rows); whether that beats the padded ``tl.dot`` is left to the measurement.
 """
 
 from __future__ import annotations
