@@ -142,3 +142,22 @@ def test_auto_strategy_picks_compact_for_large_relu_batches(monkeypatch) -> None
     patch_forward(x, keys, bias, values, act=R.ACT_GELU, backend="triton")
     patch_forward(x[:3], keys, bias, values, backend="triton")
     assert calls == ["_patch_forward_compact", "_patch_forward_gemm", "_patch_forward_fused"]
+
+
+@requires_triton
+def test_autotuners_name_real_kernel_arguments() -> None:
+    """A misspelt key or restore name only fails at the first tuned call on a GPU: check here."""
+    from fastpatch.kernels.fused_ffn import _fused_ffn_kernel
+    from fastpatch.kernels.patch_forward import _patch_fused_kernel
+
+    for kernel, configs in ((_fused_ffn_kernel, FFN_CONFIGS), (_patch_fused_kernel, PATCH_FUSED_CONFIGS)):
+        assert set(kernel.keys) <= set(kernel.arg_names)
+        assert kernel.restore_value == ["ws_ptr"]  # it accumulates with atomics into ws
+        assert kernel.configs == configs
+        for c in configs:
+            assert set(c.kwargs) <= set(kernel.arg_names)
+        # the prune hook sees the positional arguments by name, as the autotuner passes them
+        named = dict(zip(kernel.arg_names, range(len(kernel.arg_names))))
+        named["M"] = 5
+        pruned = kernel.early_config_prune(configs, named)
+        assert pruned and {c.kwargs["BLOCK_M"] for c in pruned} == {16}
