@@ -174,14 +174,20 @@ def configs_for(configs: list, M: int) -> list:
     or as a GEMV; more tokens run at their bucket's tile height.
     """
     bucket = token_bucket(M)
-    allowed = (16, 1) if bucket == 1 else (bucket,)
-    return [c for b in allowed for c in configs if c.kwargs["BLOCK_M"] == b]
+    memo = _CANDIDATES.get((id(configs), bucket))  # launchers call this on every forward
+    if memo is None or memo[0] is not configs:
+        allowed = (16, 1) if bucket == 1 else (bucket,)
+        memo = (configs, [c for b in allowed for c in configs if c.kwargs["BLOCK_M"] == b])
+        _CANDIDATES[(id(configs), bucket)] = memo
+    return memo[1]
+
+
+_CANDIDATES: dict[tuple[int, int], tuple[list, list]] = {}
 
 
 def prune_by_tokens(configs: list, named_args: dict, **kwargs) -> list:
     """``triton.autotune`` early prune: keep the candidates of the call's token bucket."""
-    keep = {id(c) for c in configs_for(configs, named_args["M"])}
-    return [c for c in configs if id(c) in keep]
+    return configs_for(configs, named_args["M"])
 
 
 def work_bucket(P: int, F: int = 0) -> int:
