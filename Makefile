@@ -40,4 +40,4 @@ clean:
 GPU_SRC ?= /tmp/fastpatch-src
 gpu-check:
 	rm -rf $(GPU_SRC) && mkdir -p $(GPU_SRC) && cp -r fastpatch $(GPU_SRC)/ && cp -r kernels $(GPU_SRC)/fastpatch/kernels
-	PYTHONPATH=$(GPU_SRC) python3 benchmarks/gpu_check.py --out $${OUT:-benchmarks/results/gpu}
+	PYTHONPATH=$(GPU_SRC) $(PY) benchmarks/gpu_check.py --out $(or $(OUT),benchmarks/results/gpu)
