@@ -46,6 +46,13 @@ def mm(a, b, acc, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def load_tile(ptr, offs_r, r_mask, stride_r, offs_c, c_mask, stride_c):
+    """The (rows, cols) tile ``ptr[offs_r, offs_c]`` of a strided matrix, zero outside the masks."""
+    return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=r_mask[:, None] & c_mask[None, :], other=0.0)
+
+
+@triton.jit
 def project_rows(
     x_ptr, w_ptr, offs_m, m_mask, offs_r, r_mask, D,
     stride_xm, stride_xd, stride_wr, stride_wd,
@@ -57,14 +64,8 @@ def project_rows(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_mask = offs_d < D
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
-            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + offs_r[None, :] * stride_wr + offs_d[:, None] * stride_wd,
-            mask=r_mask[None, :] & d_mask[:, None], other=0.0,
-        )
+        xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+        wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
         acc = mm(xt, wt, acc, BLOCK_M, INPUT_PRECISION)
     return acc
 
@@ -86,13 +87,9 @@ def project_rows_pair(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_mask = offs_d < D
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :] * stride_xd,
-            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-        )
-        w_mask = r_mask[None, :] & d_mask[:, None]
-        wa = tl.load(wa_ptr + offs_r[None, :] * stride_ar + offs_d[:, None] * stride_ad, mask=w_mask, other=0.0)
-        wb = tl.load(wb_ptr + offs_r[None, :] * stride_br + offs_d[:, None] * stride_bd, mask=w_mask, other=0.0)
+        xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+        wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
+        wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
         acc_a = mm(xt, wa, acc_a, BLOCK_M, INPUT_PRECISION)
         acc_b = mm(xt, wb, acc_b, BLOCK_M, INPUT_PRECISION)
     return acc_a, acc_b
@@ -112,10 +109,7 @@ def accumulate_rows(
     for n0 in range(0, D_OUT, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < D_OUT
-        wt = tl.load(
-            w_ptr + offs_r[:, None] * stride_wr + offs_n[None, :] * stride_wn,
-            mask=r_mask[:, None] & n_mask[None, :], other=0.0,
-        )
+        wt = load_tile(w_ptr, offs_r, r_mask, stride_wr, offs_n, n_mask, stride_wn)
         contrib = mm(hv, wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_M, INPUT_PRECISION)
         tl.atomic_add(
             ws_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn,
@@ -129,13 +123,10 @@ def store_plus_base(
     stride_bm, stride_bn, stride_om, stride_on, HAS_BASE: tl.constexpr,
 ):
     """``out[offs_m, offs_n] = acc (+ base)`` in the output's dtype."""
-    o_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_BASE:
-        acc += tl.load(
-            base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=o_mask, other=0.0
-        ).to(tl.float32)
+        acc += load_tile(base_ptr, offs_m, m_mask, stride_bm, offs_n, n_mask, stride_bn).to(tl.float32)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------- launch helpers

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from ._blocks import (
-    accumulate_rows, act_fn, candidate_configs, configs_for, project_rows, prune_by_tokens, store_plus_base,
+    accumulate_rows, act_fn, candidate_configs, configs_for, load_tile, project_rows, prune_by_tokens, store_plus_base,
     token_bucket, work_bucket,
 )
 from ._triton import autotune, autotune_enabled, launch, tl, triton
@@ -160,15 +160,9 @@ def _compact_value_kernel(
         offs_a = a0 + tl.arange(0, BLOCK_A).to(tl.int64)
         a_mask = offs_a < n_active
         ids = tl.load(idx_ptr + offs_a, mask=a_mask, other=0).to(tl.int64)
-        pre = tl.load(
-            pre_ptr + offs_m[:, None] * stride_hm + ids[None, :] * stride_hp,
-            mask=m_mask[:, None] & a_mask[None, :], other=0.0,
-        ).to(tl.float32)
+        pre = load_tile(pre_ptr, offs_m, m_mask, stride_hm, ids, a_mask, stride_hp).to(tl.float32)
         h = tl.where(m_mask[:, None] & a_mask[None, :], act_fn(pre, ACT), 0.0)
-        vt = tl.load(
-            v_ptr + ids[:, None] * stride_vp + offs_n[None, :] * stride_vn,
-            mask=a_mask[:, None] & n_mask[None, :], other=0.0,
-        )
+        vt = load_tile(v_ptr, ids, a_mask, stride_vp, offs_n, n_mask, stride_vn)
         acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
     store_plus_base(acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
                     stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)
@@ -193,10 +187,7 @@ def _sparse_value_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
         p_mask = offs_p < P
-        pre = tl.load(
-            h_ptr + offs_m[:, None] * stride_hm + offs_p[None, :] * stride_hp,
-            mask=m_mask[:, None] & p_mask[None, :], other=0.0,
-        ).to(tl.float32)
+        pre = load_tile(h_ptr, offs_m, m_mask, stride_hm, offs_p, p_mask, stride_hp).to(tl.float32)
         h = act_fn(pre, ACT)
         h = tl.where(m_mask[:, None] & p_mask[None, :], h, 0.0)
         if SKIP_INACTIVE:
@@ -204,10 +195,7 @@ def _sparse_value_kernel(
         else:
             run = True
         if run:
-            vt = tl.load(
-                v_ptr + offs_p[:, None] * stride_vp + offs_n[None, :] * stride_vn,
-                mask=p_mask[:, None] & n_mask[None, :], other=0.0,
-            )
+            vt = load_tile(v_ptr, offs_p, p_mask, stride_vp, offs_n, n_mask, stride_vn)
             acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
     store_plus_base(acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
                     stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)
