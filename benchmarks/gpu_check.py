@@ -124,25 +124,33 @@ def correctness() -> list[dict]:
                 rows.append({"kernel": f"patch_forward/{strategy}", "dtype": str(dtype), "M": M, "P": P, "d": d, "max_err": err})
         for gated in (True, False):
             for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
-                act = R.ACT_SILU if gated else R.ACT_GELU_TANH
-                x = torch.randn(M, d, device=DEV, dtype=dtype)
-                w_up = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype)
-                w_gate = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype) if gated else None
-                down = (torch.randn(d, Fdim, device=DEV) / Fdim**0.5).to(dtype)
-                b_up = None if gated else torch.randn(Fdim, device=DEV).to(dtype)
-                b_down = None if gated else torch.randn(d, device=DEV).to(dtype)
-                keys, bias, values, _ = make_patches(x, P, d, active_per_token=3)
-                out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, b_down=b_down,
-                                        keys=keys, bias=bias, values=values)
-                D = lambda t: None if t is None else t.double()  # noqa: E731
-                ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
-                                              b_down=D(b_down), keys=D(keys), bias=D(bias), values=D(values))
+                x, args, ref = _ffn_case(M, d, Fdim, d, P, gated, dtype)
+                out = fused_patched_ffn(x, **args)
                 err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
                 rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
                              "P": P, "d": d, "max_err": err})
     rows += config_correctness()
     rows += loss_correctness()
     return rows
+
+
+def _ffn_case(M: int, d: int, Fdim: int, d_out: int, P: int, gated: bool, dtype: torch.dtype):
+    """Random inputs of ``fused_patched_ffn`` (gated, or two-matrix with biases) and the float64
+    reference output: ``(x, keyword arguments, ref)``."""
+    act = R.ACT_SILU if gated else R.ACT_GELU_TANH
+    x = torch.randn(M, d, device=DEV, dtype=dtype)
+    w_up = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype)
+    w_gate = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype) if gated else None
+    down = (torch.randn(d_out, Fdim, device=DEV) / Fdim**0.5).to(dtype)
+    b_up = None if gated else torch.randn(Fdim, device=DEV).to(dtype)
+    b_down = None if gated else torch.randn(d_out, device=DEV).to(dtype)
+    keys, bias, values, _ = make_patches(x, P, d_out, active_per_token=3)
+    args = dict(w_up=w_up, w_down=down.t(), act=act, w_gate=w_gate, b_up=b_up, b_down=b_down,
+                keys=keys, bias=bias, values=values)
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
+                                  b_down=D(b_down), keys=D(keys), bias=D(bias), values=D(values))
+    return x, args, ref
 
 
 def _cfg_name(c) -> str:
@@ -160,26 +168,17 @@ def config_correctness() -> list[dict]:
     # 32-row bucket shares its tiles with the 16-row one and is covered under the interpreter
     for M in (1, 5, 17) if DRY else (1, 5, 33):
         for gated in (True, False):
-            act = R.ACT_SILU if gated else R.ACT_GELU_TANH
-            x = torch.randn(M, d, device=DEV, dtype=dtype)
-            w_up = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype)
-            w_gate = (torch.randn(Fdim, d, device=DEV) / d**0.5).to(dtype) if gated else None
-            down = (torch.randn(d_out, Fdim, device=DEV) / Fdim**0.5).to(dtype)
-            b_up = None if gated else torch.randn(Fdim, device=DEV).to(dtype)
-            keys, bias, values, _ = make_patches(x, P, d_out, active_per_token=3)
-            D = lambda t: None if t is None else t.double()  # noqa: E731
-            ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
-                                          keys=D(keys), bias=D(bias), values=D(values))
+            x, args, ref = _ffn_case(M, d, Fdim, d_out, P, gated, dtype)
             for c in ffn_configs_for(M):
                 try:
-                    out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, keys=keys, bias=bias,
-                                            values=values, config=c)
+                    out = fused_patched_ffn(x, **args, config=c)
                 except OutOfResources as e:  # the autotuner skips such a candidate too
                     rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
                     continue
                 err = close(out, ref, dtype, f"fused_ffn config [{_cfg_name(c)}] gated={gated} M={M} {dtype}")
                 rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
                              "max_err": err})
+        keys, bias, values = args["keys"], args["bias"], args["values"]
         base = torch.randn(M, d_out, device=DEV, dtype=dtype)
         ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
         for c in patch_configs_for(M):

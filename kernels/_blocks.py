@@ -46,6 +46,13 @@ def mm(a, b, acc, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def block_range(pid, BLOCK: tl.constexpr, n):
+    """Offsets (int64) of block ``pid`` of size ``BLOCK`` along a dimension of ``n``, and their mask."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return offs, offs < n
+
+
+@triton.jit
 def load_tile(ptr, offs_r, r_mask, stride_r, offs_c, c_mask, stride_c):
     """The (rows, cols) tile ``ptr[offs_r, offs_c]`` of a strided matrix, zero outside the masks."""
     return tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,

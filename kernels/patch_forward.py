@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 
 from ._blocks import (
-    accumulate_rows, act_fn, candidate_configs, configs_for, load_tile, project_rows, prune_by_tokens, store_plus_base,
-    token_bucket, work_bucket,
+    accumulate_rows, act_fn, block_range, candidate_configs, configs_for, load_tile, project_rows,
+    prune_by_tokens, store_plus_base, token_bucket, work_bucket,
 )
 from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .dispatch import use_triton
@@ -148,12 +148,8 @@ def _compact_value_kernel(
     ACT: tl.constexpr, HAS_BASE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    m_mask = offs_m < M
-    n_mask = offs_n < D_OUT
+    offs_m, m_mask = block_range(tl.program_id(0).to(tl.int64), BLOCK_M, M)
+    offs_n, n_mask = block_range(tl.program_id(1).to(tl.int64), BLOCK_N, D_OUT)
     n_active = tl.load(count_ptr).to(tl.int64)  # on the device: no host sync
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for a0 in range(0, n_active, BLOCK_A):
@@ -177,12 +173,8 @@ def _sparse_value_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    m_mask = offs_m < M
-    n_mask = offs_n < D_OUT
+    offs_m, m_mask = block_range(tl.program_id(0).to(tl.int64), BLOCK_M, M)
+    offs_n, n_mask = block_range(tl.program_id(1).to(tl.int64), BLOCK_N, D_OUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
