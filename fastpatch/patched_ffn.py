@@ -87,6 +87,12 @@ class PatchedFFN(nn.Module):
         if layout.kind == "split":
             assert layout.tap is not None
             self._hook = layout.tap.register_forward_pre_hook(self._capture_input)
+        # The wrapped FFN's tensors keep their original names in the model's state dict
+        # ("...mlp.up_proj.weight", not "...mlp.ffn.up_proj.weight"): ``model.state_dict()`` and
+        # ``save_pretrained`` of a patched model load into plain transformers, and a base
+        # checkpoint loads into a patched model. Patches are saved on their own (``save``).
+        self.register_state_dict_post_hook(_hide_wrapper_prefix)
+        self.register_load_state_dict_pre_hook(_restore_wrapper_prefix)
 
     # ----------------------------------------------------------------- wrapping
     @classmethod
@@ -299,6 +305,35 @@ class PatchedFFN(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={self.module_path!r}, form={self.layout.kind}, family={self.layout.family}, activation={self.activation}"
+
+
+_WRAPPED = "ffn"  # attribute of PatchedFFN holding the wrapped module
+
+
+def _hide_wrapper_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: ``<prefix>ffn.<name>`` -> ``<prefix><name>``, in place, order kept."""
+    inner = prefix + _WRAPPED + "."
+    if not any(k.startswith(inner) for k in state_dict):
+        return
+    items = list(state_dict.items())
+    state_dict.clear()
+    for k, v in items:
+        state_dict[prefix + k[len(inner):] if k.startswith(inner) else k] = v
+
+
+def _restore_wrapper_prefix(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+    missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+) -> None:
+    """Load pre-hook: route the base FFN's names (``<prefix><name>``) to the wrapped module.
+
+    Keys already under ``<prefix>ffn.`` (a state dict taken with the hook removed) load as they are.
+    """
+    own = set(module._modules)
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        rest = k[len(prefix):]
+        if rest.split(".", 1)[0] not in own:
+            state_dict[prefix + _WRAPPED + "." + rest] = state_dict.pop(k)
 
 
 def _owner_of(root: nn.Module, target: nn.Module, canon: str | None = None) -> tuple[nn.Module, str]:

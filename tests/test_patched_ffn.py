@@ -214,3 +214,57 @@ def test_patch_activations_and_training_patches_gradients() -> None:
     torch.testing.assert_close(v.grad, (activation_reference(pre, 0).t() @ g).float(), atol=1e-4, rtol=1e-4)
     assert ffn._trainable is None
 
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_model_state_dict_keeps_the_base_names(name: str) -> None:
+    """Wrapping renames nothing: same keys, same order, the same tensors as the base model."""
+    build, path, _ = TINY[name]
+    model = build()
+    before = model.state_dict()
+    ffn = PatchedFFN.wrap(model, path)
+    ffn.add_patches(*_random_patches(ffn, 3))
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(after[k].data_ptr() == before[k].data_ptr() for k in before)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_base_checkpoint_loads_strictly_into_a_patched_model(name: str) -> None:
+    build, path, _ = TINY[name]
+    torch.manual_seed(0)
+    source = build()
+    want = _logits(source, model_inputs(name))
+    torch.manual_seed(1)
+    target = build()  # other random weights
+    ffn = PatchedFFN.wrap(target, path)
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert torch.equal(_logits(target, model_inputs(name)), want)
+    # A state dict that names the wrapper (``...ffn.<name>``) still loads.
+    at = next(n for n, m in target.named_modules() if m is ffn)  # split layouts: the down matrix
+    raw = {k.replace(f"{at}.", f"{at}.ffn.", 1) if k.startswith(at + ".") else k: v
+           for k, v in source.state_dict().items()}
+    assert any(k.startswith(f"{at}.ffn.") for k in raw)
+    target.load_state_dict(raw, strict=True)
+    # A key the FFN does not have is still reported.
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        target.load_state_dict({**source.state_dict(), f"{at}.nonsense": torch.zeros(1)})
+
+
+def test_save_pretrained_of_a_patched_model_loads_in_plain_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    build, path, _ = TINY["llama"]
+    model = build()
+    inputs = model_inputs("llama")
+    want = _logits(model, inputs)
+    ffn = PatchedFFN.wrap(model, path)
+    ffn.add_patches(*_random_patches(ffn, 4))
+    assert not torch.equal(_logits(model, inputs), want)
+    model.save_pretrained(tmp_path / "m")
+    ffn.save(tmp_path / "patches.safetensors")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(_logits(plain, inputs), want)  # the base model, bit for bit
+    patched_out = _logits(model, inputs)
+    PatchedFFN.wrap(plain, path).load(tmp_path / "patches.safetensors")
+    assert torch.equal(_logits(plain, inputs), patched_out)
