@@ -23,7 +23,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PatchBank", "PatchRecord", "PatchFileError", "FORMAT_VERSION", "weights_fingerprint"]
+__all__ = [
+    "PatchBank", "PatchRecord", "PatchFileError", "FORMAT_VERSION", "weights_fingerprint", "weights_sample",
+    "weights_match_sample",
+]
 
 #: Version of the patch file layout. Bump on an incompatible change.
 FORMAT_VERSION = "1"
@@ -60,6 +63,45 @@ def weights_fingerprint(tensors: Sequence[torch.Tensor], sample: int = 1 << 16) 
         h.update(repr(tuple(t.shape)).encode())
         h.update(s.numpy().tobytes())
     return h.hexdigest()
+
+
+#: Relative and absolute tolerance of :func:`weights_match_sample`: the same weights rounded to
+#: bf16 (2^-9) and to fp16 (2^-11, subnormals below 2^-14 to 2^-24 absolute) stay within them.
+_SAMPLE_RTOL, _SAMPLE_ATOL = 2.0**-7, 2.0**-22
+
+
+def _sample_values(t: torch.Tensor, n: int) -> list[float]:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // n)
+    return flat[::step][:n].to(device="cpu", dtype=torch.float32).tolist()
+
+
+def weights_sample(tensors: Sequence[torch.Tensor], n: int = 32) -> str:
+    """Shapes and ``n`` strided values of each tensor (JSON): FFN weights compared with a tolerance.
+
+    The exact :func:`weights_fingerprint` rounds to bfloat16, so weights loaded in float16 (or
+    fp32 weights and their bf16 copy rounded through float16) can hash differently; this sample
+    still tells the same checkpoint in another dtype from another model or layer.
+    """
+    return json.dumps([[list(t.shape), _sample_values(t, n)] for t in tensors])
+
+
+def weights_match_sample(sample: str, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` have the shapes and, up to float16/bfloat16 rounding, the values of ``sample``."""
+    try:
+        want = json.loads(sample)
+        if len(want) != len(tensors):
+            return False
+        for (shape, values), t in zip(want, tensors):
+            if list(shape) != list(t.shape):
+                return False
+            got = torch.tensor(_sample_values(t, len(values)), dtype=torch.float64)
+            ref = torch.tensor(values, dtype=torch.float64)
+            if got.shape != ref.shape or not torch.allclose(got, ref, rtol=_SAMPLE_RTOL, atol=_SAMPLE_ATOL):
+                return False
+    except (ValueError, TypeError):  # malformed sample: no match
+        return False
+    return True
 
 
 class PatchBank(nn.Module):
@@ -266,16 +308,33 @@ class PatchBank(nn.Module):
         }
 
     def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-        """Write the live patches to a safetensors file, atomically (write, then rename)."""
-        from safetensors.torch import save_file
+        """Write the live patches to a safetensors file, atomically (write, then rename).
+
+        The same patches and metadata always give the same bytes (the metadata is written in
+        sorted order; safetensors alone writes it in a random order).
+        """
+        from safetensors.torch import save
 
         tensors = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
         meta = self.metadata()
         meta.update(metadata or {})
+        data = memoryview(save(tensors, metadata=meta))
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(bytes(data[8 : 8 + n]))
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads it
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(len(raw).to_bytes(8, "little"))
+                f.write(raw)
+                f.write(data[8 + n :])
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -304,7 +363,10 @@ class PatchBank(nn.Module):
         if missing:
             raise PatchFileError(f"{path} lacks tensors {sorted(missing)}")
         n = tensors["keys"].shape[0]
-        d_in, d_out = int(meta["d_in"]), int(meta["d_out"])
+        try:
+            d_in, d_out = int(meta["d_in"]), int(meta["d_out"])
+        except (KeyError, ValueError) as e:
+            raise PatchFileError(f"{path}: metadata d_in/d_out missing or not integers ({e!r})") from None
         if (
             tensors["keys"].shape != (n, d_in)
             or tensors["biases"].shape != (n,)
@@ -329,10 +391,15 @@ class PatchBank(nn.Module):
         for name, t in (("keys", keys), ("biases", biases), ("values", values)):
             if not bool(torch.isfinite(t).all()):
                 raise PatchFileError(f"patch file {name} contain NaN or inf")
-        records = [PatchRecord(**r) for r in json.loads(meta.get("records", "[]"))]
+        try:
+            records = [PatchRecord(**r) for r in json.loads(meta.get("records", "[]"))]
+        except (ValueError, TypeError) as e:  # not JSON, not a list of records, unknown fields
+            raise PatchFileError(f"patch file records are malformed: {e}") from None
         ids = [int(i) for i in tensors["ids"].tolist()]
         if len(records) != len(ids) or [r.id for r in records] != ids:
             raise PatchFileError("patch file records do not match its ids")
+        if len(set(ids)) != len(ids):
+            raise PatchFileError("patch file has duplicate patch ids")
         n = len(ids)
         # Everything validated: now mutate.
         cap = max(_MIN_CAPACITY, 1 << max(0, math.ceil(math.log2(max(n, 1)))))

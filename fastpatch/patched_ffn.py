@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .bank import PatchBank, PatchFileError, weights_fingerprint
-from .ffn import FFNLayout, detect_layout, resolve_module
+from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_sample, weights_sample
+from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
 from .kernels.dispatch import use_triton
 from .kernels.fused_ffn import FUSED_FFN_MAX_TOKENS, fused_patched_ffn
 from .kernels.patch_forward import PatchForward, patch_forward
@@ -91,8 +91,11 @@ class PatchedFFN(nn.Module):
         # ("...mlp.up_proj.weight", not "...mlp.ffn.up_proj.weight"): ``model.state_dict()`` and
         # ``save_pretrained`` of a patched model load into plain transformers, and a base
         # checkpoint loads into a patched model. Patches are saved on their own (``save``).
+        # Missing/unexpected keys and size mismatches are reported under those names too.
+        self._loading: tuple[str, list[str]] | None = None
         self.register_state_dict_post_hook(_hide_wrapper_prefix)
         self.register_load_state_dict_pre_hook(_restore_wrapper_prefix)
+        self.register_load_state_dict_post_hook(_report_base_names)
 
     # ----------------------------------------------------------------- wrapping
     @classmethod
@@ -111,17 +114,22 @@ class PatchedFFN(nn.Module):
         ``"bert.encoder.layer.-1"`` or ``"model.decoder.layers.-1"`` (BERT/BART layers).
         """
         module, canon, _ = resolve_module(model, path)
-        if isinstance(module, PatchedFFN):
-            raise ValueError(f"{canon} is already wrapped by a PatchedFFN")
         if isinstance(getattr(module, "DenseReluDense", None), nn.Module):  # T5LayerFF
             module, canon = module.DenseReluDense, canon + ".DenseReluDense"
-        layout = detect_layout(module)
+        if isinstance(module, PatchedFFN):
+            raise ValueError(f"{canon} is already wrapped by a PatchedFFN")
+        try:
+            layout = detect_layout(module)
+        except UnknownLayoutError:
+            # A BERT/BART layer whose down matrix is already wrapped no longer looks like an FFN.
+            inner = next((n for n, m in module.named_modules() if isinstance(m, PatchedFFN)), None)
+            if inner is not None:
+                raise ValueError(f"{canon}.{inner} is already wrapped by a PatchedFFN") from None
+            raise
         if layout.kind == "split":
             # Replace the down matrix inside the layer; the layer keeps calling it.
             target = layout.down
             owner, attr = _owner_of(module, target)
-            if isinstance(target, PatchedFFN):
-                raise ValueError(f"{canon} is already wrapped by a PatchedFFN")
             wrapper = cls(target, layout, activation, canon, capacity, backend)
         else:
             owner, attr = _owner_of(model, module, canon)
@@ -144,6 +152,13 @@ class PatchedFFN(nn.Module):
 
     def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self._captured = args[0]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A captured FFN input is a per-call activation (possibly with its autograd graph, which
+        # deepcopy refuses): it is neither copied nor pickled with the module.
+        state = super().__getstate__()
+        state["_captured"] = None
+        return state
 
     # -------------------------------------------------------------- patch API
     @property
@@ -199,15 +214,15 @@ class PatchedFFN(nn.Module):
         return weights_fingerprint(self.layout.base_tensors())
 
     # ---------------------------------------------------------------- forward
-    def _ffn_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _ffn_input(self, x: torch.Tensor, captured: torch.Tensor | None) -> torch.Tensor:
         if self.layout.kind != "split":
             return x
-        if self._captured is None:
+        if captured is None:
             raise RuntimeError(
                 "PatchedFFN (split layout) was called before its layer's first FFN matrix: "
                 "the FFN input was not captured"
             )
-        return self._captured
+        return captured
 
     def patch_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Activations ``act(x K^T + b)`` of every bank patch, shape (..., P)."""
@@ -229,9 +244,12 @@ class PatchedFFN(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
         """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts."""
         bank = self.bank
+        # Split layouts: take the input captured by the tap for this call and release it, so the
+        # module does not keep the last batch's activations (and their autograd graph) alive.
+        captured, self._captured = self._captured, None
         if self._disabled or (bank.num_patches == 0 and self._trainable is None):
             return self.ffn(x, *args, **kwargs)
-        xin = self._ffn_input(x)
+        xin = self._ffn_input(x, captured)
         d = bank.d_in
         x2 = xin.reshape(-1, d)
         needs_grad = torch.is_grad_enabled() and (
@@ -273,6 +291,7 @@ class PatchedFFN(nn.Module):
             {
                 "module_path": self.module_path,
                 "fingerprint": self.fingerprint(),
+                "weights_sample": weights_sample(self.layout.base_tensors()),
                 "activation": self.activation,
                 "family": self.layout.family,
                 "patch_act": ACT_NAMES[self.patch_act],
@@ -296,7 +315,15 @@ class PatchedFFN(nn.Module):
                 f"PatchedFFN uses {self.activation!r}"
             )
         fp = self.fingerprint()
-        if meta.get("fingerprint") != fp:
+        # The exact fingerprint; across dtypes (files that carry one) the sample of the weights up
+        # to float16/bfloat16 rounding: the model served in float16 takes the patches made on it in
+        # fp32 or bf16. In the same dtype nothing excuses a difference (a fine-tuned checkpoint).
+        cross_dtype = meta.get("dtype") != str(self.bank.dtype).replace("torch.", "")
+        same = meta.get("fingerprint") == fp or (
+            cross_dtype and "weights_sample" in meta
+            and weights_match_sample(meta["weights_sample"], self.layout.base_tensors())
+        )
+        if not same:
             raise PatchFileError(
                 f"{Path(path).name} was made for different FFN weights (fingerprint "
                 f"{meta.get('fingerprint')} != {fp}): another model or checkpoint"
@@ -334,6 +361,22 @@ def _restore_wrapper_prefix(
         rest = k[len(prefix):]
         if rest.split(".", 1)[0] not in own:
             state_dict[prefix + _WRAPPED + "." + rest] = state_dict.pop(k)
+    module._loading = (prefix, error_msgs)  # for _report_base_names, once the subtree is loaded
+
+
+def _report_base_names(module: nn.Module, incompatible_keys: Any) -> None:
+    """Load post-hook: report ``<prefix>ffn.<name>`` keys as ``<prefix><name>``, as state_dict names them.
+
+    Rewrites the missing and unexpected keys and the error messages (size mismatches) in place.
+    """
+    ctx, module._loading = getattr(module, "_loading", None), None
+    if ctx is None:
+        return
+    prefix, error_msgs = ctx
+    inner = prefix + _WRAPPED + "."
+    for keys in (incompatible_keys.missing_keys, incompatible_keys.unexpected_keys):
+        keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k for k in keys]
+    error_msgs[:] = [m.replace(f" {inner}", f" {prefix}") for m in error_msgs]
 
 
 def _owner_of(root: nn.Module, target: nn.Module, canon: str | None = None) -> tuple[nn.Module, str]:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastpatch import PatchBank, PatchedFFN, PatchFileError
+from fastpatch.bank import weights_match_sample, weights_sample
 
 from .tiny_models import TINY, model_inputs
 
@@ -214,3 +215,86 @@ def test_model_state_dict_is_the_base_models() -> None:
     assert not any("_keys" in k or "bank" in k for k in keys)
     sd = ffn.bank.state_dict()
     assert set(sd) == {"keys", "biases", "values", "ids"} and sd["keys"].shape == (5, ffn.bank.d_in)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda t, m: m.update(records="not json"), "records are malformed"),
+        (lambda t, m: m.update(records=json.dumps([{"idx": 0}] * len(t["ids"]))), "records are malformed"),
+        (lambda t, m: m.pop("d_in"), "d_in/d_out missing or not integers"),
+        (lambda t, m: m.update(d_out="sixty-four"), "d_in/d_out missing or not integers"),
+        (
+            lambda t, m: (
+                t.update(ids=torch.zeros_like(t["ids"])),
+                m.update(records=json.dumps([{**r, "id": 0} for r in json.loads(m["records"])])),
+            ),
+            "duplicate patch ids",
+        ),
+    ],
+)
+def test_malformed_metadata_raises_patch_file_error(edit, match, tmp_path) -> None:
+    _, ffn, _ = _patched("llama")
+    _add_some(ffn)
+    f = tmp_path / "p.safetensors"
+    ffn.save(f)
+    before = _snapshot(ffn.bank)
+    tensors, meta = PatchBank.read_file(f)
+    edit(tensors, meta)
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad), metadata=meta)
+    with pytest.raises(PatchFileError, match=match):
+        ffn.load(bad)
+    assert _same(_snapshot(ffn.bank), before) and len(ffn.bank.records()) == ffn.num_patches
+
+
+def test_save_is_byte_reproducible(tmp_path) -> None:
+    """Same patches, same bytes: saved twice, and saved again after a load into a fresh bank."""
+    _, ffn, _ = _patched("llama")
+    _add_some(ffn)
+    ffn.remove(_add_some(ffn, 2)[:1])
+    ffn.save(tmp_path / "a.safetensors")
+    ffn.save(str(tmp_path / "b.safetensors"))
+    _, ffn2, _ = _patched("llama")  # the same weights, another bank
+    ffn2.load(tmp_path / "a.safetensors")
+    ffn2.save(tmp_path / "c.safetensors")
+    a = (tmp_path / "a.safetensors").read_bytes()
+    assert (tmp_path / "b.safetensors").read_bytes() == a
+    assert (tmp_path / "c.safetensors").read_bytes() == a
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(FileNotFoundError, match="missing-dir"):
+        ffn.save(tmp_path / "missing-dir" / "p.safetensors")
+
+
+@pytest.mark.parametrize("saved_in", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_patches_load_into_the_same_model_in_float16(name: str, saved_in: torch.dtype, tmp_path) -> None:
+    """The weight check is dtype-independent for float16 too (the bf16-rounded hash alone is not:
+    fp16 rounding moves some sampled weights to the next bf16 value); other weights stay refused."""
+    model, ffn, path = _patched(name)
+    _add_some(ffn)
+    src = copy.deepcopy(model).to(saved_in)
+    f = tmp_path / "p.safetensors"
+    next(m for m in src.modules() if isinstance(m, PatchedFFN)).save(f)
+    served = copy.deepcopy(model).half()
+    target = next(m for m in served.modules() if isinstance(m, PatchedFFN))
+    target.bank.clear()
+    assert target.fingerprint() != ffn.fingerprint()  # the case this covers
+    target.load(f)
+    assert target.bank.ids == ffn.bank.ids and target.bank.dtype == torch.float16
+    torch.testing.assert_close(target.bank.keys.float(), ffn.bank.keys, atol=2e-2, rtol=1e-2)
+    build, _, _ = TINY[name]
+    torch.manual_seed(1)
+    other = build().half()
+    with pytest.raises(PatchFileError, match="different FFN weights"):
+        PatchedFFN.wrap(other, path).load(f)
+    # In the dtype it was saved in, a checkpoint that the sparse sample cannot tell apart (a
+    # weight between sampled ones changed) is still refused: the tolerance is for another dtype.
+    tuned = copy.deepcopy(src)
+    tuned_ffn = next(m for m in tuned.modules() if isinstance(m, PatchedFFN))
+    with torch.no_grad():
+        tuned_ffn.layout.base_tensors()[0][0, 1] += 0.25
+    assert weights_match_sample(weights_sample(ffn.layout.base_tensors()), tuned_ffn.layout.base_tensors())
+    tuned_ffn.bank.clear()
+    with pytest.raises(PatchFileError, match="different FFN weights"):
+        tuned_ffn.load(f)

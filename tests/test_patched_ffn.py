@@ -171,11 +171,43 @@ def test_unknown_layout_lists_supported_families() -> None:
         PatchedFFN.wrap(TINY["llama"][0](), "model.layers.-1.nope")
 
 
-def test_double_wrap_refused() -> None:
-    model = TINY["llama"][0]()
-    PatchedFFN.wrap(model, "model.layers.-1.mlp")
-    with pytest.raises(ValueError, match="already wrapped"):
-        PatchedFFN.wrap(model, "model.layers.-1.mlp")
+@pytest.mark.parametrize("name", list(TINY))
+def test_double_wrap_refused(name: str) -> None:
+    """Every family says "already wrapped", not that the (BERT/BART/T5) layer is of an unknown layout."""
+    build, path, _ = TINY[name]
+    model = build()
+    ffn = PatchedFFN.wrap(model, path)
+    with pytest.raises(ValueError, match="already wrapped by a PatchedFFN"):
+        PatchedFFN.wrap(model, path)
+    ffn.unwrap()
+    PatchedFFN.wrap(model, path)  # unwrapped: wraps again
+
+
+@pytest.mark.parametrize("name", ["bert", "bart"])
+def test_split_layout_keeps_no_activations_between_calls(name: str) -> None:
+    """The captured FFN input is released by the call that uses it: after a forward with gradients
+    on, the model deep-copies and pickles (without the activations) and the copy works."""
+    import io
+
+    build, path, _ = TINY[name]
+    model = build()
+    inputs = model_inputs(name)
+    ffn = PatchedFFN.wrap(model, path)
+    ffn.add_patches(*_random_patches(ffn, 3))
+    want = _logits(model, inputs)
+    model(**inputs)  # grad enabled: the FFN input carries the autograd graph
+    assert ffn._captured is None
+    twin = copy.deepcopy(model)
+    assert torch.equal(_logits(twin, inputs), want)
+    # a forward stopped between the two FFN matrices leaves a capture: not copied, not pickled
+    ffn.layout.tap(torch.randn(2, 3, ffn.bank.d_in, requires_grad=True))
+    assert ffn._captured is not None
+    assert copy.deepcopy(ffn)._captured is None
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert torch.equal(_logits(torch.load(buf, weights_only=False), inputs), want)
+    assert torch.equal(_logits(model, inputs), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -249,6 +281,26 @@ def test_base_checkpoint_loads_strictly_into_a_patched_model(name: str) -> None:
     # A key the FFN does not have is still reported.
     with pytest.raises(RuntimeError, match="Unexpected key"):
         target.load_state_dict({**source.state_dict(), f"{at}.nonsense": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_load_state_dict_reports_the_base_names(name: str) -> None:
+    """Missing, unexpected and mismatched keys are named as ``state_dict()`` names them (no ``ffn.``)."""
+    build, path, _ = TINY[name]
+    model = build()
+    ffn = PatchedFFN.wrap(model, path)
+    at = next(n for n, m in model.named_modules() if m is ffn)
+    sd = model.state_dict()
+    key = next(k for k in sd if k.startswith(at + "."))
+    partial = {k: v for k, v in sd.items() if k != key}
+    result = model.load_state_dict({**partial, f"{at}.nonsense": torch.zeros(1)}, strict=False)
+    assert result.missing_keys == [key] and result.unexpected_keys == [f"{at}.nonsense"]
+    with pytest.raises(RuntimeError, match=f'Missing key\\(s\\) in state_dict: "{key}"'):
+        model.load_state_dict(partial)
+    with pytest.raises(RuntimeError) as e:
+        model.load_state_dict({**sd, key: torch.zeros(3)})
+    assert f"size mismatch for {key}:" in str(e.value) and ".ffn." not in str(e.value)
+    model.load_state_dict(sd)  # and the full state dict still loads strictly
 
 
 def test_save_pretrained_of_a_patched_model_loads_in_plain_transformers(tmp_path) -> None:
