@@ -262,9 +262,48 @@ def test_batched_capture_matches_one_forward_per_view(name: str) -> None:
              [("the capital of peru is", "lima oslo"), ("rome", "paris"), ("the king of norway is a", "man")]]
     views += ed._augmented(EditRequest("the capital of peru is", "lima"))
     assert len(views) == 6 and len({v.inputs["input_ids"].shape[1] for v in views}) > 1  # padding happens
+    offsets, _ = ed._prefix_offsets(views)
+    assert all(c > 0 for c in offsets[3:])  # the prefixed views run from the prefix cache
     batched = ed._capture_all(views)
+    assert ed._prefix_cache_ok is True  # checked against a plain forward on first use
     for v, got in zip(views, batched):
         one = ed._capture(v)
+        torch.testing.assert_close(got["x"], one["x"])
+        torch.testing.assert_close(got["s0"], one["s0"])
+        assert torch.equal(got["pred"], one["pred"])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prefix_cache_that_disagrees_with_a_plain_forward_is_dropped(name: str, caplog) -> None:
+    torch.manual_seed(0)
+    ed = Editor(TINY[name][0](), word_tokenizer(), EditorConfig(augment=2, augment_tokens=4))
+    req = EditRequest("the capital of peru is", "lima")
+    views = [ed._encode(req)] + ed._augmented(req)
+    plain = ed._capture_plain(views, [v.inputs["input_ids"][0] for v in views])
+    _, states = ed._prefix_offsets(views)
+    for st in {id(s): s for s in states if s is not None}.values():  # a cache gone wrong
+        st.kv = [(k + 1.0, v) for k, v in st.kv]
+    with caplog.at_level("WARNING", logger="fastpatch.editor"):
+        got = ed._capture_all(views)
+    assert ed._prefix_cache_ok is False and "prefix cache disagrees" in caplog.text
+    for c, x, s0 in zip(got, *plain):
+        assert torch.equal(c["x"], x) and torch.equal(c["s0"], s0)
+    assert ed._prefix_offsets(views)[0] == [0] * len(views)  # no longer used
+
+
+def test_prefix_cache_is_independent_of_the_patches() -> None:
+    """Cached prefix states stay valid across edits: the patched FFN is the last layer's."""
+    torch.manual_seed(0)
+    ed = Editor(TINY["llama"][0]().double(), word_tokenizer(), EditorConfig(augment=2, augment_tokens=4, max_steps=300))
+    ed.build_memory(CORPUS)
+    assert ed.edit(EditRequest("the capital of peru is", "lima", edit_id="p")).success
+    assert ed._prefix_states and ed._prefix_cache_ok is True
+    assert ed.ffn.num_patches > 0
+    req = EditRequest("the capital of italy is", "rome")
+    views = [ed._encode(req)] + ed._augmented(req)
+    cached = ed._capture_all(views)
+    for v, got in zip(views, cached):
+        one = ed._capture(v)  # a full forward through the patched model
         torch.testing.assert_close(got["x"], one["x"])
         torch.testing.assert_close(got["s0"], one["s0"])
         assert torch.equal(got["pred"], one["pred"])

@@ -41,6 +41,7 @@ from ..kernels.reference import activation_reference
 from ..patched_ffn import PatchedFFN
 from .adapters import FamilyAdapter, find_adapter
 from .memory import CORPUS, MemorySet
+from .prefix_cache import PrefixState, batched_inputs, build_cache, cache_kwarg, cache_tensors, common_length
 from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest, EditResult
 
 __all__ = ["Editor"]
@@ -160,6 +161,10 @@ class Editor:
         self.edits: dict[str, dict[str, Any]] = {}  # edit_id -> {"code", "patch_ids", "time"}
         self._next_code = 0
         self._prefixes: list[str] | None = None  # generated once, on the first augmented edit
+        # the context prefixes' keys/values (prefix_cache); None until checked on a first capture
+        self._prefix_ids: tuple[tuple[str, ...], list[tuple[int, ...]]] | None = None
+        self._prefix_states: dict[tuple[Any, ...], PrefixState] = {}
+        self._prefix_cache_ok: bool | None = None
         if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -503,8 +508,46 @@ class Editor:
                     logits = self.adapter.tail(c["s0"])
                     c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
             return caps
-        pad = self.tokenizer.pad_token_id or 0
+        xs, s0s = self._capture_causal(views)
+        out = []
+        k = self._top_per_row(sum(len(v.labels) for v in views))
+        all_logits = self.adapter.tail(torch.cat(s0s))  # one head call for every view's rows
+        start = 0
+        for bi, v in enumerate(views):
+            logits = all_logits[start : start + len(v.labels)]
+            start += len(v.labels)
+            c = {"x": xs[bi], "pred": logits.argmax(-1).cpu(), "s0": s0s[bi]}
+            if k:
+                c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+            out.append(c)
+        return out
+
+    def _capture_causal(self, views: list[_Encoded]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per view: the FFN inputs at every position and ``s0`` at its label positions, from one
+        right-padded forward that stops at the tail (decoder-only models, fast path).
+
+        Tokens a view shares with a context prefix come from that prefix's cached keys and
+        values (``prefix_cache``); the first such capture is checked against a plain forward.
+        """
         seqs = [v.inputs["input_ids"][0] for v in views]
+        offsets, states = self._prefix_offsets(views)
+        if not any(offsets):
+            return self._capture_plain(views, seqs)
+        cached = self._capture_cached(views, seqs, offsets, states)
+        if self._prefix_cache_ok is None:
+            plain = self._capture_plain(views, seqs)
+            tol = 1e-4 if self.ffn.layout.w_up.dtype in (torch.float32, torch.float64) else 2e-2
+            err = max(float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+                      for got, want in zip(cached, plain) for a, b in zip(got, want))
+            self._prefix_cache_ok = err <= tol
+            if not self._prefix_cache_ok:
+                log.warning("prefix cache disagrees with a plain forward (relative error %.2e): disabled", err)
+                return plain
+        return cached
+
+    def _capture_plain(self, views: list[_Encoded], seqs: list[torch.Tensor]
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        pad = self.tokenizer.pad_token_id or 0
         L = max(t.shape[0] for t in seqs)
         ids = torch.stack([F.pad(t, (0, L - t.shape[0]), value=pad) for t in seqs])
         mask = torch.stack([F.pad(torch.ones_like(t), (0, L - t.shape[0])) for t in seqs])
@@ -513,19 +556,61 @@ class Editor:
                 self._forward({"input_ids": ids, "attention_mask": mask})
             except _StopForward:
                 pass
-        out = []
-        k = self._top_per_row(sum(len(v.labels) for v in views))
+        xs = [got["x"][bi][: t.shape[0]].detach() for bi, t in enumerate(seqs)]
         s0s = [got["s0"][bi][v.label_pos.to(self.device)].detach() for bi, v in enumerate(views)]
-        all_logits = self.adapter.tail(torch.cat(s0s))  # one head call for every view's rows
-        start = 0
-        for bi, v in enumerate(views):
-            logits = all_logits[start : start + len(v.labels)]
-            start += len(v.labels)
-            c = {"x": got["x"][bi][: seqs[bi].shape[0]].detach(), "pred": logits.argmax(-1).cpu(), "s0": s0s[bi]}
-            if k:
-                c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-            out.append(c)
-        return out
+        return xs, s0s
+
+    def _capture_cached(self, views: list[_Encoded], seqs: list[torch.Tensor], offsets: list[int],
+                        states: list[PrefixState | None]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        inputs, kv = batched_inputs(seqs, states, offsets, self.tokenizer.pad_token_id or 0)
+        with self._capturing(want_s0=True, stop_at_tail=True) as got:
+            try:
+                self.model(**inputs, **{cache_kwarg(self.model): build_cache(kv, self.model.config)}, use_cache=True)
+            except _StopForward:
+                pass
+        xs, s0s = [], []
+        for bi, (v, t, c) in enumerate(zip(views, seqs, offsets)):
+            new = got["x"][bi][: t.shape[0] - c].detach()
+            st = states[bi]
+            xs.append(torch.cat([st.x[:c], new]) if st is not None and c else new)
+            s0s.append(got["s0"][bi][(v.label_pos - c).to(self.device)].detach())
+        return xs, s0s
+
+    def _prefix_offsets(self, views: list[_Encoded]) -> tuple[list[int], list[PrefixState | None]]:
+        """Per view: how many leading tokens the prefix cache serves (0: none), and from which prefix."""
+        prefixes = tuple(self.context_prefixes())
+        if self._prefix_cache_ok is False or not prefixes:
+            return [0] * len(views), [None] * len(views)
+        if self._prefix_ids is None or self._prefix_ids[0] != prefixes:
+            self._prefix_ids = (prefixes, [tuple(self.tokenizer(p)["input_ids"]) for p in prefixes])
+        tokenized = self._prefix_ids[1]
+        offsets: list[int] = []
+        states: list[PrefixState | None] = []
+        for v in views:
+            ids = v.inputs["input_ids"][0].tolist()
+            best, which = max((common_length(p, ids), i) for i, p in enumerate(tokenized))
+            # the label positions run fresh: their s0 is read there
+            best = min(best, int(v.label_pos.min()))
+            offsets.append(best)
+            states.append(self._prefix_state(tokenized[which]) if best > 0 else None)
+        return offsets, states
+
+    @torch.no_grad()
+    def _prefix_state(self, ids: tuple[int, ...]) -> PrefixState:
+        """The cached keys/values and FFN inputs of one context prefix (computed on first use)."""
+        key = (ids, str(self.device), self.ffn.layout.w_up.dtype)
+        state = self._prefix_states.get(key)
+        if state is None:
+            cache = build_cache([], self.model.config)
+            with self._capturing(want_s0=True, stop_at_tail=True) as got:
+                try:
+                    self.model(input_ids=torch.tensor([ids], device=self.device), **{cache_kwarg(self.model): cache},
+                               use_cache=True)
+                except _StopForward:
+                    pass
+            state = PrefixState(ids, [(k.detach(), v.detach()) for k, v in cache_tensors(cache)], got["x"][0].detach())
+            self._prefix_states[key] = state
+        return state
 
     def _top_per_row(self, n_rows: int) -> int:
         """Candidates kept per label row: ``loss_vocab`` shared out, at least 16 (0: no candidates)."""
@@ -789,13 +874,16 @@ class Editor:
         margins = False
         step = 0
         settled: int | None = None  # first step at which every request is right as given
+        # Full-vocabulary flags of the current parameters, if taken since the last update: one
+        # check reads the whole LM head (a quarter of a CPU edit), so none is taken twice.
+        exact: tuple[list[bool], list[bool]] | None = None
         for step in range(cfg.max_steps + 1):
             loss, info, correct, main_ok, margins = self._losses(batch, params, full)
             # with candidates, the flags are provisional: confirmed over the whole vocabulary
             # before a decision is taken on them
             done = all(correct) and margins and batch.variants_fire
             if done and batch.cand is not None:
-                correct, main_ok = self._exact_flags(batch, params)
+                exact = correct, main_ok = self._exact_flags(batch, params)
                 done = all(correct)
             if done:
                 break
@@ -803,7 +891,7 @@ class Editor:
                 settled = step if settled is None else settled
                 if step - settled >= cfg.augment_patience:
                     if batch.cand is not None:
-                        correct, main_ok = self._exact_flags(batch, params)
+                        exact = correct, main_ok = exact or self._exact_flags(batch, params)
                     if all(main_ok):
                         break  # the edit holds; stop chasing context variants
                     settled = None
@@ -814,10 +902,11 @@ class Editor:
                 p.grad = g
             torch.nn.utils.clip_grad_norm_(plist, cfg.grad_clip)
             opt.step()
+            exact = None
         for p in plist:
             p.requires_grad_(False)
         if batch.cand is not None:
-            correct, main_ok = self._exact_flags(batch, params)
+            correct, main_ok = exact or self._exact_flags(batch, params)
         # a request succeeds when it is predicted right as given and the memory margins hold
         ok = [c and margins for c in main_ok]
         info = {k: round(v, 6) for k, v in info.items()}
