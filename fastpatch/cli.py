@@ -17,6 +17,9 @@ in one of the formats of :mod:`fastpatch.data.formats`. ``minilm`` with ``geogra
 ``smollm2`` with ``claims``) is refused with a message: one is a classifier, the other a
 generative stream.
 
+On ``--resume`` the editor configuration comes from the checkpoint: a ``--set`` that contradicts
+it is refused (exit status 2), as are another model, data or protocol and a damaged checkpoint.
+
 Exit status: 0 done; 1 unexpected error; 2 bad arguments, bad data or a refused resume;
 130 interrupted (Ctrl-C; ``--resume`` continues from the last checkpoint).
 """
@@ -248,10 +251,24 @@ def memory_corpus(args: argparse.Namespace, stream: Any, geo_memory: list[str] |
 
 
 def _device(name: str) -> str:
+    """The torch device ``--device`` names (``auto``: cuda when available, else cpu).
+
+    Raises:
+        CLIError: not a device name, or a CUDA device on a machine without a usable one.
+    """
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name!r}: CUDA is not available on this machine (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 
@@ -269,6 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         raise CLIError(f"--checkpoint-every must be > 0, got {args.checkpoint_every}")
     _check_model_and_data(args)
+    device = _device(args.device)  # a bad --device fails now, not after the (slow) model load
     if args.memory_limit is None:
         args.memory_limit = 0 if args.data.strip().lower() == CLAIMS else DEFAULT_MEMORY_LIMIT
 
@@ -279,11 +297,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     model_id = model_fingerprint(args.model)
     fingerprints = {"model": model_id, "data": data_fingerprint(records), "protocol": args.protocol}
 
-    existing = read_run_info(out)
     overwrite = args.overwrite
+    if overwrite and not args.resume:  # replaced whatever it holds (run_stream clears it)
+        existing = {} if RunPaths(out).run_json.is_file() else None
+    else:
+        existing = read_run_info(out)
     if existing is not None:
         if args.resume:
             check_resume(existing, fingerprints)  # refuse before the (slow) model load
+            latest_checkpoint(out, strict=True)  # and a damaged checkpoint too
         elif not overwrite:
             summary = RunPaths(out).summary_json
             done = summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("complete")
@@ -301,7 +323,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _is_minilm(args.model):
         log.info("loading the MiniLM claim classifier (trained and cached at first use: about a minute)")
     model, tokenizer = resolve_model(args.model)
-    device = _device(args.device)
     model.to(device)
     log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
 
@@ -309,9 +330,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     ckpt = latest_checkpoint(out) if (args.resume and existing is not None) else None
     if ckpt is not None:
-        if overrides:
-            log.warning("--set is ignored on --resume: the editor configuration comes from the checkpoint")
-        editor = Editor.load(ckpt / "editor", model, tokenizer)
+        from safetensors import SafetensorError
+
+        try:
+            editor = Editor.load(ckpt / "editor", model, tokenizer)
+        except (OSError, ValueError, KeyError, SafetensorError) as err:  # an unreadable part of the checkpoint
+            raise CLIError(f"cannot resume from checkpoint {ckpt}: {err}; start over with --overwrite "
+                           f"(or another --out)") from err
+        # The editor configuration comes from the checkpoint: a --set that contradicts it is refused.
+        changed = {k: (getattr(editor.config, k), v) for k, v in overrides.items() if getattr(editor.config, k) != v}
+        if changed:
+            raise CLIError("cannot resume: the run was made with " + ", ".join(
+                f"{k}={old!r}" for k, (old, _) in changed.items()) + ", not " + ", ".join(
+                f"{k}={new!r}" for k, (_, new) in changed.items()) + "; the editor configuration comes from the "
+                "checkpoint: drop or fix --set, or start over with --overwrite (or another --out)")
     else:
         editor = Editor(model, tokenizer, config=EditorConfig(**overrides))
     memory = memory_corpus(args, stream, geo_memory) if ckpt is None else None

@@ -103,8 +103,11 @@ def load_run(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     evals = _read_jsonl(out / "evals.jsonl")
     summary: dict[str, Any] | None = None
     if (out / "summary.json").is_file():
-        with open(out / "summary.json", encoding="utf-8") as fh:
-            summary = json.load(fh)
+        try:
+            with open(out / "summary.json", encoding="utf-8") as fh:
+                summary = json.load(fh)
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{out / 'summary.json'} is corrupt or truncated (not valid JSON: {err})") from None
     if summary is None:
         if not edits and not (out / "run.json").is_file():
             raise FileNotFoundError(f"{out} holds no fastpatch run (no summary.json, edits.jsonl or run.json)")

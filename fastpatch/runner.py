@@ -43,7 +43,12 @@ directory is renamed into place and ``LATEST`` is replaced atomically. A checkpo
 complete or invisible. ``resume=True`` restores the state, truncates the JSONL files to their
 checkpointed length (dropping the lines of edits done after it) and continues from the
 checkpointed position: no edit is lost or repeated. A resume whose model, data or protocol differ
-from the run's is refused with :class:`RunMismatchError`.
+from the run's is refused with :class:`RunMismatchError`; a damaged checkpoint (``LATEST`` naming
+a missing one, a corrupt ``state.json``) with :class:`RunError`, never by silently starting over.
+
+Every prompt, paraphrase and locality prompt the stream is scored on is tokenized before the run
+starts: one the editor cannot score (e.g. longer than the model's context) is a :class:`RunError`
+naming the request, not a crash in the middle of the stream.
 """
 
 from __future__ import annotations
@@ -209,13 +214,25 @@ def _json_default(obj: Any) -> Any:
 
 
 def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """A run file's JSON; a corrupt or truncated file is a :class:`RunError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise RunError(f"{path} is corrupt or truncated (not valid JSON: {err}); start over with --overwrite "
+                       f"(or another --out)") from None
 
 
-def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+def latest_checkpoint(out_dir: str | os.PathLike[str], strict: bool = False) -> Path | None:
     """The directory of the run's latest complete checkpoint (holding ``editor/`` and
-    ``state.json``), or None if there is none."""
+    ``state.json``), or None if there is none.
+
+    Args:
+        out_dir: the run directory.
+        strict: raise :class:`RunError` when ``checkpoint/LATEST`` exists but names no complete
+            checkpoint (a damaged run directory: ``LATEST`` is only written once its checkpoint is
+            complete), instead of returning None as for a run that has no checkpoint yet.
+    """
     paths = RunPaths(Path(out_dir))
     try:
         name = paths.latest.read_text(encoding="utf-8").strip()
@@ -223,12 +240,30 @@ def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
         return None
     ckpt = paths.checkpoints / name
     if not name or not (ckpt / "state.json").is_file():
+        if strict:
+            raise RunError(
+                f"{paths.latest} names checkpoint {name!r}, but {ckpt / 'state.json'} is missing: the checkpoint "
+                f"is damaged, so the run cannot resume; start over with --overwrite (or another --out)")
         return None
     return ckpt
 
 
+def _read_state(ckpt: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked for its version and the fields a resume reads."""
+    state = _read_json(ckpt / "state.json")
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise RunError(f"{ckpt / 'state.json'}: checkpoint state version {version!r} is not {_STATE_VERSION} "
+                       f"(written by another fastpatch version?); start over with --overwrite (or another --out)")
+    missing = [k for k in ("position", "n_edits", "edits_bytes", "evals_bytes", "metrics") if k not in state]
+    if missing:
+        raise RunError(f"{ckpt / 'state.json'} lacks {', '.join(missing)}: the checkpoint is damaged; start over "
+                       f"with --overwrite (or another --out)")
+    return state
+
+
 def read_run_info(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """``run.json`` of a run directory, or None."""
+    """``run.json`` of a run directory, or None (:class:`RunError` if it is corrupt)."""
     p = RunPaths(Path(out_dir)).run_json
     return _read_json(p) if p.is_file() else None
 
@@ -453,6 +488,7 @@ class _Run:
             a, b = (d if retain_size is None else d[:retain_size] for d in distinct)
         else:
             a, b = retain_split(retain_pairs, retain_size)
+        self.check_tokenizable([(p, t, f"retain pair {p[:60]!r}") for p, t in a + b])
         ok, tokens = self.check_and_tokens(a + b, loc_pairs)
         loc_tokens = [[tokens[index[(p, a)]] for p, a in r.locality] for r in self.records[:n]]
         train = [[p, t] for (p, t), c in zip(a, ok[: len(a)]) if c]
@@ -482,6 +518,27 @@ class _Run:
         if target not in self.labels:  # e.g. a resumed run's baseline pairs: resolve (or refuse) now
             self.labels.update(classification_labels(self.ed, [], [("", target)]) or {})
         return self.labels[target]
+
+    def check_tokenizable(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """Raise :class:`RunError` naming the first ``(prompt, target, where)`` item the editor
+        cannot score (e.g. longer than the model's context, or a target of no tokens): such an
+        item would stop the run in the middle of the stream, at every resume again."""
+        from .editor import EditError
+
+        target_ids = getattr(self.ed, "target_ids", None)
+        if target_ids is None or not items:
+            return
+        try:  # tokenization only, all at once; item by item to find the culprit
+            target_ids([p for p, _, _ in items], [self.target(t) for _, t, _ in items])
+            return
+        except EditError:
+            pass
+        for p, t, where in items:
+            try:
+                target_ids([p], [self.target(t)])
+            except EditError as err:
+                raise RunError(f"{where}: {err}; fix or remove it (or stop the stream before it with "
+                               f"--limit)") from None
 
     def _sorted_call(self, fn: Callable[..., list[Any]], pairs: Sequence[tuple[str, str]]) -> list[Any]:
         """``fn(prompts, targets, batch_size=...)`` over pairs sorted by length (less padding in
@@ -722,7 +779,9 @@ def run_stream(
     Raises:
         RunMismatchError: resume with another model, data or protocol.
         RunExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
-        RunError: inconsistent checkpoint (e.g. the editor does not hold it).
+        RunError: inconsistent or damaged checkpoint (e.g. the editor does not hold it, a corrupt
+            state.json, a ``limit`` below its position), or a request text the editor cannot score
+            (the message names the request).
     """
     from . import report  # matplotlib is imported lazily inside
 
@@ -759,9 +818,19 @@ def run_stream(
     # Classifiers: every target must name one of the model's classes (checked before anything is written).
     extra = [p for s in (retain_sets or ()) for p in s] + list(retain_pairs or [])
     run.labels = classification_labels(editor, records, extra)
+    # Every text the stream's requests are scored on (checked before anything is written).
+    for r in records[: run.n_total]:
+        where = f"request {r.id!r} (row {r.source_row})"
+        run.check_tokenizable(
+            [(r.prompt, r.target, f"{where}, prompt {r.prompt[:60]!r}")]
+            + [(p, r.target, f"{where}, paraphrase {p[:60]!r}") for p in r.rephrases]
+            + [(p, a, f"{where}, locality prompt {p[:60]!r}") for p, a in r.locality])
 
     # ------------------------------------------------------------- start or resume
-    existing = read_run_info(out) if paths.run_json.is_file() else None
+    if overwrite and not resume and paths.run_json.is_file():
+        existing: dict[str, Any] | None = {}  # replaced below, whatever it holds (even a corrupt run.json)
+    else:
+        existing = read_run_info(out) if paths.run_json.is_file() else None
     if existing is not None and not resume:
         if not overwrite:
             raise RunExistsError(
@@ -774,7 +843,7 @@ def run_stream(
     ckpt = None
     if existing is not None:
         check_resume(existing, fingerprints)
-        ckpt = latest_checkpoint(out)
+        ckpt = latest_checkpoint(out, strict=True)
     info = {
         "fingerprints": fingerprints,
         "data": data_id or {},
@@ -795,7 +864,7 @@ def run_stream(
                     editor.num_patches)
 
     if ckpt is not None:
-        state = _read_json(ckpt / "state.json")
+        state = _read_state(ckpt)
         now = editor_state_id(editor)
         if state.get("editor") != now:
             raise RunError(
@@ -804,6 +873,11 @@ def run_stream(
                 f"{state.get('editor', {}).get('n_edits')}): load it with "
                 f"Editor.load({str(ckpt / 'editor')!r}, model, tokenizer) before resuming"
             )
+        if int(state["position"]) > run.n_total:
+            raise RunError(
+                f"checkpoint {ckpt.name} has already processed {state['position']} requests, more than the "
+                f"{run.n_total} asked for now (limit {limit}); resume with a limit of at least "
+                f"{state['position']} (or none), or start over with --overwrite (or another --out)")
         run.state = MetricState.from_dict(state["metrics"])
         run.wall_before = float(state.get("wall_seconds", 0.0))
         run.peak_rss_before = float(state.get("peak_rss_mib", 0.0))

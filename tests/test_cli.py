@@ -202,6 +202,11 @@ def test_bad_arguments(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture
                  str(tmp_path / "o2"), "-q"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+    capsys.readouterr()
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "summary.json").write_text('{"complete": tr')
+    assert main(["report", str(tmp_path / "torn")]) == 2
+    assert f"{tmp_path / 'torn' / 'summary.json'} is corrupt or truncated" in capsys.readouterr().err
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -220,6 +225,55 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny: Path, tmp_path: Path, ca
     assert "--resume" in capsys.readouterr().err
     assert main(["run", *common, "--overwrite"]) == 0
     assert len(read_lines(out / "edits.jsonl")) == 4
+
+
+def test_bad_device_is_a_clean_error(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    data = write_stream(tmp_path / "s.jsonl", n=2)
+    common = ["--model", str(tiny), "--data", str(data), "--memory", "none", "--no-progress", "-q", "--no-plots"]
+    assert main(["run", *common, "--out", str(tmp_path / "a"), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", *common, "--out", str(tmp_path / "b"), "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_resume_checkpoint_problems_are_clean_errors(tiny: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from fastpatch.runner import latest_checkpoint
+
+    data = write_stream(tmp_path / "s.jsonl", n=4)
+    out = tmp_path / "run"
+    common = ["run", "--model", str(tiny), "--data", str(data), "--out", str(out), "--memory", "none",
+              "--no-progress", "-q", "--no-plots", "--protocol", "easyedit", "--checkpoint-every", "2"]
+    assert main([*common, *FAST, "--limit", "2"]) == 0
+    capsys.readouterr()
+    ckpt = latest_checkpoint(out)
+    edits = (out / "edits.jsonl").read_bytes()
+
+    # --set contradicting the checkpoint's editor configuration: refused (not silently ignored)
+    assert main([*common, "--set", "max_steps=7", "--limit", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "max_steps=30" in err and "max_steps=7" in err
+    # the same --set as the run's: fine, and no warning about it
+    assert main([*common, *FAST, "--limit", "2", "--resume"]) == 0
+    assert "--set" not in capsys.readouterr().err
+
+    # an unreadable part of the checkpoint: exit 2, a message naming the checkpoint, no traceback
+    memory = ckpt / "editor" / "memory.safetensors"
+    good = memory.read_bytes()
+    memory.write_bytes(b"\x00\x01 not a safetensors file")
+    assert main([*common, "--limit", "2", "--resume"]) == 2
+    assert f"cannot resume from checkpoint {ckpt}" in capsys.readouterr().err
+    memory.write_bytes(good)
+
+    # LATEST naming a checkpoint that is gone: refused; the run is not silently restarted from 0
+    (out / "checkpoint" / "LATEST").write_text("ckpt-9999999-9999999\n")
+    assert main([*common, "--limit", "2", "--resume"]) == 2
+    assert "checkpoint is damaged" in capsys.readouterr().err
+    assert (out / "edits.jsonl").read_bytes() == edits
 
 
 def test_console_script_is_declared() -> None:

@@ -136,3 +136,82 @@ def test_tpatcher_protocol_counts_only_edits(tiny: Path, tmp_path: Path) -> None
     # ER covers the edited requests only; Rel. every request processed
     assert s["metrics"]["SR"] == pytest.approx(
         sum(ln["success"] for ln in lines if ln["action"] == "edit") / s["edits"])
+
+
+def _crashed_run(tiny: Path, tmp_path: Path, n: int = 6, crash_at: int = 5):
+    """A run killed (an exception from on_record) after its checkpoint at 4 requests."""
+    records = _records(tmp_path, n)
+    out = tmp_path / "run"
+
+    def crash(line: dict) -> None:
+        if line["i"] == crash_at:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=2, progress=False, plots=False,
+                   on_record=crash)
+    return records, out, latest_checkpoint(out)
+
+
+def test_resume_refuses_a_damaged_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    records, out, ckpt = _crashed_run(tiny, tmp_path)
+    edits_before = (out / "edits.jsonl").read_bytes()
+    kw = dict(protocol="easyedit", eval_every=2, resume=True, progress=False, plots=False)
+
+    # LATEST names a checkpoint that is gone: refused, nothing deleted (not a silent restart from 0)
+    (ckpt / "state.json").rename(ckpt / "state.json.bak")
+    with pytest.raises(RunError, match="LATEST names checkpoint .*state.json is missing"):
+        run_stream(_editor(tiny), records, out, **kw)
+    assert (out / "edits.jsonl").read_bytes() == edits_before
+    # a truncated state.json: the error names the file
+    (ckpt / "state.json").write_text('{"version": 1, "posi')
+    with pytest.raises(RunError, match=r"state\.json is corrupt or truncated"):
+        run_stream(_editor(tiny, ckpt), records, out, **kw)
+    # a state.json of another version
+    state = json.loads((ckpt / "state.json.bak").read_text())
+    (ckpt / "state.json").write_text(json.dumps(dict(state, version=99)))
+    with pytest.raises(RunError, match="state version 99"):
+        run_stream(_editor(tiny, ckpt), records, out, **kw)
+    # a corrupt run.json: named
+    (ckpt / "state.json.bak").rename(ckpt / "state.json")
+    run_json = (out / "run.json").read_text()
+    (out / "run.json").write_text(run_json[: len(run_json) // 2])
+    with pytest.raises(RunError, match=r"run\.json is corrupt or truncated"):
+        run_stream(_editor(tiny, ckpt), records, out, **kw)
+    assert (out / "edits.jsonl").read_bytes() == edits_before
+    # ... which --overwrite replaces
+    s = run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=2, overwrite=True, progress=False,
+                   plots=False)
+    assert s["complete"] and [ln["id"] for ln in read_lines(out / "edits.jsonl")] == [r.id for r in records]
+
+
+def test_resume_refuses_a_limit_below_the_checkpoint(tiny: Path, tmp_path: Path) -> None:
+    records, out, ckpt = _crashed_run(tiny, tmp_path)
+    assert json.loads((ckpt / "state.json").read_text())["position"] == 4
+    with pytest.raises(RunError, match="already processed 4 requests, more than the 3"):
+        run_stream(_editor(tiny, ckpt), records, out, protocol="easyedit", eval_every=2, limit=3, resume=True,
+                   progress=False, plots=False)
+    s = run_stream(_editor(tiny, ckpt), records, out, protocol="easyedit", eval_every=2, limit=4, resume=True,
+                   progress=False, plots=False)
+    assert s["complete"] and s["requests"] == s["requests_total"] == 4
+
+
+def test_unscorable_request_is_refused_up_front(tiny: Path, tmp_path: Path) -> None:
+    # A text longer than the model's context (128 tokens) would stop the run when its request comes
+    # up (the post-edit check, the baseline or an evaluation raises), at every resume again.
+    long = "Q: " + " ".join(["capital"] * 200) + "?"
+    for field, row in (("paraphrase", {"rephrases": [long]}),
+                       ("locality prompt", {"locality": [{"prompt": long, "target": " coin"}]}),
+                       ("prompt", {"input": long})):
+        rows = stream_rows(3)
+        rows[1].update(row)
+        records = load_stream(write_stream(tmp_path / f"{field}.jsonl", rows=rows)).records
+        out = tmp_path / field.replace(" ", "-")
+        with pytest.raises(RunError, match=rf"request 'req-1' \(row 1\), {field} 'Q: capital.*longer than the "
+                                           rf"model's context"):
+            run_stream(_editor(tiny), records, out, protocol="easyedit", progress=False, plots=False)
+        assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+    # a bad retain pair (TrainR/TestR) is named too
+    with pytest.raises(RunError, match=r"retain pair 'Q: capital"):
+        run_stream(_editor(tiny), _records(tmp_path, 2), tmp_path / "retain", protocol="easyedit", progress=False,
+                   plots=False, retain_pairs=[(long, " coin")])

@@ -556,9 +556,13 @@ def _load_with_json(path: Path, container: str) -> list[Any]:
             text = fh.read()
             try:
                 data = json.loads(text)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as err:
                 # A ".json" file holding JSON lines (datasets accepts those too).
-                return [json.loads(line) for line in text.splitlines() if line.strip()]
+                try:
+                    return [json.loads(line) for line in text.splitlines() if line.strip()]
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}; expected a "
+                                     f"JSON list of rows, or one JSON object per line") from None
             if not isinstance(data, list):
                 raise ValueError(f"{path}: expected a JSON list of rows, got {_type_name(data)}")
             return data
