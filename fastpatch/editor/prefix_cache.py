@@ -20,6 +20,8 @@ they disagree (a model family whose cache behaves differently).
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -69,9 +71,12 @@ def build_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> Any
 def cache_kwarg(model: Any) -> str:
     """The name under which ``model.forward`` takes a KV cache: ``cache`` from transformers 5.24
     on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
-    import inspect
+    return _cache_kwarg_of(type(model))
 
-    params = inspect.signature(model.forward).parameters
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls: type) -> str:  # one signature inspection per model class, not per edit
+    params = inspect.signature(cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
