@@ -6,7 +6,10 @@ Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 
 1. environment and the measured HBM bandwidth (a large device-to-device copy);
 2. correctness: every Triton kernel against its float64 reference, fp32 and bf16, odd shapes;
-3. patched FFN latency: fastpatch (fused / unfused) against the unpatched FFN, the authors'
+3. the decode roofline: Llama-7B FFN, bf16, P = 1,000 / 10,000, M = 1 / 16 tokens: PatchedFFN,
+   the fused kernel alone, cuBLAS + patch kernel and the authors' concatenation, timed eagerly
+   and as CUDA-graph replays, against the bytes each must read (% of HBM, speed-up);
+3a. patched FFN latency: fastpatch (fused / unfused) against the unpatched FFN, the authors'
    concatenated-Linear T-Patcher and a GRACE-style codebook, at SmolLM2, BERT-base and Llama-7B
    FFN shapes, P in {0, 100, 1k, 10k, 50k}, M in {1, 16, 512}, with bytes, GB/s and % of HBM;
 4. the fused/unfused crossover in tokens (sets FUSED_FFN_MAX_TOKENS / FUSED_MAX_TOKENS), with the
@@ -18,6 +21,7 @@ Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 7. memory: patch storage bytes against P*(2d+1), peak allocation;
 8. editing: milliseconds per edit (SmolLM2 architecture, 40,000-vector memory; goal < 20 ms).
 
+``--sections a,b`` runs a subset of the timed sections (correctness always runs first).
 Writes ``gpu_check.json``, ``ffn_latency.csv`` and prints a Markdown table. Every timed method is
 checked against the reference first: a fast wrong kernel fails the check.
 """
@@ -45,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import fastpatch  # noqa: E402
 from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
@@ -87,8 +91,21 @@ def bench(fn, rep: int = 40) -> dict:
     return {"ms": med, "p20_ms": lo, "p80_ms": hi}
 
 
+def bench_graph(fn, rep: int = 50) -> dict:
+    """Median of CUDA-graph replays of ``fn``: the device time alone, without the Python and launch
+    overhead between calls (how a serving stack runs decode steps). Autotuning happens in the
+    warm-up call, before capture."""
+    if DRY:
+        return bench(fn)
+    fn()
+    torch.cuda.synchronize()
+    med, lo, hi = do_bench_cudagraph(fn, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "p20_ms": lo, "p80_ms": hi}
+
+
 def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> float:
     atol, rtol = TOLERANCES[dtype]
+    out, ref = out.detach(), ref.detach()
     scale = max(1.0, float(ref.abs().max()))
     err = float((out.double() - ref.double()).abs().max())
     ok = torch.allclose(out.double(), ref.double(), atol=atol * scale, rtol=rtol)
@@ -279,6 +296,67 @@ def ffn_latency(hbm_gbs: float) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------ 3b. decode roofline
+def decode_roofline(hbm_gbs: float) -> list[dict]:
+    """The issue's GPU goal, measured directly: Llama-7B FFN, bf16, P patches, M <= 16 tokens.
+
+    Each method is timed twice: eagerly (``do_bench``: Python and launch overhead between calls
+    included) and as CUDA-graph replays (device time alone). ``must_read`` counts the bytes the
+    method cannot avoid: the base weights, x, the output, and for fastpatch the keys, biases and
+    the value rows of the patches that fire; for the concatenated baseline every value row.
+    """
+    rows = []
+    d, Fdim, P_big = BIG
+    dtype = LOW
+    holder = torch.nn.Module()
+    holder.mlp = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
+    layout = detect_layout(holder.mlp)
+    w_bytes = 3 * d * Fdim * 2
+    for P in ((7, 100) if DRY else (1000, P_big)):
+        for M in ((1, 5) if DRY else (1, 16)):
+            x = torch.randn(M, d, device=DEV, dtype=dtype)
+            keys, biases, values, n_active = make_patches(x, P, d)
+            pffn = PatchedFFN.wrap(holder, "mlp")
+            pffn.add_patches(keys, biases, values)
+            concat = ConcatPatcher(layout, keys, biases, values)
+            kernel = lambda: fused_patched_ffn(x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate,  # noqa: E731
+                                               keys=keys, bias=biases, values=values)
+            unfused = lambda: patch_forward(x, keys, biases, values, pffn.ffn(x), backend="triton")  # noqa: E731
+            io = 2 * M * d * 2
+            methods = {
+                "unpatched": (pffn.ffn, w_bytes + io),
+                "fastpatch (PatchedFFN)": (pffn, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "fused kernel alone": (kernel, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "cuBLAS FFN + patch kernel": (unfused, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "concat (authors)": (concat, w_bytes + P * (2 * d + 1) * 2 + io),
+            }
+            with torch.no_grad():
+                ref = R.patched_ffn_reference(
+                    x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU, w_gate=layout.w_gate.double(),
+                    keys=keys.double(), bias=biases.double(), values=values.double())
+                times = {}
+                for name, (fn, nbytes) in methods.items():
+                    call = (lambda fn=fn: fn(x)) if isinstance(fn, torch.nn.Module) else fn
+                    if name != "unpatched":
+                        close(call(), ref, dtype, f"decode check {name} M={M} P={P}")
+                    eager, graph = bench(call, rep=100), bench_graph(call)
+                    times[name] = graph["ms"]
+                    for mode, t in (("eager", eager), ("cuda graph", graph)):
+                        gbs = nbytes / (t["ms"] * 1e-3) / 1e9
+                        rows.append({"M": M, "P": P, "active": n_active, "method": name, "timing": mode, **t,
+                                     "must_read_MB": nbytes / 1e6, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
+                for r in rows[-2 * len(methods):]:
+                    ref_ms = [q["ms"] for q in rows[-2 * len(methods):]
+                              if q["method"] == "concat (authors)" and q["timing"] == r["timing"]][0]
+                    r["speedup_vs_concat"] = ref_ms / r["ms"]
+            pffn.unwrap()
+            del concat, keys, biases, values
+            torch.cuda.empty_cache()
+            log(f"decode roofline P={P} M={M}: fastpatch {times['fastpatch (PatchedFFN)']:.4f} ms, "
+                f"kernel {times['fused kernel alone']:.4f} ms, concat {times['concat (authors)']:.4f} ms (graphs)")
+    return rows
+
+
 # --------------------------------------------------------------------------- 4. crossover
 def crossover() -> list[dict]:
     rows = []
@@ -319,7 +397,7 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
         with torch.no_grad():
             for c in [None, *ffn_configs_for(M)]:
                 try:
-                    t = bench(lambda c=c: call(c))
+                    t = bench_graph(lambda c=c: call(c))
                 except Exception as e:  # a candidate that does not fit this card (shared memory)
                     rows.append({"M": M, "config": _cfg_name(c), "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
@@ -544,6 +622,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
     ap.add_argument("--quick", action="store_true", help="correctness only")
+    ap.add_argument("--sections", default="all",
+                    help="comma-separated subset of the timed sections to run (after correctness), e.g. "
+                         "decode_roofline,config_sweep; default all")
     args = ap.parse_args()
     global OUT_DIR
     out = Path(args.out)
@@ -564,15 +645,19 @@ def main() -> int:
     log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
     section("correctness", correctness)
     log(f"correctness failures so far: {len(RESULTS['failures'])}")
+    timed = [("decode_roofline", decode_roofline, (hbm,)), ("config_sweep", config_sweep, (hbm,)),
+             ("ffn_latency", ffn_latency, (hbm,)), ("loss_kernel", loss_kernel, (hbm,)),
+             ("crossover", crossover, ()), ("whole_model", whole_model, ()), ("memory", memory, ()),
+             ("editing", editing, ())]
+    wanted = {n for n, _, _ in timed} if args.sections == "all" else set(args.sections.split(","))
+    unknown = wanted - {n for n, _, _ in timed}
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {[n for n, _, _ in timed]}")
     if not args.quick:
-        section("ffn_latency", ffn_latency, hbm)
-        section("loss_kernel", loss_kernel, hbm)
-        section("crossover", crossover)
-        section("config_sweep", config_sweep, hbm)
+        for name, fn, fargs in timed:
+            if name in wanted:
+                section(name, fn, *fargs)
         RESULTS["autotune"] = autotune_choices()
-        section("whole_model", whole_model)
-        section("memory", memory)
-        section("editing", editing)
     RESULTS["wall_s"] = time.time() - T0
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     lat = RESULTS["sections"].get("ffn_latency") or []
@@ -583,6 +668,7 @@ def main() -> int:
             w.writerows(lat)
     report = [f"# GPU check on {RESULTS['env']['gpu']}", f"HBM copy bandwidth: {hbm:.0f} GB/s", ""]
     for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
+                       ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat"]),
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
                        ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms"]),
                        ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),

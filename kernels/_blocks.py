@@ -31,6 +31,12 @@ def act_fn(h, ACT: tl.constexpr):
         return h
 
 
+#: Most fp32 accumulator elements a single-token projection keeps as 2-D tiles of products
+#: (BLOCK_D * BLOCK_R, twice that for the gate/up pair): 8 K are 64 registers a thread at 4 warps,
+#: which leaves room for the loaded tiles. Larger tiles reduce over D each iteration instead.
+GEMV_ACC2_MAX: tl.constexpr = 8192
+
+
 @triton.jit
 def mm(a, b, acc, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """``acc + a @ b`` for an (BLOCK_M, K) by (K, N) tile pair, fp32 accumulation.
@@ -66,15 +72,40 @@ def project_rows(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """``x[offs_m] @ W[offs_r]^T`` as a (BLOCK_M, BLOCK_R) fp32 tile, looping over ``D``."""
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        d_mask = offs_d < D
-        xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
-        wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
-        acc = mm(xt, wt, acc, BLOCK_M, INPUT_PRECISION)
-    return acc
+    """``x[offs_m] @ W[offs_r]^T`` as a (BLOCK_M, BLOCK_R) fp32 tile, looping over ``D``.
+
+    A single token (``BLOCK_M == 1``) with a tile of at most ``GEMV_ACC2_MAX`` elements keeps a
+    (BLOCK_D, BLOCK_R) fp32 accumulator of products and reduces it over ``D`` once after the
+    loop: no cross-thread reduction per iteration, only FMAs between the loads. Larger GEMV tiles
+    reduce each iteration instead (the 2-D accumulator would spill registers).
+    """
+    if BLOCK_M == 1 and BLOCK_D * BLOCK_R <= GEMV_ACC2_MAX:
+        acc2 = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xc = load_tile(x_ptr, offs_d, d_mask, stride_xd, offs_m, m_mask, stride_xm)  # (BLOCK_D, 1)
+            wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
+            acc2 += xc.to(tl.float32) * wt.to(tl.float32)
+        return tl.sum(acc2, axis=0)[None, :]
+    elif BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+            wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
+            acc = mm(xt, wt, acc, BLOCK_M, INPUT_PRECISION)
+        return acc
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+            wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
+        return acc
 
 
 @triton.jit
@@ -87,19 +118,45 @@ def project_rows_pair(
     """``(x Wa[offs_r]^T, x Wb[offs_r]^T)`` in one pass over ``D`` (gate and up of a gated MLP).
 
     One loop instead of two shares each ``x`` tile and keeps twice the weight bytes in flight per
-    iteration, which is what a memory-bound decode step needs.
+    iteration, which is what a memory-bound decode step needs. One token accumulates products
+    and reduces after the loop where the two accumulators fit, as in ``project_rows``.
     """
-    acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        d_mask = offs_d < D
-        xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
-        wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
-        wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
-        acc_a = mm(xt, wa, acc_a, BLOCK_M, INPUT_PRECISION)
-        acc_b = mm(xt, wb, acc_b, BLOCK_M, INPUT_PRECISION)
-    return acc_a, acc_b
+    if BLOCK_M == 1 and 2 * BLOCK_D * BLOCK_R <= GEMV_ACC2_MAX:
+        acc_a2 = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        acc_b2 = tl.zeros((BLOCK_D, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xc = load_tile(x_ptr, offs_d, d_mask, stride_xd, offs_m, m_mask, stride_xm).to(tl.float32)
+            wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
+            wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
+            acc_a2 += xc * wa.to(tl.float32)
+            acc_b2 += xc * wb.to(tl.float32)
+        return tl.sum(acc_a2, axis=0)[None, :], tl.sum(acc_b2, axis=0)[None, :]
+    elif BLOCK_M == 1:
+        acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+            wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
+            wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
+            acc_a = mm(xt, wa, acc_a, BLOCK_M, INPUT_PRECISION)
+            acc_b = mm(xt, wb, acc_b, BLOCK_M, INPUT_PRECISION)
+        return acc_a, acc_b
+    else:
+        acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            d_mask = offs_d < D
+            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
+            wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
+            wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
+            acc_a = tl.dot(xt, wa, acc_a, input_precision=INPUT_PRECISION)
+            acc_b = tl.dot(xt, wb, acc_b, input_precision=INPUT_PRECISION)
+        return acc_a, acc_b
 
 
 @triton.jit
@@ -150,14 +207,17 @@ def token_bucket(M: int) -> int:
 def candidate_configs(block_name: str, dot_tiles: list[tuple], gemv_tiles: list[tuple], larger: dict[int, int]) -> list:
     """``triton.Config`` candidates of a kernel tiled over tokens and over ``block_name``.
 
-    Tiles are ``(BLOCK_<rows>, BLOCK_D, BLOCK_N, warps, stages)``. The 16-token bucket gets every
-    ``tl.dot`` tile, a single token every GEMV tile, and bucket ``b`` of ``larger`` the first
-    ``larger[b]`` dot tiles. Within a bucket the first candidate is the default.
+    Tiles are ``(BLOCK_<rows>, BLOCK_D, BLOCK_N, warps, stages)``, optionally followed by a dict
+    of further meta-parameters of the kernel. The 16-token bucket gets every ``tl.dot`` tile, a
+    single token every GEMV tile, and bucket ``b`` of ``larger`` the first ``larger[b]`` dot
+    tiles. Within a bucket the first candidate is the default.
     """
     def cfg(block_m: int, tile: tuple):
-        rows, block_d, block_n, warps, stages = tile
-        return triton.Config({"BLOCK_M": block_m, block_name: rows, "BLOCK_D": block_d, "BLOCK_N": block_n},
-                             num_warps=warps, num_stages=stages)
+        rows, block_d, block_n, warps, stages, *extra = tile
+        kwargs = {"BLOCK_M": block_m, block_name: rows, "BLOCK_D": block_d, "BLOCK_N": block_n}
+        for more in extra:
+            kwargs.update(more)
+        return triton.Config(kwargs, num_warps=warps, num_stages=stages)
 
     out = [cfg(16, t) for t in dot_tiles] + [cfg(1, t) for t in gemv_tiles]
     for bucket, n in larger.items():

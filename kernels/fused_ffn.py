@@ -1,14 +1,24 @@
 """Fused patched FFN: the original FFN and its patch neurons in one launch (decode-sized inputs).
 
-The patch neurons are treated as extra neurons of the FFN's intermediate dimension: the kernel's
-1-D grid runs over ``ceil(F / BLOCK_F)`` blocks of original neurons followed by
-``ceil(P / BLOCK_F)`` blocks of patch neurons, one program per block (times token blocks):
+The patch neurons are treated as extra neurons of the FFN's intermediate dimension. A program
+takes a range of neurons and, for each block of ``BLOCK_F`` of them:
 
-- an original block computes ``h = act(x Wg^T + bg) * (x Wu^T + bu)`` (gated: Llama, Qwen,
-  Mistral, Gemma, T5 v1.1) or ``h = act(x Wu^T + bu)`` (two-matrix: GPT-2, BERT, T5, BART) for
-  its neurons and adds ``h Wd`` into the fp32 output workspace;
-- a patch block computes ``h = patch_act(x K^T + b)`` and, if any activation in the tile is
-  non-zero (ReLU), adds ``h V``; otherwise it never reads its value rows.
+- original neurons: ``h = act(x Wg^T + bg) * (x Wu^T + bu)`` (gated: Llama, Qwen, Mistral,
+  Gemma, T5 v1.1) or ``h = act(x Wu^T + bu)`` (two-matrix: GPT-2, BERT, T5, BART), then adds
+  ``h Wd`` into the fp32 output workspace;
+- patch neurons: ``h = patch_act(x K^T + b)`` and, if any activation in the tile is non-zero
+  (ReLU), adds ``h V``; otherwise it never reads those value rows.
+
+Work schedule. Neurons go to programs in granules of 16, weighted by the bytes they read: an
+original neuron reads 3 weight rows (gated) or 2, a silent patch neuron 1. Two schedules are
+tuning candidates (``PROGRAMS_PER_SM``):
+
+- ``0``, one unit per program: ``BLOCK_F`` original neurons or 2-3 times as many patch neurons
+  (the same bytes), and the hardware scheduler hands out units as programs finish;
+- ``k > 0``, persistent: ``k`` programs per multiprocessor, each given an equal share of the
+  bytes, so every multiprocessor finishes at the same time and no partial last wave is left
+  (with one program per unit, 172 original units of Llama-7B on 132 multiprocessors leave 40 of
+  them doing twice the work).
 
 At decode sizes (M <= 16) the FFN is memory-bound: the ideal cost is one read of
 ``Wg, Wu, Wd`` plus the keys (and the active value rows). One launch avoids the four to six
@@ -38,7 +48,7 @@ from ._blocks import accumulate_rows, act_fn, candidate_configs, configs_for, pr
 from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .reference import ACT_RELU
 
-__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for"]
+__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size"]
 
 #: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 (Llama-7B FFN, bf16,
 #: P = 10,000; benchmarks/results/nvidia-h200/gpu_check.md, "crossover"): the one-launch kernel
@@ -48,27 +58,42 @@ __all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_conf
 FUSED_FFN_MAX_TOKENS = 32
 
 
-#: (BLOCK_F, BLOCK_D, BLOCK_N, warps, stages) candidates for the ``tl.dot`` path (BLOCK_M >= 16).
-#: The first is the configuration measured on the H200 in session 1 (64 neurons per program:
-#: F = 11008 gives 172 base programs, > 1 wave on 132 SMs; a 64x128 bf16 weight tile is 16 KB).
-#: The others trade fewer, larger programs (fewer fp32 atomics into the output) against more
-#: bytes in flight per program (deeper pipelines, wider D tiles).
+#: Neurons are handed to programs in granules of 16: 32 bytes of a bf16 row of the neuron-major
+#: down weight (``Wd^T``, stride F), the smallest unit a memory transaction reads whole.
+GRANULE = 16
+#: Interpreter stand-in for the number of multiprocessors, so that the persistent schedule splits
+#: the work over several programs (and their boundaries are tested) on the CPU.
+INTERPRETER_SMS = 3
+
+#: (BLOCK_F, BLOCK_D, BLOCK_N, warps, stages, schedule) candidates for the ``tl.dot`` path
+#: (BLOCK_M >= 16). ``PROGRAMS_PER_SM = 0`` is the one-unit-per-program grid (the hardware
+#: scheduler balances: a unit is BLOCK_F original neurons or 2-3x as many patch neurons, the
+#: same bytes); ``k > 0`` is the persistent schedule: k programs per multiprocessor, each given
+#: an equal share of the bytes. The first is the configuration measured on the H200 in session 1
+#: (64 neurons per program: a 64x128 bf16 weight tile is 16 KB). The others trade fewer, larger
+#: programs (fewer fp32 atomics into the output, no tail wave) against more bytes in flight per
+#: program (deeper pipelines, wider D tiles).
 _DOT_TILES = [
-    (64, 128, 128, 4, 2),
-    (64, 128, 128, 4, 3),
-    (32, 128, 128, 4, 3),
-    (64, 256, 128, 8, 3),
-    (128, 128, 128, 8, 3),
-    (32, 256, 256, 8, 2),
+    (64, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2}),
+    (128, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 1}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 0}),
+    (32, 256, 128, 4, 3, {"PROGRAMS_PER_SM": 0}),
+    (128, 64, 128, 4, 4, {"PROGRAMS_PER_SM": 1}),
+    (32, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 4}),
 ]
-#: Candidates for the single-token GEMV path: the (BLOCK_D, BLOCK_F) weight tile lives in
-#: registers, so tiles stay at 4-16 K elements (32-64 fp32 registers a thread for 4-8 warps).
+#: Candidates for the single-token GEMV path. Tiles of up to 2 x 4 K weights accumulate products
+#: in 2-D fp32 registers and reduce once (``_blocks.GEMV_ACC2_MAX``); the larger ones (8 warps)
+#: reduce every iteration but keep 32-64 KB of weights in flight per program. BLOCK_D >= 128
+#: keeps each neuron's row segment at 256 contiguous bytes or more.
 _GEMV_TILES = [
-    (32, 128, 128, 4, 2),
-    (16, 256, 128, 4, 2),
-    (64, 64, 128, 4, 2),
-    (32, 256, 64, 8, 2),
-    (64, 128, 64, 8, 3),
+    (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
+    (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 2}),
+    (16, 256, 128, 4, 2, {"PROGRAMS_PER_SM": 2}),
+    (64, 128, 128, 8, 2, {"PROGRAMS_PER_SM": 1}),
+    (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2}),
+    (16, 256, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
+    (64, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 1}),
 ]
 #: Every candidate configuration, in order; within a token bucket the first one is the default.
 FFN_CONFIGS = candidate_configs("BLOCK_F", _DOT_TILES, _GEMV_TILES, {32: 4, 64: 2})
@@ -95,15 +120,34 @@ def _fused_ffn_kernel(
     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
     ACT: tl.constexpr, PATCH_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, GRAN: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    num_progs = tl.num_programs(0).to(tl.int64)
     pid_m = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     m_mask = offs_m < M
-    num_base_blocks = tl.cdiv(F, BLOCK_F)
-    if pid < num_base_blocks:
-        offs_f = pid * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
-        f_mask = offs_f < F
+    # The work: granules of GRAN neurons, original ones first (each reads 3 (gated) or 2 weight
+    # rows) then patch ones (one key row; value rows only where a patch fires). This program takes
+    # the granules whose cost-position falls in [start, end).
+    if GATED:
+        cost_b = 3
+    else:
+        cost_b = 2
+    nb = tl.cdiv(F, GRAN)
+    base_cost = nb * cost_b
+    total = base_cost + tl.cdiv(P, GRAN)
+    if PROGRAMS_PER_SM > 0:  # persistent: an equal share of the cost for each program
+        start = pid * total // num_progs
+        end = (pid + 1) * total // num_progs
+    else:  # one unit per program: BLOCK_F original neurons, or cost_b * BLOCK_F patch neurons
+        start = pid * (cost_b * (BLOCK_F // GRAN))
+        end = tl.minimum(start + cost_b * (BLOCK_F // GRAN), total)
+    f_lo = tl.minimum(tl.cdiv(start, cost_b), nb) * GRAN
+    f_hi = tl.minimum(tl.minimum(tl.cdiv(end, cost_b), nb) * GRAN, F)
+    for f0 in range(f_lo, f_hi, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F).to(tl.int64)
+        f_mask = offs_f < f_hi
         if GATED:
             gate, up = project_rows_pair(x_ptr, wg_ptr, wu_ptr, offs_m, m_mask, offs_f, f_mask, D,
                                          stride_xm, stride_xd, stride_gf, stride_gd, stride_uf, stride_ud,
@@ -123,9 +167,11 @@ def _fused_ffn_kernel(
         h = tl.where(m_mask[:, None] & f_mask[None, :], h, 0.0)
         accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT,
                         stride_df, stride_dn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
-    else:
-        offs_p = (pid - num_base_blocks) * BLOCK_F + tl.arange(0, BLOCK_F).to(tl.int64)
-        p_mask = offs_p < P
+    p_lo = tl.minimum(tl.maximum(start - base_cost, 0), tl.cdiv(P, GRAN)) * GRAN
+    p_hi = tl.minimum(tl.maximum(end - base_cost, 0) * GRAN, P)
+    for p0 in range(p_lo, p_hi, BLOCK_F):
+        offs_p = p0 + tl.arange(0, BLOCK_F).to(tl.int64)
+        p_mask = offs_p < p_hi
         pre = project_rows(x_ptr, k_ptr, offs_m, m_mask, offs_p, p_mask, D,
                            stride_xm, stride_xd, stride_kp, stride_kd,
                            BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
@@ -139,6 +185,28 @@ def _fused_ffn_kernel(
         if run:
             accumulate_rows(h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
                             stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
+
+
+_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (cached), or ``INTERPRETER_SMS`` off the GPU."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
+def ffn_grid_size(meta: dict, F: int, P: int, gated: bool, num_sms: int) -> int:
+    """Programs along the neuron axis for launch configuration ``meta`` (see the kernel)."""
+    cost_b = 3 if gated else 2
+    total = triton.cdiv(F, GRANULE) * cost_b + triton.cdiv(P, GRANULE)
+    if meta["PROGRAMS_PER_SM"] > 0:
+        return max(1, min(meta["PROGRAMS_PER_SM"] * num_sms, total))
+    return triton.cdiv(total, cost_b * (meta["BLOCK_F"] // GRANULE))
 
 
 def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], x: torch.Tensor) -> None:
@@ -209,8 +277,11 @@ def fused_patched_ffn(
     v = values if P else w_down
     kb = bias if P else ws
 
+    gated = w_gate is not None
+    sms = _num_sms(x.device)
+
     def grid(meta):
-        return (triton.cdiv(Fdim, meta["BLOCK_F"]) + triton.cdiv(P, meta["BLOCK_F"]), triton.cdiv(M, meta["BLOCK_M"]))
+        return (ffn_grid_size(meta, Fdim, P, gated, sms), triton.cdiv(M, meta["BLOCK_M"]))
 
     launch(
         _fused_ffn_kernel, grid,
@@ -221,7 +292,7 @@ def fused_patched_ffn(
          x.stride(0), x.stride(1),
          wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
          k.stride(0), k.stride(1), v.stride(0), v.stride(1), ws.stride(0), ws.stride(1)),
-        dict(GATED=w_gate is not None, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
+        dict(GATED=gated, GRAN=GRANULE, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
              ACT=act, PATCH_ACT=patch_act,
              INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32"),
         config,

@@ -81,6 +81,41 @@ def test_every_fused_ffn_config_matches_reference(M: int, gated: bool) -> None:
 
 
 @requires_triton
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("sms", [1, 4, 97])
+def test_every_neuron_is_computed_once_under_every_schedule(monkeypatch, sms: int, gated: bool) -> None:
+    """The persistent schedule splits the original and patch neurons over ``k * SMs`` programs by
+    cost; the unit schedule gives each program one block. A granule dropped or done twice would
+    change the output: every patch fires here, so each value row counts. With 97 "SMs" most
+    programs get an empty range, with 1 a program spans both kinds of neurons."""
+    from fastpatch.kernels import fused_ffn as FF
+
+    monkeypatch.setattr(FF, "INTERPRETER_SMS", sms)
+    torch.manual_seed(sms)
+    M, d, Fdim, d_out, P = 3, 33, 5 * 16 + 7, 19, 7 * 16 + 3
+    act = R.ACT_SILU if gated else R.ACT_GELU_TANH
+    x = torch.randn(M, d)
+    w_up = torch.randn(Fdim, d) / d**0.5
+    w_gate = torch.randn(Fdim, d) / d**0.5 if gated else None
+    down = torch.randn(d_out, Fdim) / Fdim**0.5
+    keys, _, values = _bank(P, d, d_out, torch.float32)
+    bias = torch.full((P,), 50.0)  # every patch fires for every token
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate),
+                                  keys=D(keys), bias=D(bias), values=D(values))
+    schedules = set()
+    for c in ffn_configs_for(M):
+        grid = FF.ffn_grid_size(c.kwargs, Fdim, P, gated, sms)
+        if c.kwargs["PROGRAMS_PER_SM"]:
+            cost = FF.triton.cdiv(Fdim, FF.GRANULE) * (3 if gated else 2) + FF.triton.cdiv(P, FF.GRANULE)
+            assert grid == min(c.kwargs["PROGRAMS_PER_SM"] * sms, cost)
+        schedules.add(c.kwargs["PROGRAMS_PER_SM"])
+        out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, keys=keys, bias=bias, values=values, config=c)
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+    assert 0 in schedules and len(schedules) > 1  # both schedules were exercised
+
+
+@requires_triton
 @pytest.mark.parametrize("M", [1, 5, 17, 65])
 def test_every_patch_fused_config_matches_reference(M: int) -> None:
     torch.manual_seed(M)
