@@ -136,13 +136,16 @@ def correctness() -> list[dict]:
             base = torch.randn(M, d_out, device=DEV, dtype=dtype)
             ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
             for strategy in ("fused", "compact", "gemm"):
-                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy=strategy)
+                # default launch configurations here (no tuning in fp32); every candidate is checked
+                # in config_correctness, and the tuned paths in the timed sections
+                cfg = patch_configs_for(M)[0] if strategy == "fused" else None
+                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy=strategy, config=cfg)
                 err = close(out, ref, dtype, f"patch_forward[{strategy}] M={M} P={P} d={d} {dtype}")
                 rows.append({"kernel": f"patch_forward/{strategy}", "dtype": str(dtype), "M": M, "P": P, "d": d, "max_err": err})
         for gated in (True, False):
             for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
                 x, args, ref = _ffn_case(M, d, Fdim, d, P, gated, dtype)
-                out = fused_patched_ffn(x, **args)
+                out = fused_patched_ffn(x, **args, config=ffn_configs_for(M)[0])
                 err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
                 rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
                              "P": P, "d": d, "max_err": err})
@@ -173,7 +176,7 @@ def _ffn_case(M: int, d: int, Fdim: int, d_out: int, P: int, gated: bool, dtype:
 def _cfg_name(c) -> str:
     k = c.kwargs
     return ("gemv " if k["BLOCK_M"] == 1 else f"dot{k['BLOCK_M']} ") + " ".join(
-        f"{n.split('_')[1]}{v}" for n, v in k.items() if n != "BLOCK_M") + f" w{c.num_warps} s{c.num_stages}"
+        f"{'pps' if n == 'PROGRAMS_PER_SM' else n.split('_')[1]}{v}" for n, v in k.items() if n != "BLOCK_M") + f" w{c.num_warps} s{c.num_stages}"
 
 
 def config_correctness() -> list[dict]:
@@ -399,7 +402,8 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
                 try:
                     t = bench_graph(lambda c=c: call(c))
                 except Exception as e:  # a candidate that does not fit this card (shared memory)
-                    rows.append({"M": M, "config": _cfg_name(c), "error": f"{type(e).__name__}: {e}"[:200]})
+                    rows.append({"M": M, "config": "autotuned" if c is None else _cfg_name(c),
+                                 "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
                 name = "autotuned: " + _cfg_name(_fused_ffn_kernel.best_config) if c is None and hasattr(
                     _fused_ffn_kernel, "best_config") else ("default" if c is None else _cfg_name(c))
@@ -511,7 +515,21 @@ def whole_model() -> list[dict]:
 def editing() -> list[dict]:
     """Seconds per edit on the GPU: SmolLM2-135M architecture (random weights, fp32), a
     40,000-vector memory, single-token targets the model gets wrong; default editor and the
-    authors' init, same requests."""
+    authors' init, same requests. Kernels run at their default launch configurations
+    (``FASTPATCH_AUTOTUNE=0``): tuning every fp32 candidate would cost more lease time than the
+    edits themselves."""
+    old = os.environ.get("FASTPATCH_AUTOTUNE")
+    os.environ["FASTPATCH_AUTOTUNE"] = "0"
+    try:
+        return _editing()
+    finally:
+        if old is None:
+            os.environ.pop("FASTPATCH_AUTOTUNE")
+        else:
+            os.environ["FASTPATCH_AUTOTUNE"] = old
+
+
+def _editing() -> list[dict]:
     import statistics
 
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -6,7 +6,7 @@ All offsets are int64: ``P * d`` passes 2^31 at P = 500k patches of d = 4096.
 
 from __future__ import annotations
 
-from ._triton import tl, triton
+from ._triton import HAS_TRITON, tl, triton
 
 # Activation codes (kept in sync with reference.ACT_*; asserted in tests).
 _RELU: tl.constexpr = 0
@@ -34,7 +34,7 @@ def act_fn(h, ACT: tl.constexpr):
 #: Most fp32 accumulator elements a single-token projection keeps as 2-D tiles of products
 #: (BLOCK_D * BLOCK_R, twice that for the gate/up pair): 8 K are 64 registers a thread at 4 warps,
 #: which leaves room for the loaded tiles. Larger tiles reduce over D each iteration instead.
-GEMV_ACC2_MAX: tl.constexpr = 8192
+GEMV_ACC2_MAX = tl.constexpr(8192) if HAS_TRITON else 8192
 
 
 @triton.jit
