@@ -36,8 +36,9 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache .benchmarks
 
 # The one prepared GPU run (see benchmarks/gpu_check.py): fastpatch from this source tree, with
-# kernels/ placed as fastpatch.kernels, so no install is needed on a lent machine.
+# kernels/ placed as fastpatch.kernels, so no install is needed on a lent machine. GPU_ARGS passes
+# options to the script (e.g. GPU_ARGS="--sections decode_roofline,config_sweep --skip-correctness").
 GPU_SRC ?= /tmp/fastpatch-src
 gpu-check:
 	rm -rf $(GPU_SRC) && mkdir -p $(GPU_SRC) && cp -r fastpatch $(GPU_SRC)/ && cp -r kernels $(GPU_SRC)/fastpatch/kernels
-	PYTHONPATH=$(GPU_SRC) $(PY) benchmarks/gpu_check.py --out $(or $(OUT),benchmarks/results/gpu)
+	PYTHONPATH=$(GPU_SRC) $(PY) benchmarks/gpu_check.py --out $(or $(OUT),benchmarks/results/gpu) $(GPU_ARGS)

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import math
 import os
 import platform
 import sys
@@ -71,6 +70,7 @@ BIG = (64, 113, 100) if DRY else (4096, 11008, 10000)  # d, F, P of the Llama-7B
 LOSS_N = 1000 if DRY else 40000
 DTYPES = (torch.float32, torch.float16) if DRY else (torch.float32, torch.bfloat16)  # no bf16 in the interpreter
 LOW = torch.float16 if DRY else torch.bfloat16
+DECODE_P = (1000, 10000)  # banks of the decode roofline (--decode-p)
 RESULTS: dict = {"sections": {}, "failures": []}
 T0 = time.time()
 
@@ -112,6 +112,89 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -
     if not ok:
         RESULTS["failures"].append(f"{what}: max abs err {err:.3g} (atol {atol * scale:.3g})")
     return err
+
+
+# ------------------------------------------------------------------------- 0. precompile
+#: Experimental launch configurations timed in the sweep beside the autotune candidates (not
+#: candidates themselves): the same tiles without the rotated column order, session 1's 2-stage
+#: pipeline, other output tiles and deeper pipelines.
+def _sweep_extras(M: int) -> list:
+    if DRY:
+        return []
+    bm = 1 if M == 1 else 16
+    tiles = [
+        (16, 64, 128, 128, 4, 3, 0, 0), (16, 64, 128, 128, 4, 3, 2, 0), (16, 64, 128, 128, 4, 2, 0, 1),
+        (16, 64, 128, 64, 4, 4, 0, 1), (16, 64, 128, 256, 4, 3, 0, 1), (16, 128, 64, 128, 4, 4, 1, 1),
+        (16, 64, 128, 128, 4, 5, 0, 1), (16, 64, 64, 128, 4, 6, 0, 1),
+        # capped at 128 registers (a few spilled): 3-4 programs per SM instead of 2
+        (16, 64, 128, 128, 4, 3, 0, 1, 128), (16, 64, 64, 128, 4, 4, 3, 1, 128),
+    ]
+    if bm == 1:
+        tiles.append((1, 32, 256, 128, 8, 2, 2, 0))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_F": f, "BLOCK_D": bd, "BLOCK_N": bn, "PROGRAMS_PER_SM": pps,
+                           "ROTATE_N": rot}, num_warps=w, num_stages=st, maxnreg=(reg or [None])[0])
+            for (m, f, bd, bn, w, st, pps, rot, *reg) in tiles]
+
+
+def _precompile_one(job: tuple) -> str:
+    """Worker: launch one fused-FFN / patch configuration on small tensors whose specialisation
+    (dtype, which integers are 1 or divisible by 16) matches the timed cases, so that Triton's
+    on-disk cache holds the compiled kernel when the main process asks for it."""
+    kind, M, P, idx, extra = job
+    try:
+        x = torch.randn(M, 64, device=DEV, dtype=LOW)
+        w = torch.randn(96, 64, device=DEV, dtype=LOW)
+        down = torch.randn(64, 96, device=DEV, dtype=LOW)
+        keys, bias, values = (torch.randn(P, 64, device=DEV, dtype=LOW), torch.zeros(P, device=DEV, dtype=LOW),
+                              torch.randn(P, 64, device=DEV, dtype=LOW))
+        if kind == "ffn":
+            c = (_sweep_extras(M) if extra else ffn_configs_for(M))[idx]
+            fused_patched_ffn(x, w, down.t(), R.ACT_SILU, w_gate=w, keys=keys, bias=bias, values=values, config=c)
+        else:
+            c = patch_configs_for(M)[idx]
+            patch_forward(x, keys, bias, values, None, backend="triton", strategy="fused", config=c)
+        if not DRY:
+            torch.cuda.synchronize()
+        return "ok"
+    except Exception as e:  # the main process compiles (and reports) it again
+        return f"{type(e).__name__}: {e}"[:160]
+
+
+#: Longest wait for the compile workers (seconds).
+PRECOMPILE_TIMEOUT_S = 120
+
+
+def precompile(p_sizes: tuple[int, ...] = (48, 40)) -> dict:
+    """Compile the launch configurations the timed sections use in parallel worker processes.
+
+    Tuning compiles every candidate of every specialisation one after the other (2-3 s each, over
+    a hundred in this script); 16 processes fill the disk cache in a fraction of that. ``p_sizes``:
+    bank sizes standing for the timed ones (48: divisible by 16, like 10,000; 40: not, like 1,000)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = []
+    # M = 1 and 16 are their own specialisations; 5 stands for 2..15 (not divisible by 16),
+    # 32 and 64 for the larger buckets. P = 48 / 40: divisible by 16 or not (10,000 / 1,000).
+    for M in (1, 5, 16, 32, 64):
+        for P in p_sizes:
+            jobs += [("ffn", M, P, i, False) for i in range(len(ffn_configs_for(M)))]
+            jobs += [("patch", M, P, i, False) for i in range(len(patch_configs_for(M)))]
+            if M in (1, 16):
+                jobs += [("ffn", M, P, i, True) for i in range(len(_sweep_extras(M)))]
+    workers = 2 if DRY else min(16, os.cpu_count() or 4)
+    if DRY:
+        jobs = jobs[::7]
+    t0 = time.time()
+    ex = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    try:  # a bounded wait: whatever is not compiled by then is compiled by the main process
+        results = list(ex.map(_precompile_one, jobs, timeout=PRECOMPILE_TIMEOUT_S))
+    except cf.TimeoutError:
+        results = ["timed out"] * len(jobs)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+    bad = [f"{j}: {r}" for j, r in zip(jobs, results) if r != "ok"]
+    return {"jobs": len(jobs), "workers": workers, "seconds": round(time.time() - t0, 1), "failed": bad[:20]}
 
 
 # ----------------------------------------------------------------------------- 1. bandwidth
@@ -173,10 +256,14 @@ def _ffn_case(M: int, d: int, Fdim: int, d_out: int, P: int, gated: bool, dtype:
     return x, args, ref
 
 
+_SHORT = {"PROGRAMS_PER_SM": "pps", "ROTATE_N": "rot"}
+
+
 def _cfg_name(c) -> str:
     k = c.kwargs
     return ("gemv " if k["BLOCK_M"] == 1 else f"dot{k['BLOCK_M']} ") + " ".join(
-        f"{'pps' if n == 'PROGRAMS_PER_SM' else n.split('_')[1]}{v}" for n, v in k.items() if n != "BLOCK_M") + f" w{c.num_warps} s{c.num_stages}"
+        f"{_SHORT.get(n, n.split('_')[-1])}{v}" for n, v in k.items() if n != "BLOCK_M") + \
+        f" w{c.num_warps} s{c.num_stages}" + (f" r{c.maxnreg}" if getattr(c, "maxnreg", None) else "")
 
 
 def config_correctness() -> list[dict]:
@@ -309,19 +396,20 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
     the value rows of the patches that fire; for the concatenated baseline every value row.
     """
     rows = []
-    d, Fdim, P_big = BIG
+    d, Fdim, _ = BIG
     dtype = LOW
     holder = torch.nn.Module()
     holder.mlp = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
     layout = detect_layout(holder.mlp)
     w_bytes = 3 * d * Fdim * 2
-    for P in ((7, 100) if DRY else (1000, P_big)):
+    for P in ((7, 100) if DRY else DECODE_P):
         for M in ((1, 5) if DRY else (1, 16)):
             x = torch.randn(M, d, device=DEV, dtype=dtype)
             keys, biases, values, n_active = make_patches(x, P, d)
             pffn = PatchedFFN.wrap(holder, "mlp")
             pffn.add_patches(keys, biases, values)
             concat = ConcatPatcher(layout, keys, biases, values)
+            concat_each = ConcatPatcher(layout, keys, biases, values, cat_every_forward=True)
             kernel = lambda: fused_patched_ffn(x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate,  # noqa: E731
                                                keys=keys, bias=biases, values=values)
             unfused = lambda: patch_forward(x, keys, biases, values, pffn.ffn(x), backend="triton")  # noqa: E731
@@ -332,6 +420,9 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
                 "fused kernel alone": (kernel, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "cuBLAS FFN + patch kernel": (unfused, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "concat (authors)": (concat, w_bytes + P * (2 * d + 1) * 2 + io),
+                # the authors' code re-concatenates on every forward: read F + P rows, write them
+                "concat per forward (authors' code)": (concat_each, w_bytes + P * (2 * d + 1) * 2
+                                                       + 2 * (Fdim + P) * d * 2 + io),
             }
             with torch.no_grad():
                 ref = R.patched_ffn_reference(
@@ -348,38 +439,57 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
                         gbs = nbytes / (t["ms"] * 1e-3) / 1e9
                         rows.append({"M": M, "P": P, "active": n_active, "method": name, "timing": mode, **t,
                                      "must_read_MB": nbytes / 1e6, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
-                for r in rows[-2 * len(methods):]:
-                    ref_ms = [q["ms"] for q in rows[-2 * len(methods):]
-                              if q["method"] == "concat (authors)" and q["timing"] == r["timing"]][0]
-                    r["speedup_vs_concat"] = ref_ms / r["ms"]
+                mine = rows[-2 * len(methods):]
+                for r in mine:
+                    for col, base in (("speedup_vs_concat", "concat (authors)"),
+                                      ("speedup_vs_concat_each", "concat per forward (authors' code)")):
+                        ref_ms = [q["ms"] for q in mine if q["method"] == base and q["timing"] == r["timing"]][0]
+                        r[col] = ref_ms / r["ms"]
             pffn.unwrap()
-            del concat, keys, biases, values
+            del concat, concat_each, keys, biases, values
             torch.cuda.empty_cache()
+            each_ms = times["concat per forward (authors' code)"]
             log(f"decode roofline P={P} M={M}: fastpatch {times['fastpatch (PatchedFFN)']:.4f} ms, "
-                f"kernel {times['fused kernel alone']:.4f} ms, concat {times['concat (authors)']:.4f} ms (graphs)")
+                f"kernel {times['fused kernel alone']:.4f} ms, concat {times['concat (authors)']:.4f} ms, "
+                f"concat per forward {each_ms:.4f} ms (graphs)")
     return rows
 
 
 # --------------------------------------------------------------------------- 4. crossover
 def crossover() -> list[dict]:
+    """Fused one-launch FFN against cuBLAS FFN + patch kernel, by tokens (Llama-7B, P = 10,000).
+
+    CUDA-graph replays (device time; eager timings at these sizes measure Python), so the
+    crossover is the kernels' own. A strategy that cannot be captured is timed eagerly and marked.
+    """
     rows = []
     d, Fdim, P = BIG
     dtype = LOW
     ffn = GatedFFN(d, Fdim, dtype=dtype, device=DEV).eval()
     lay = detect_layout(ffn)
-    for M in ((1, 17) if DRY else (1, 4, 16, 32, 64, 128, 256, 512)):
+    for M in ((1, 17) if DRY else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)):
         x = torch.randn(M, d, device=DEV, dtype=dtype)
         keys, biases, values, _ = make_patches(x, P, d)
+        row: dict = {"M": M}
         with torch.no_grad():
-            fused = lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
-                                              keys=keys, bias=biases, values=values)
-            unf_a = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused")  # noqa: E731
-            unf_b = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="gemm")  # noqa: E731
-            unf_c = lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact")  # noqa: E731
-            rows.append({"M": M, "unpatched_ms": bench(lambda: ffn(x))["ms"],
-                         "fused_ffn_ms": bench(fused)["ms"] if M <= 64 else None,
-                         "cublas+patch_fused_ms": bench(unf_a)["ms"], "cublas+patch_compact_ms": bench(unf_c)["ms"],
-                         "cublas+patch_gemm_ms": bench(unf_b)["ms"]})
+            methods = {
+                "unpatched": lambda: ffn(x),
+                "fused_ffn": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
+                                                        keys=keys, bias=biases, values=values)) if M <= 64 else None,
+                "cublas+patch_fused": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused"),
+                "cublas+patch_compact": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact"),
+                "cublas+patch_gemm": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="gemm"),
+            }
+            for name, fn in methods.items():
+                if fn is None:
+                    continue
+                try:
+                    row[f"{name}_ms"] = bench_graph(fn)["ms"]
+                except Exception as e:  # not capturable (a host sync): time it eagerly instead
+                    row[f"{name}_ms"] = bench(fn)["ms"]
+                    row.setdefault("eager", []).append(name)
+                    log(f"crossover M={M} {name}: timed eagerly ({type(e).__name__})")
+        rows.append(row)
     return rows
 
 
@@ -397,9 +507,14 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
         nbytes = 3 * d * Fdim * 2 + P * (d + 1) * 2 + n_active * d * 2 + 2 * M * d * 2
         call = lambda c: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
                                            keys=keys, bias=biases, values=values, config=c)
+        ref = R.patched_ffn_reference(x.double(), lay.w_up.double(), lay.w_down.double(), R.ACT_SILU,
+                                      w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
+                                      values=values.double())
         with torch.no_grad():
-            for c in [None, *ffn_configs_for(M)]:
+            for c in [None, *ffn_configs_for(M), *_sweep_extras(M)]:
                 try:
+                    if c is not None:
+                        close(call(c), ref, dtype, f"config sweep [{_cfg_name(c)}] M={M}")
                     t = bench_graph(lambda c=c: call(c))
                 except Exception as e:  # a candidate that does not fit this card (shared memory)
                     rows.append({"M": M, "config": "autotuned" if c is None else _cfg_name(c),
@@ -407,6 +522,8 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
                     continue
                 name = "autotuned: " + _cfg_name(_fused_ffn_kernel.best_config) if c is None and hasattr(
                     _fused_ffn_kernel, "best_config") else ("default" if c is None else _cfg_name(c))
+                if c is not None and all(c is not q for q in ffn_configs_for(M)):
+                    name = "extra: " + name
                 gbs = nbytes / (t["ms"] * 1e-3) / 1e9
                 rows.append({"M": M, "config": name, **t, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
         log(f"config sweep M={M} done")
@@ -637,14 +754,19 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
 
 
 def main() -> int:
+    global OUT_DIR, DECODE_P
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
     ap.add_argument("--quick", action="store_true", help="correctness only")
+    ap.add_argument("--skip-correctness", action="store_true",
+                    help="skip section 2 (the timed sections still check each method they time)")
+    ap.add_argument("--no-precompile", action="store_true", help="compile serially, as tuning asks")
     ap.add_argument("--sections", default="all",
                     help="comma-separated subset of the timed sections to run (after correctness), e.g. "
                          "decode_roofline,config_sweep; default all")
+    ap.add_argument("--decode-p", default=",".join(map(str, DECODE_P)), help="bank sizes of the decode roofline")
     args = ap.parse_args()
-    global OUT_DIR
+    DECODE_P = tuple(int(v) for v in args.decode_p.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     OUT_DIR = out
@@ -659,22 +781,29 @@ def main() -> int:
                       "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                       "cpu_threads": torch.get_num_threads()}
     log(RESULTS["env"])
-    hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
-    log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
-    section("correctness", correctness)
-    log(f"correctness failures so far: {len(RESULTS['failures'])}")
-    timed = [("decode_roofline", decode_roofline, (hbm,)), ("config_sweep", config_sweep, (hbm,)),
-             ("ffn_latency", ffn_latency, (hbm,)), ("loss_kernel", loss_kernel, (hbm,)),
-             ("crossover", crossover, ()), ("whole_model", whole_model, ()), ("memory", memory, ()),
-             ("editing", editing, ())]
+    # (name, function, whether it takes the measured HBM bandwidth), in the order they run
+    timed = [("decode_roofline", decode_roofline, True), ("config_sweep", config_sweep, True),
+             ("ffn_latency", ffn_latency, True), ("loss_kernel", loss_kernel, True),
+             ("crossover", crossover, False), ("whole_model", whole_model, False), ("memory", memory, False),
+             ("editing", editing, False)]
     wanted = {n for n, _, _ in timed} if args.sections == "all" else set(args.sections.split(","))
     unknown = wanted - {n for n, _, _ in timed}
     if unknown:
         ap.error(f"unknown sections {sorted(unknown)}; choose from {[n for n, _, _ in timed]}")
+    fast = {"decode_roofline", "config_sweep", "crossover"}
+    p_sizes = (48,) if (args.skip_correctness and wanted <= fast and all(p % 16 == 0 for p in DECODE_P)) else (48, 40)
+    if not args.no_precompile:  # in the dry run: checks the worker processes' plumbing
+        section("precompile", precompile, p_sizes)
+        log(f"precompiled: {RESULTS['sections']['precompile']}")
+    hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
+    log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
+    if not args.skip_correctness:
+        section("correctness", correctness)
+    log(f"correctness failures so far: {len(RESULTS['failures'])}")
     if not args.quick:
-        for name, fn, fargs in timed:
+        for name, fn, takes_hbm in timed:
             if name in wanted:
-                section(name, fn, *fargs)
+                section(name, fn, *((hbm,) if takes_hbm else ()))
         RESULTS["autotune"] = autotune_choices()
     RESULTS["wall_s"] = time.time() - T0
     (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
@@ -686,9 +815,9 @@ def main() -> int:
             w.writerows(lat)
     report = [f"# GPU check on {RESULTS['env']['gpu']}", f"HBM copy bandwidth: {hbm:.0f} GB/s", ""]
     for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
-                       ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat"]),
+                       ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat", "speedup_vs_concat_each"]),
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
-                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms"]),
+                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
                        ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
                        ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),

@@ -161,17 +161,23 @@ def project_rows_pair(
 
 @triton.jit
 def accumulate_rows(
-    h, w_ptr, offs_r, r_mask, ws_ptr, offs_m, m_mask, D_OUT,
+    h, w_ptr, offs_r, r_mask, ws_ptr, offs_m, m_mask, D_OUT, rot,
     stride_wr, stride_wn, stride_sm, stride_sn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``ws[offs_m] += h @ W[offs_r]`` over all ``D_OUT`` columns, with fp32 atomics.
 
-    ``h`` is (BLOCK_M, BLOCK_R) and already zero on masked rows/columns.
+    ``h`` is (BLOCK_M, BLOCK_R) and already zero on masked rows/columns. The column blocks are
+    visited starting at block ``rot`` (mod their count): programs that pass their own id spread
+    their atomics over the workspace instead of all adding into the same addresses at once.
     """
     hv = h.to(w_ptr.dtype.element_ty)
-    for n0 in range(0, D_OUT, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+    num_nb = tl.cdiv(D_OUT, BLOCK_N)
+    first = rot % num_nb
+    for i in range(0, num_nb):
+        nb = first + i
+        nb = tl.where(nb >= num_nb, nb - num_nb, nb)
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         n_mask = offs_n < D_OUT
         wt = load_tile(w_ptr, offs_r, r_mask, stride_wr, offs_n, n_mask, stride_wn)
         contrib = mm(hv, wt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), BLOCK_M, INPUT_PRECISION)

@@ -69,31 +69,31 @@ INTERPRETER_SMS = 3
 #: (BLOCK_M >= 16). ``PROGRAMS_PER_SM = 0`` is the one-unit-per-program grid (the hardware
 #: scheduler balances: a unit is BLOCK_F original neurons or 2-3x as many patch neurons, the
 #: same bytes); ``k > 0`` is the persistent schedule: k programs per multiprocessor, each given
-#: an equal share of the bytes. The first is the configuration measured on the H200 in session 1
-#: (64 neurons per program: a 64x128 bf16 weight tile is 16 KB). The others trade fewer, larger
-#: programs (fewer fp32 atomics into the output, no tail wave) against more bytes in flight per
-#: program (deeper pipelines, wider D tiles).
+#: an equal share of the bytes. ``ROTATE_N = 1``: each program starts its pass over the output
+#: columns at its own block, so the fp32 atomics of concurrent programs land on different
+#: addresses. Order and choice from the H200 sweep of 2026-11-27
+#: (benchmarks/results/nvidia-h200/gpu_check.md, "config_sweep"; Llama-7B, bf16, P = 10,000):
+#: a 3-stage pipeline over 64 x 128 bf16 tiles read 77% of HBM at one token where the
+#: 2-stage one of session 1 read 58%; the persistent schedule was within 2% of it (best at 16
+#: tokens); GEMV tiles (below) were 25-60% slower at Llama shapes and win only small FFNs.
 _DOT_TILES = [
-    (64, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
-    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2}),
-    (128, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 1}),
-    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 0}),
-    (32, 256, 128, 4, 3, {"PROGRAMS_PER_SM": 0}),
-    (128, 64, 128, 4, 4, {"PROGRAMS_PER_SM": 1}),
-    (32, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 4}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
+    (64, 128, 128, 4, 4, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (64, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (64, 64, 128, 4, 4, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (32, 256, 128, 4, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (128, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 1, "ROTATE_N": 1}),
+    (32, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 4, "ROTATE_N": 1}),
 ]
-#: Candidates for the single-token GEMV path. Tiles of up to 2 x 4 K weights accumulate products
-#: in 2-D fp32 registers and reduce once (``_blocks.GEMV_ACC2_MAX``); the larger ones (8 warps)
-#: reduce every iteration but keep 32-64 KB of weights in flight per program. BLOCK_D >= 128
-#: keeps each neuron's row segment at 256 contiguous bytes or more.
+#: Candidates for the single-token GEMV path (no ``tl.dot`` padding to 16 rows). Tiles of up to
+#: 2 x 4 K weights accumulate products in 2-D fp32 registers and reduce once
+#: (``_blocks.GEMV_ACC2_MAX``); the 8-warp ones reduce every iteration but keep 32-64 KB of
+#: weights in flight per program. The autotuner picked them for BERT-base and SmolLM2 FFNs.
 _GEMV_TILES = [
-    (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
-    (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 2}),
-    (16, 256, 128, 4, 2, {"PROGRAMS_PER_SM": 2}),
-    (64, 128, 128, 8, 2, {"PROGRAMS_PER_SM": 1}),
-    (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2}),
-    (16, 256, 128, 4, 2, {"PROGRAMS_PER_SM": 0}),
-    (64, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 1}),
+    (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
+    (64, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 1, "ROTATE_N": 1}),
+    (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
 ]
 #: Every candidate configuration, in order; within a token bucket the first one is the default.
 FFN_CONFIGS = candidate_configs("BLOCK_F", _DOT_TILES, _GEMV_TILES, {32: 4, 64: 2})
@@ -120,10 +120,11 @@ def _fused_ffn_kernel(
     GATED: tl.constexpr, HAS_BG: tl.constexpr, HAS_BU: tl.constexpr,
     ACT: tl.constexpr, PATCH_ACT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr, GRAN: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr, GRAN: tl.constexpr, ROTATE_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_progs = tl.num_programs(0).to(tl.int64)
+    rot = pid * ROTATE_N  # where this program starts its pass over the output columns
     pid_m = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     m_mask = offs_m < M
@@ -165,7 +166,7 @@ def _fused_ffn_kernel(
                 up += tl.load(bu_ptr + offs_f, mask=f_mask, other=0.0).to(tl.float32)[None, :]
             h = act_fn(up, ACT)
         h = tl.where(m_mask[:, None] & f_mask[None, :], h, 0.0)
-        accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT,
+        accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT, rot,
                         stride_df, stride_dn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
     p_lo = tl.minimum(tl.maximum(start - base_cost, 0), tl.cdiv(P, GRAN)) * GRAN
     p_hi = tl.minimum(tl.maximum(end - base_cost, 0) * GRAN, P)
@@ -183,7 +184,7 @@ def _fused_ffn_kernel(
         else:
             run = True
         if run:
-            accumulate_rows(h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
+            accumulate_rows(h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT, rot,
                             stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
 
 
@@ -218,6 +219,21 @@ def _check(name: str, t: torch.Tensor | None, shape: tuple[int, ...], x: torch.T
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+#: Meta-parameters a launch configuration must set (the kernel's tile and schedule constants).
+CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_N", "PROGRAMS_PER_SM", "ROTATE_N"})
+
+
+def _check_config(config: "triton.Config", M: int) -> None:
+    """A pinned configuration must use the tile height of ``M``'s bucket and set every constant."""
+    heights = {c.kwargs["BLOCK_M"] for c in ffn_configs_for(M)}
+    if config.kwargs.get("BLOCK_M") not in heights:
+        raise ValueError(f"config {config} is not a candidate for M={M}: BLOCK_M must be one of "
+                         f"{sorted(heights)} (see ffn_configs_for({M}))")
+    missing = CONFIG_KEYS - set(config.kwargs)
+    if missing:
+        raise ValueError(f"config {config} does not set {sorted(missing)}")
+
+
 def fused_patched_ffn(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -238,8 +254,9 @@ def fused_patched_ffn(
 
     Weights are neuron-major views of any strides (``w_up``/``w_gate`` (F, d), ``w_down``
     (F, d_out)): pass ``linear.weight`` for up/gate and ``down.weight.t()`` for down.
-    ``config`` pins one launch configuration (one of ``ffn_configs_for(M)``); by default it is
-    tuned on the device, or the bucket's default where tuning is off.
+    ``config`` pins one launch configuration (one of ``ffn_configs_for(M)``, or any
+    ``triton.Config`` with the same tile height and constants, for sweeps); by default it is tuned
+    on the device, or the bucket's default where tuning is off.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (tokens, d), got shape {tuple(x.shape)}")
@@ -260,8 +277,8 @@ def fused_patched_ffn(
     for name, t in (("w_up", w_up), ("w_gate", w_gate), ("w_down", w_down), ("keys", keys), ("values", values)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
-    if config is not None and all(config is not c for c in ffn_configs_for(M)):
-        raise ValueError(f"config {config} is not a candidate for M={M}; pick one of ffn_configs_for({M})")
+    if config is not None:
+        _check_config(config, M)
     if b_down is not None:
         # A fresh buffer: expand().contiguous() would alias the bias itself when M == 1.
         ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
@@ -296,5 +313,8 @@ def fused_patched_ffn(
              ACT=act, PATCH_ACT=patch_act,
              INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32"),
         config,
+        # everything the tuner's key holds (buckets, sizes, the dtype of every tensor argument)
+        tune_key=(token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, x.dtype, kb.dtype,
+                  None if b_gate is None else b_gate.dtype, None if b_up is None else b_up.dtype),
     )
     return ws.to(x.dtype)

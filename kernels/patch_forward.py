@@ -135,7 +135,7 @@ def _patch_fused_kernel(
             run = True
         if run:
             accumulate_rows(
-                h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT,
+                h, v_ptr, offs_p, p_mask, ws_ptr, offs_m, m_mask, D_OUT, 0,
                 stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION,
             )
 
@@ -262,6 +262,7 @@ def _patch_forward_fused(x, keys, bias, values, base, act, out_dtype, config=Non
          ws.stride(0), ws.stride(1)),
         dict(ACT=act, SKIP_INACTIVE=act == ACT_RELU, INPUT_PRECISION=_input_precision(x.dtype)),
         config,
+        tune_key=(token_bucket(M), work_bucket(P), D, D_OUT, x.dtype, keys.dtype, bias.dtype, values.dtype),
     )
     return ws.to(out_dtype)
 

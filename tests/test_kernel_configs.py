@@ -87,12 +87,13 @@ def test_every_neuron_is_computed_once_under_every_schedule(monkeypatch, sms: in
     """The persistent schedule splits the original and patch neurons over ``k * SMs`` programs by
     cost; the unit schedule gives each program one block. A granule dropped or done twice would
     change the output: every patch fires here, so each value row counts. With 97 "SMs" most
-    programs get an empty range, with 1 a program spans both kinds of neurons."""
+    programs get an empty range, with 1 a program spans both kinds of neurons. Three output
+    column blocks (of 128): programs start their pass at different blocks (``ROTATE_N``)."""
     from fastpatch.kernels import fused_ffn as FF
 
     monkeypatch.setattr(FF, "INTERPRETER_SMS", sms)
     torch.manual_seed(sms)
-    M, d, Fdim, d_out, P = 3, 33, 5 * 16 + 7, 19, 7 * 16 + 3
+    M, d, Fdim, d_out, P = 3, 33, 5 * 16 + 7, 2 * 128 + 19, 7 * 16 + 3
     act = R.ACT_SILU if gated else R.ACT_GELU_TANH
     x = torch.randn(M, d)
     w_up = torch.randn(Fdim, d) / d**0.5
@@ -113,6 +114,8 @@ def test_every_neuron_is_computed_once_under_every_schedule(monkeypatch, sms: in
         out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, keys=keys, bias=bias, values=values, config=c)
         assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
     assert 0 in schedules and len(schedules) > 1  # both schedules were exercised
+    rotated = [c for c in ffn_configs_for(M) if c.kwargs["ROTATE_N"] and c.kwargs["BLOCK_N"] < d_out]
+    assert rotated  # and the rotated column order, over more than one block
 
 
 @requires_triton
@@ -196,3 +199,31 @@ def test_autotuners_name_real_kernel_arguments() -> None:
         named["M"] = 5
         pruned = kernel.early_config_prune(configs, named)
         assert pruned and {c.kwargs["BLOCK_M"] for c in pruned} == {16}
+
+
+def test_launch_remembers_the_tuners_choice_per_key() -> None:
+    """``launch(tune_key=...)`` goes through the tuner once per key, then launches its choice
+    directly (what a decode loop pays per step). A stand-in object plays the tuned kernel."""
+    from types import SimpleNamespace
+
+    log: list[tuple] = []
+
+    class Direct:  # ``kernel.fn[grid](...)``: the JIT function at a pinned configuration
+        def __getitem__(self, grid):
+            return lambda *a, **k: log.append(("direct", grid, k.get("BLOCK_M"), k.get("num_warps")))
+
+    class Tuned:  # ``kernel[grid](...)``: the autotuner, which records its pick in best_config
+        fn = Direct()
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                log.append(("tuner", grid))
+                self.best_config = SimpleNamespace(kwargs={"BLOCK_M": 16}, num_warps=8, num_stages=3)
+            return run
+
+    kernel = Tuned()
+    for _ in range(3):
+        _triton.launch(kernel, (7,), (), {}, tune_key=("k", 1))
+    _triton.launch(kernel, (7,), (), {}, tune_key=("k", 2))
+    assert log == [("tuner", (7,)), ("direct", (7,), 16, 8), ("direct", (7,), 16, 8), ("tuner", (7,))]
