@@ -1,6 +1,6 @@
 """Compile every Triton kernel launch for a Hopper GPU (sm_90) on a machine without one.
 
-    python benchmarks/compile_check.py [--arch 90] [--all-configs]
+    python benchmarks/compile_check.py [--arch 90] [--which all|default|quick]
 
 The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy and never sees Triton's code
 generator, so an error that only the compiler raises (a global that is not a ``tl.constexpr``, a
@@ -11,7 +11,9 @@ CPU tensors, records every kernel launch instead of running it, and compiles eac
 needed). It reports shared memory, registers and local-memory (spill) bytes per launch
 configuration, read from the cubin with the ``cuobjdump`` Triton also ships.
 
-Exit status 1 if any launch fails to compile or needs more shared memory than ``--smem-kb``.
+Exit status 1 if any launch fails to compile, needs more shared memory than ``--smem-kb`` (and
+would still be launched), or has a shared-memory estimate (``fused_ffn.smem_estimate``, which the
+launchers plan with) more than 15% off the compiler's figure.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
            torch.bool: "i1"}
 #: Shared memory a thread block may use on sm_90 (227 KB opt-in).
 SMEM_LIMIT_KB = 227
+#: How far ``fused_ffn.smem_estimate`` may be from what the compiler allots.
+SMEM_ESTIMATE_TOL = 0.15
 
 
 @dataclass
@@ -87,6 +91,16 @@ def _arg_type(v: Any) -> str:
     raise TypeError(f"cannot type kernel argument {v!r}")
 
 
+def _specialisation(p: Any, v: Any) -> tuple:
+    """What Triton compiles a separate kernel for: constants, types, integers equal to 1 and
+    divisibility by 16 (of integers, and of pointers' addresses)."""
+    if p.is_constexpr or v is None:
+        return (p.name, repr(v))
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (p.name, "1" if v == 1 and not p.do_not_specialize else _arg_type(v), v % 16 == 0)
+    return (p.name, _arg_type(v), isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0)
+
+
 def _cuobjdump() -> str:
     import triton.backends.nvidia as nv
 
@@ -126,6 +140,11 @@ def compile_launch(call: Launch, arch: int = 90) -> dict[str, Any]:
         return row
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     row["shared_kb"] = round(k.metadata.shared / 1024, 1)
+    est = call.extra.get("smem_estimate")
+    if est:  # the launchers plan with this estimate (fused_ffn.default_config / the tuner's prune)
+        row["estimate_kb"] = round(est / 1024, 1)
+        if abs(est - k.metadata.shared) > SMEM_ESTIMATE_TOL * k.metadata.shared:
+            row["error"] = f"shared-memory estimate {row['estimate_kb']} KB is off the compiler's {row['shared_kb']} KB"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -142,42 +161,51 @@ def _label(cfg: Any) -> str:
     return " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def fused_ffn_launches(all_configs: bool = True) -> list[Launch]:
-    """Every fused-FFN configuration (gated and two-matrix, bf16 and fp32) for 1, 5 and 33 tokens."""
+def fused_ffn_launches(which: str = "all") -> list[Launch]:
+    """Fused-FFN launches (gated and two-matrix, bf16 and fp32, 1, 5 and 33 tokens).
+
+    ``which``: ``all`` candidates, each bucket's ``default`` (what runs where tuning is off), or
+    ``quick``: one launch per code path (padded ``tl.dot`` and GEMV tiles, both FFN forms, fp32)."""
     from fastpatch.kernels import reference as R
-    from fastpatch.kernels.fused_ffn import ffn_configs_for, fused_patched_ffn
+    from fastpatch.kernels.fused_ffn import default_config, ffn_configs_for, fused_patched_ffn, smem_estimate
 
     out = []
     d, Fdim, P = 64, 80, 48
     for dtype in (torch.bfloat16, torch.float32):
         for gated in (True, False):
             for M in (1, 5, 33):
+                if which == "quick" and (M == 33 or (dtype == torch.float32 and (M == 1 or not gated))):
+                    continue
                 x = torch.randn(M, d, dtype=dtype)
                 w = torch.randn(Fdim, d, dtype=dtype)
                 args = dict(w_gate=w if gated else None, b_up=None if gated else torch.zeros(Fdim, dtype=dtype),
                             keys=torch.randn(P, d, dtype=dtype), bias=torch.zeros(P, dtype=dtype),
                             values=torch.randn(P, d, dtype=dtype))
-                configs = ffn_configs_for(M) if all_configs else ffn_configs_for(M)[:1]
+                configs = [default_config(M, dtype, gated)] if which != "all" else ffn_configs_for(M)
+                if which == "quick" and M == 1 and gated and dtype == torch.bfloat16:
+                    configs.append(next(c for c in ffn_configs_for(M) if c.kwargs["BLOCK_M"] == 1))
                 for c in configs:
                     with recording() as calls:
                         fused_patched_ffn(x, w, w, R.ACT_SILU if gated else R.ACT_GELU, config=c, **args)
                     for call in calls:
                         call.label = f"{'gated' if gated else 'dense'} {str(dtype)[6:]} M={M} {_label(c)}"
+                        call.extra = {"smem_estimate": smem_estimate(c, x.element_size(), gated),
+                                      "default": c is default_config(M, dtype, gated)}
                     out += calls
     return out
 
 
-def patch_forward_launches(all_configs: bool = True) -> list[Launch]:
+def patch_forward_launches(which: str = "all") -> list[Launch]:
     """The patch kernels: fused (every configuration), compact and sparse value kernels."""
     from fastpatch.kernels.patch_forward import patch_configs_for, patch_forward
 
     out = []
     d, P = 64, 48
-    for dtype in (torch.bfloat16, torch.float32):
-        for M in (1, 5, 65):
+    for dtype in (torch.bfloat16, torch.float32) if which != "quick" else (torch.bfloat16,):
+        for M in (1, 5, 65) if which != "quick" else (1, 65):
             x = torch.randn(M, d, dtype=dtype)
             keys, bias, values = torch.randn(P, d, dtype=dtype), torch.zeros(P, dtype=dtype), torch.randn(P, d, dtype=dtype)
-            configs = patch_configs_for(M) if all_configs else patch_configs_for(M)[:1]
+            configs = patch_configs_for(M) if which == "all" else patch_configs_for(M)[:1]
             for c in configs:
                 with recording() as calls:
                     patch_forward(x, keys, bias, values, backend="triton", strategy="fused", config=c)
@@ -217,23 +245,54 @@ def patch_loss_launches() -> list[Launch]:
     return out
 
 
-def collect(all_configs: bool = True) -> list[Launch]:
-    """Every launch of every kernel, deduplicated by kernel, argument types, constants and options."""
+def collect(which: str = "all") -> list[Launch]:
+    """Every launch of every kernel (see ``fused_ffn_launches`` for ``which``), deduplicated by
+    kernel, argument types, constants and options."""
     launches: list[Launch] = []
     producers: list[Callable[[], list[Launch]]] = [
-        lambda: fused_ffn_launches(all_configs), lambda: patch_forward_launches(all_configs), patch_loss_launches]
+        lambda: fused_ffn_launches(which), lambda: patch_forward_launches(which), patch_loss_launches]
     with _triton_launch_path():
         for produce in producers:
             launches += produce()
     seen, unique = set(), []
     for call in launches:
         key = (call.fn.__name__, call.num_warps, call.num_stages,
-               tuple((n, _arg_type(v) if not (p.is_constexpr or v is None) else repr(v))
-                     for p in call.fn.params for n, v in [(p.name, call.args.get(p.name))]))
+               tuple(_specialisation(p, call.args.get(p.name)) for p in call.fn.params))
         if key not in seen:
             seen.add(key)
             unique.append(call)
     return unique
+
+
+def check(which: str = "all", arch: int = 90, smem_kb: float = SMEM_LIMIT_KB, echo: bool = True) -> int:
+    """Compile every launch of ``collect(which)``; returns how many failed.
+
+    A failure: a compile error, a shared-memory estimate off the compiler's figure, or more
+    shared memory than the chip has in a configuration the launchers would still run (a tuning
+    candidate over ``fused_ffn.SMEM_BUDGET`` is pruned before compiling, so it is only noted).
+    """
+    from fastpatch.kernels.fused_ffn import SMEM_BUDGET
+
+    launches = collect(which)
+    if echo:
+        print(f"{len(launches)} distinct launches; compiling for sm_{arch}", flush=True)
+    bad = 0
+    for call in launches:
+        row = compile_launch(call, arch)
+        err, note = row.get("error", ""), ""
+        if not err and row.get("shared_kb", 0) > smem_kb:
+            if call.extra.get("smem_estimate", 0) > SMEM_BUDGET and not call.extra.get("default"):
+                note = "(over the chip's shared memory: the tuner prunes it)"
+            else:
+                err = f"needs {row['shared_kb']} KB of shared memory"
+        bad += bool(err)
+        if echo:
+            cols = " ".join(f"{k}={row[k]}" for k in ("shared_kb", "estimate_kb", "regs", "stack", "local", "compile_s")
+                            if k in row)
+            print(f"{'FAIL' if err else 'ok  '} {row['kernel']:<20} {row['config']:<62} {cols} {err}{note}", flush=True)
+    if echo:
+        print(f"{bad} of {len(launches)} launches failed")
+    return bad
 
 
 @contextlib.contextmanager
@@ -256,19 +315,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: Hopper)")
     ap.add_argument("--smem-kb", type=float, default=SMEM_LIMIT_KB, help="shared memory a block may use")
-    ap.add_argument("--defaults-only", action="store_true", help="only the default configuration of each bucket")
+    ap.add_argument("--which", choices=("all", "default", "quick"), default="all",
+                    help="every candidate, each bucket's default, or one launch per code path")
     args = ap.parse_args()
-    launches = collect(all_configs=not args.defaults_only)
-    print(f"{len(launches)} distinct launches; compiling for sm_{args.arch}", flush=True)
-    bad = 0
-    for call in launches:
-        row = compile_launch(call, args.arch)
-        err = row.get("error") or (f"needs {row['shared_kb']} KB of shared memory" if row.get("shared_kb", 0) > args.smem_kb else "")
-        bad += bool(err)
-        cols = " ".join(f"{k}={row[k]}" for k in ("shared_kb", "regs", "stack", "local", "compile_s") if k in row)
-        print(f"{'FAIL' if err else 'ok  '} {row['kernel']:<24} {row['config']:<58} w{row['warps']} s{row['stages']} {cols} {err}", flush=True)
-    print(f"{bad} of {len(launches)} launches failed")
-    return 1 if bad else 0
+    return 1 if check(args.which, args.arch, args.smem_kb) else 0
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def load_gpu(path: Path) -> dict:
             r["vs_unpatched"] = r["median_ms"] / b
     return {"path": path, "env": j.get("env", {}), "rows": rows, "sections": sec,
             "bandwidth": {"GBps": sec.get("hbm_bandwidth_GBps")}, "failures": j.get("failures", []),
-            "autotune": j.get("autotune") or {}}
+            "autotune": j.get("autotune") or {}, "runs": j.get("runs") or {}, "provenance": j.get("provenance") or {}}
 
 
 # -------------------------------------------------------------------------- plotting
@@ -374,31 +374,44 @@ def cpu_table(res: dict) -> str:
 
 
 def gpu_goals(res: dict) -> list[list]:
-    """Issue 5's GPU goals at Llama-7B shapes, P=10,000: >= 80% of HBM and >= 1.5x over concat at
-    M <= 16; >= 1.2x over concat at M = 512."""
-    sel = [r for r in res["rows"] if r["shape"] == "llama-7b" and r["P"] == 10000]
+    """Issue 2's GPU goals at Llama-7B shapes, P = 10,000, M <= 16: >= 80% of HBM for the bytes
+    it must read and >= 1.5x over the naive concatenated-Linear T-Patcher; issue 5's >= 1.2x at
+    M = 512. From the decode roofline (CUDA-graph replays) where the run has it, else from the
+    eager latency table. Both concatenation baselines are shown: merged once (kinder), and
+    re-concatenated on every forward (what the authors' code does)."""
     out = []
+    dec = [r for r in res["sections"].get("decode_roofline") or [] if r.get("P") == 10000 and r.get("timing") == "cuda graph"]
+    for M in sorted({r["M"] for r in dec}):
+        by = {r["method"]: r for r in dec if r["M"] == M}
+        f, c, e = by.get("fastpatch (PatchedFFN)"), by.get("concat (authors)"), by.get("concat per forward (authors' code)")
+        if not f or not c:
+            continue
+        out.append(_goal_row(M, f["ms"], f["pct_hbm"], c["ms"], e["ms"] if e else None, "CUDA graph"))
+    done = {row[0] for row in out}
+    sel = [r for r in res["rows"] if r["shape"] == "llama-7b" and r["P"] == 10000 and r["M"] not in done]
     for M in sorted({r["M"] for r in sel}):
         fp = [r for r in sel if r["M"] == M and r["method"].startswith("fastpatch") and r.get("median_ms")]
         cc = [r for r in sel if r["M"] == M and r["method"] == "concat (authors)" and r.get("median_ms")]
-        if not fp or not cc:
-            continue
-        f = min(fp, key=lambda r: r["median_ms"])
-        c = cc[0]
-        speed = c["median_ms"] / f["median_ms"]
-        want_speed = 1.5 if M <= 16 else 1.2
-        pct = f.get("pct_of_bandwidth")
-        want_pct = 80.0 if M <= 16 else None
-        ok = speed >= want_speed and (want_pct is None or (pct or 0) >= want_pct)
-        miss = []
-        if speed < want_speed:
-            miss.append(f"speed-up {speed:.2f}x < {want_speed}x")
-        if want_pct is not None and (pct or 0) < want_pct:
-            miss.append(f"{pct:.0f}% < {want_pct:.0f}% of HBM")
-        out.append([M, ms(f["median_ms"]), ms(c["median_ms"]), f"{speed:.2f}x", f">= {want_speed}x",
-                    f"{pct:.1f}" if pct is not None else "–", f">= {want_pct:.0f}%" if want_pct else "–",
-                    "yes" if ok else "NO: " + "; ".join(miss)])
+        if fp and cc:
+            f = min(fp, key=lambda r: r["median_ms"])
+            out.append(_goal_row(M, f["median_ms"], f.get("pct_of_bandwidth"), cc[0]["median_ms"], None, "eager"))
     return out
+
+
+def _goal_row(M: int, f_ms: float, pct: float | None, c_ms: float, e_ms: float | None, timing: str) -> list:
+    want_speed = 1.5 if M <= 16 else 1.2
+    want_pct = 80.0 if M <= 16 else None
+    speed = c_ms / f_ms
+    miss = []
+    if want_pct is not None and (pct or 0) < want_pct:
+        miss.append(f"{pct:.0f}% < {want_pct:.0f}% of HBM")
+    if speed < want_speed:
+        miss.append(f"{speed:.2f}x < {want_speed}x over the merged concatenation")
+    if e_ms is not None and e_ms / f_ms < want_speed:
+        miss.append(f"{e_ms / f_ms:.2f}x < {want_speed}x over the authors' code")
+    return [M, timing, ms(f_ms), f"{pct:.1f}" if pct is not None else "–", f">= {want_pct:.0f}%" if want_pct else "–",
+            ms(c_ms), f"{speed:.2f}x", ms(e_ms) if e_ms else "–", f"{e_ms / f_ms:.2f}x" if e_ms else "–",
+            f">= {want_speed}x", "yes" if not miss else "NO: " + "; ".join(miss)]
 
 
 def gpu_readme(res: dict, folder: Path, has_png: bool) -> str:
@@ -413,12 +426,32 @@ def gpu_readme(res: dict, folder: Path, has_png: bool) -> str:
     if res["failures"]:
         extra["failures"] = "; ".join(res["failures"])
     L += ["## Environment", "", env_table(env, extra), ""]
+    runs = res.get("runs") or {}
+    if runs:
+        prov = res.get("provenance") or {}
+        L += ["## Runs", "", "This folder merges the runs below (raw output of each under `runs/`); each section "
+              "comes from one run.", "",
+              table(["run", "commit", "date", "what", "sections", "HBM GB/s", "failures"],
+                    [[k, v.get("commit"), v.get("date"), v.get("what"), ", ".join(s_ for s_, r in prov.items() if r == k),
+                      fmt(v.get("hbm_GBps"), 4), "; ".join(v.get("failures") or []) or "none"] for k, v in runs.items()]), ""]
     goals = gpu_goals(res)
     if goals:
         L += ["## Goals (issues 2 and 5): Llama-7B FFN shapes, P = 10,000", "",
-              "Computed from the rows below: fastpatch's % of the measured HBM bandwidth for the bytes it must "
-              "read, and its speed-up over the authors' concatenated-Linear approach.", "",
-              table(["M", "fastpatch ms", "concat ms", "speed-up", "goal", "% of HBM", "goal", "met"], goals), ""]
+              "fastpatch's share of the measured HBM bandwidth for the bytes it must read, and its speed-up over "
+              "the concatenated-Linear T-Patcher: merged once (`concat`, kinder than the authors' code) and "
+              "re-concatenated on every forward (`authors' code`, what their implementation does). Decode sizes "
+              "are timed as CUDA-graph replays (device time; eager calls at these sizes measure Python).", "",
+              table(["M", "timing", "fastpatch ms", "% of HBM", "goal", "concat ms", "speed-up", "authors' code ms",
+                     "speed-up", "goal", "met"], goals), ""]
+    dec = sec.get("decode_roofline") or []
+    if dec:
+        cols = ["M", "P", "active", "method", "timing", "ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat",
+                "speedup_vs_concat_each"]
+        L += ["## Decode roofline (Llama-7B FFN, bf16)", "",
+              "`must_read_MB`: the bytes a method cannot avoid (fastpatch: base weights, keys, biases and the value rows "
+              "of firing patches; the concatenations: every value row, and for the authors' code the concatenation's "
+              "own read and write).", "",
+              table(cols, [[fmt(r.get(c)) for c in cols] for r in dec]), ""]
     if res["rows"]:
         L += ["## Patched FFN forward", "", "Median latency in ms (ratio against the unpatched FFN).", ""]
         if has_png:
@@ -458,6 +491,8 @@ def render(root: Path) -> list[Path]:
                                                                   (("ffn_latency.png", has_ffn), ("model_latency.png", has_model)) if ok]
         index.append((folder, f"CPU: {res['env'].get('cpu', '?')}", res["env"].get("date")))
     for path in sorted(root.rglob("gpu_check.json")):
+        if "runs" in path.relative_to(root).parts[:-1]:  # raw runs, merged into their parent's file
+            continue
         res = load_gpu(path)
         folder = path.parent
         title = f"GPU: {res['env'].get('gpu', folder.name)}"

@@ -88,7 +88,7 @@ def project_rows(
             wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
             acc2 += xc.to(tl.float32) * wt.to(tl.float32)
         return tl.sum(acc2, axis=0)[None, :]
-    elif BLOCK_M == 1:
+    else:  # ``mm``: tl.dot for 16+ rows, a per-iteration reduction for a large single-token tile
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -96,15 +96,6 @@ def project_rows(
             xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
             wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
             acc = mm(xt, wt, acc, BLOCK_M, INPUT_PRECISION)
-        return acc
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = offs_d < D
-            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
-            wt = load_tile(w_ptr, offs_d, d_mask, stride_wd, offs_r, r_mask, stride_wr)
-            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION)
         return acc
 
 
@@ -133,7 +124,7 @@ def project_rows_pair(
             acc_a2 += xc * wa.to(tl.float32)
             acc_b2 += xc * wb.to(tl.float32)
         return tl.sum(acc_a2, axis=0)[None, :], tl.sum(acc_b2, axis=0)[None, :]
-    elif BLOCK_M == 1:
+    else:  # ``mm``: tl.dot for 16+ rows, a per-iteration reduction for a large single-token tile
         acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -144,18 +135,6 @@ def project_rows_pair(
             wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
             acc_a = mm(xt, wa, acc_a, BLOCK_M, INPUT_PRECISION)
             acc_b = mm(xt, wb, acc_b, BLOCK_M, INPUT_PRECISION)
-        return acc_a, acc_b
-    else:
-        acc_a = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            d_mask = offs_d < D
-            xt = load_tile(x_ptr, offs_m, m_mask, stride_xm, offs_d, d_mask, stride_xd)
-            wa = load_tile(wa_ptr, offs_d, d_mask, stride_ad, offs_r, r_mask, stride_ar)
-            wb = load_tile(wb_ptr, offs_d, d_mask, stride_bd, offs_r, r_mask, stride_br)
-            acc_a = tl.dot(xt, wa, acc_a, input_precision=INPUT_PRECISION)
-            acc_b = tl.dot(xt, wb, acc_b, input_precision=INPUT_PRECISION)
         return acc_a, acc_b
 
 

@@ -44,18 +44,23 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import accumulate_rows, act_fn, candidate_configs, configs_for, project_rows, project_rows_pair, prune_by_tokens, token_bucket, work_bucket
+from ._blocks import (
+    accumulate_rows, act_fn, candidate_configs, configs_for, project_rows, project_rows_pair, prune_by_tokens, token_bucket,
+    work_bucket,
+)
 from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .reference import ACT_RELU
 
-__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size"]
+__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
+           "smem_estimate"]
 
-#: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 (Llama-7B FFN, bf16,
-#: P = 10,000; benchmarks/results/nvidia-h200/gpu_check.md, "crossover"): the one-launch kernel
-#: takes 0.130 / 0.148 / 0.179 / 0.206 / 0.397 ms at M = 1 / 16 / 32 / 64 / 128 against
-#: 0.167 / 0.180 / 0.198 / 0.209 / 0.245 ms for cuBLAS + patch_forward: it wins up to 64 tokens
-#: (by 1% there), so 32 keeps a margin.
-FUSED_FFN_MAX_TOKENS = 32
+#: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 on 2026-11-27
+#: (Llama-7B FFN, bf16, P = 10,000, CUDA-graph replays; benchmarks/results/nvidia-h200,
+#: "crossover"): the one-launch kernel takes 0.100 / 0.108 / 0.127 / 0.130 / 0.175 ms at
+#: M = 1 / 4 / 8 / 16 / 32 against 0.124 / 0.126 / 0.128 / 0.130 / 0.147 ms for cuBLAS +
+#: patch_forward: it wins up to 4 tokens, ties at 8-16 (where its single launch also saves the
+#: eager caller four launches), and loses from 32 on.
+FUSED_FFN_MAX_TOKENS = 16
 
 
 #: Neurons are handed to programs in granules of 16: 32 bytes of a bf16 row of the neuron-major
@@ -71,32 +76,36 @@ INTERPRETER_SMS = 3
 #: same bytes); ``k > 0`` is the persistent schedule: k programs per multiprocessor, each given
 #: an equal share of the bytes. ``ROTATE_N = 1``: each program starts its pass over the output
 #: columns at its own block, so the fp32 atomics of concurrent programs land on different
-#: addresses. Order and choice from the H200 sweep of 2026-11-27
-#: (benchmarks/results/nvidia-h200/gpu_check.md, "config_sweep"; Llama-7B, bf16, P = 10,000):
-#: a 3-stage pipeline over 64 x 128 bf16 tiles read 77% of HBM at one token where the
-#: 2-stage one of session 1 read 58%; the persistent schedule was within 2% of it (best at 16
-#: tokens); GEMV tiles (below) were 25-60% slower at Llama shapes and win only small FFNs.
+#: addresses. Order and choice from the H200 sweeps of 2026-11-27 (Llama-7B, bf16, P = 10,000,
+#: CUDA-graph replays; benchmarks/results/nvidia-h200, "config_sweep"):
+#:
+#: - pipeline depth is what matters: 64 x 128 tiles read 57% of HBM at one token with 2 stages
+#:   (session 1's default), 77% with 3, 82% with 4 (and 74% with 5);
+#: - the rotated column order: 7% faster at 16 tokens (0.139 against 0.150 ms), 1% at one;
+#: - the persistent schedule is within 3% of one unit per program (best for some bank sizes);
+#: - 8 warps, capping registers at 128 (3-4 programs per SM, a few spills), 32- or 128-neuron
+#:   tiles were all slower at Llama shapes; 32-neuron tiles win for the small FFNs (SmolLM2,
+#:   BERT-base), whose 1,536-3,072 neurons make too few 64-neuron units.
 _DOT_TILES = [
-    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
-    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
     (64, 128, 128, 4, 4, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
-    (64, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
+    (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
+    (64, 64, 128, 4, 6, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
     (64, 64, 128, 4, 4, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
     (32, 256, 128, 4, 3, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
-    (128, 128, 128, 8, 3, {"PROGRAMS_PER_SM": 1, "ROTATE_N": 1}),
     (32, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 4, "ROTATE_N": 1}),
 ]
 #: Candidates for the single-token GEMV path (no ``tl.dot`` padding to 16 rows). Tiles of up to
 #: 2 x 4 K weights accumulate products in 2-D fp32 registers and reduce once
-#: (``_blocks.GEMV_ACC2_MAX``); the 8-warp ones reduce every iteration but keep 32-64 KB of
-#: weights in flight per program. The autotuner picked them for BERT-base and SmolLM2 FFNs.
+#: (``_blocks.GEMV_ACC2_MAX``); the 8-warp one reduces every iteration but keeps 32 KB of
+#: weights in flight per program. At Llama shapes they read 45-55% of HBM (the padded ``tl.dot``
+#: tiles, with their shared-memory pipeline, 82%); the tuner picked one for SmolLM2's FFN.
 _GEMV_TILES = [
-    (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
-    (64, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 1, "ROTATE_N": 1}),
     (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
+    (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
 ]
 #: Every candidate configuration, in order; within a token bucket the first one is the default.
-FFN_CONFIGS = candidate_configs("BLOCK_F", _DOT_TILES, _GEMV_TILES, {32: 4, 64: 2})
+FFN_CONFIGS = candidate_configs("BLOCK_F", _DOT_TILES, _GEMV_TILES, {32: 4, 64: 3})
 
 
 def ffn_configs_for(M: int) -> list:
@@ -104,10 +113,54 @@ def ffn_configs_for(M: int) -> list:
     return configs_for(FFN_CONFIGS, M)
 
 
+#: Shared memory a configuration may plan for: sm_90 gives a program up to 227 KB; the margin
+#: covers the down-projection tiles and the compiler's own scratch.
+SMEM_BUDGET = 200 * 1024
+
+
+def smem_estimate(config: "triton.Config", elem_bytes: int, gated: bool = True) -> int:
+    """Shared memory of a configuration's software pipelines, in bytes. The two loops run one
+    after the other, so the larger of them: the up-projection stages the x tile and the 2 (gated)
+    or 1 weight tiles, the down-projection a weight tile of ``Wd`` and the activation tile;
+    ``num_stages - 1`` buffers of them, one more where 16-bit tiles of 64 or more rows go to
+    Hopper's asynchronous MMA (wgmma) with a pipeline of 3 stages or more. That is what the
+    compiler allotted for every bf16 and fp32 candidate to within 15%
+    (``benchmarks/compile_check.py`` checks it). GEMV tiles stay in registers."""
+    k = config.kwargs
+    if k["BLOCK_M"] == 1:
+        return 0
+    up = k["BLOCK_M"] * k["BLOCK_D"] + (2 if gated else 1) * k["BLOCK_D"] * k["BLOCK_F"]
+    down = k["BLOCK_F"] * k["BLOCK_N"] + k["BLOCK_M"] * k["BLOCK_F"]
+    buffers = max(1, config.num_stages - 1)
+    if k["BLOCK_M"] >= 64 and elem_bytes == 2 and config.num_stages >= 3:
+        buffers += 1
+    return buffers * elem_bytes * max(up, down)
+
+
+def default_config(M: int, dtype: torch.dtype, gated: bool = True) -> "triton.Config":
+    """The bucket's first candidate that fits ``SMEM_BUDGET`` at this element size (deep bf16
+    pipelines do not fit in fp32): the configuration used where tuning is off."""
+    configs = ffn_configs_for(M)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return next((c for c in configs if smem_estimate(c, elem, gated) <= SMEM_BUDGET), configs[-1])
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """``triton.autotune`` early prune: the token bucket's candidates that fit in shared memory
+    (compiling one that does not costs seconds before it fails)."""
+    out = prune_by_tokens(configs, named_args)
+    dtype = getattr(named_args.get("x_ptr"), "dtype", None)
+    if dtype is None:
+        return out
+    elem = torch.empty((), dtype=dtype).element_size()
+    fits = [c for c in out if smem_estimate(c, elem, bool(kwargs.get("GATED", True))) <= SMEM_BUDGET]
+    return fits or out[-1:]
+
+
 @autotune(
     configs=FFN_CONFIGS,
     key=["M_BUCKET", "P_BUCKET", "D", "D_OUT", "F"],
-    prune_configs_by={"early_config_prune": prune_by_tokens},
+    prune_configs_by={"early_config_prune": _prune},
     restore_value=["ws_ptr"],  # the kernel accumulates into ws: each timing run starts from a copy
 )
 @triton.jit
@@ -288,7 +341,7 @@ def fused_patched_ffn(
     if M == 0:
         return ws.to(x.dtype)
     if config is None and not autotune_enabled():
-        config = ffn_configs_for(M)[0]
+        config = default_config(M, x.dtype, w_gate is not None)
     wg = w_gate if w_gate is not None else w_up
     k = keys if P else w_up
     v = values if P else w_down

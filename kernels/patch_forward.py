@@ -54,10 +54,11 @@ __all__ = [
 
 #: Token count up to which the fully fused kernel is used; above it the pre-activations come from
 #: a cuBLAS GEMM (compute-bound at that size) and a value kernel does the rest.
-#: Measured on an H200 (d = 4096, P = 10,000, bf16, with the cuBLAS base FFN; gpu_check.md
-#: "crossover"): fused 0.209 / 0.245 / 0.359 ms against gemm 0.235 / 0.260 / 0.332 ms at
-#: M = 64 / 128 / 256.
-FUSED_MAX_TOKENS = 128
+#: Measured on an H200 on 2026-11-27 (d = 4096, P = 10,000, bf16, after the cuBLAS base FFN,
+#: CUDA-graph replays; benchmarks/results/nvidia-h200, "crossover"): fused 0.147 / 0.165 /
+#: 0.204 ms against compact 0.146 / 0.151 / 0.161 ms at M = 32 / 64 / 128: a tie at 32, and the
+#: compact path wins from 64 on.
+FUSED_MAX_TOKENS = 32
 #: ``strategy`` values of ``patch_forward``.
 STRATEGIES = ("auto", "fused", "compact", "gemm")
 BLOCK_N = 128

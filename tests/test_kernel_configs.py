@@ -227,3 +227,22 @@ def test_launch_remembers_the_tuners_choice_per_key() -> None:
         _triton.launch(kernel, (7,), (), {}, tune_key=("k", 1))
     _triton.launch(kernel, (7,), (), {}, tune_key=("k", 2))
     assert log == [("tuner", (7,)), ("direct", (7,), 16, 8), ("direct", (7,), 16, 8), ("tuner", (7,))]
+
+
+def test_defaults_and_tuning_skip_tiles_that_do_not_fit_shared_memory() -> None:
+    """The 4-stage bf16 default would need ~216 KB of shared memory in fp32: where tuning is off,
+    fp32 falls back to the next candidate that fits; the tuner never compiles one that cannot."""
+    from fastpatch.kernels.fused_ffn import SMEM_BUDGET, _prune, default_config, smem_estimate
+
+    for M in (1, 5, 16):
+        first = ffn_configs_for(M)[0]
+        assert default_config(M, torch.bfloat16) is first
+        assert smem_estimate(first, 4) > SMEM_BUDGET  # the premise: deep bf16 pipelines do not fit fp32
+        fp32 = default_config(M, torch.float32)
+        assert fp32 is not first and smem_estimate(fp32, 4) <= SMEM_BUDGET
+        named = {"M": M, "x_ptr": torch.empty(1, dtype=torch.float32)}
+        kept = _prune(FFN_CONFIGS, named, GATED=True)
+        assert kept and all(smem_estimate(c, 4) <= SMEM_BUDGET for c in kept)
+        assert first not in kept and fp32 in kept
+        named["x_ptr"] = torch.empty(1, dtype=torch.bfloat16)
+        assert _prune(FFN_CONFIGS, named, GATED=True) == ffn_configs_for(M)  # all fit in bf16
