@@ -4,6 +4,8 @@
 
 Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 
+0. precompile: every launch configuration the run will use, compiled in 16 worker processes
+   (Triton's disk cache then serves the tuner and the checks);
 1. environment and the measured HBM bandwidth (a large device-to-device copy);
 2. correctness: every Triton kernel against its float64 reference, fp32 and bf16, odd shapes;
 3. the decode roofline: Llama-7B FFN, bf16, P = 1,000 / 10,000, M = 1 / 16 tokens: PatchedFFN,
@@ -55,7 +57,7 @@ from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # no
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
-from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, ffn_configs_for, fused_patched_ffn  # noqa: E402
+from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, default_config, ffn_configs_for, fused_patched_ffn  # noqa: E402
 from fastpatch.kernels.patch_forward import _patch_fused_kernel, patch_configs_for, patch_forward  # noqa: E402
 from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
 
@@ -138,21 +140,37 @@ def _sweep_extras(M: int) -> list:
 
 def _precompile_one(job: tuple) -> str:
     """Worker: launch one fused-FFN / patch configuration on small tensors whose specialisation
-    (dtype, which integers are 1 or divisible by 16) matches the timed cases, so that Triton's
-    on-disk cache holds the compiled kernel when the main process asks for it."""
-    kind, M, P, idx, extra = job
+    (dtype, flags, which integers are 1 or divisible by 16) matches a case of the main process,
+    so that Triton's on-disk cache holds the compiled kernel when the main process asks for it.
+
+    ``job``: (kind, M, P, which, odd, gated, dtype name); ``which`` is a candidate's index,
+    ``("extra", i)`` for a sweep extra, or ``"default"``; ``odd``: sizes not divisible by 16 (the
+    correctness cases), else divisible (the timed Llama/SmolLM2/BERT shapes)."""
+    kind, M, P, which, odd, gated, dname = job
     try:
-        x = torch.randn(M, 64, device=DEV, dtype=LOW)
-        w = torch.randn(96, 64, device=DEV, dtype=LOW)
-        down = torch.randn(64, 96, device=DEV, dtype=LOW)
-        keys, bias, values = (torch.randn(P, 64, device=DEV, dtype=LOW), torch.zeros(P, device=DEV, dtype=LOW),
-                              torch.randn(P, 64, device=DEV, dtype=LOW))
+        dtype = getattr(torch, dname)
+        d, Fdim = (65, 97) if odd else (64, 96)
+        x = torch.randn(M, d, device=DEV, dtype=dtype)
+        w = torch.randn(Fdim, d, device=DEV, dtype=dtype)
+        down = torch.randn(d, Fdim, device=DEV, dtype=dtype)
+        keys, bias, values = (torch.randn(P, d, device=DEV, dtype=dtype), torch.zeros(P, device=DEV, dtype=dtype),
+                              torch.randn(P, d, device=DEV, dtype=dtype))
         if kind == "ffn":
-            c = (_sweep_extras(M) if extra else ffn_configs_for(M))[idx]
-            fused_patched_ffn(x, w, down.t(), R.ACT_SILU, w_gate=w, keys=keys, bias=bias, values=values, config=c)
+            if which == "default":
+                c = default_config(M, dtype, gated)
+            elif isinstance(which, tuple):
+                c = _sweep_extras(M)[which[1]]
+            else:
+                c = ffn_configs_for(M)[which]
+            # the flags of _ffn_case: gated = SiLU without biases, two-matrix = tanh-GELU with biases
+            extra_args = {"w_gate": w} if gated else {"b_up": torch.zeros(Fdim, device=DEV, dtype=dtype),
+                                                    "b_down": torch.zeros(d, device=DEV, dtype=dtype)}
+            fused_patched_ffn(x, w, down.t(), R.ACT_SILU if gated else R.ACT_GELU_TANH, keys=keys, bias=bias,
+                              values=values, config=c, **extra_args)
         else:
-            c = patch_configs_for(M)[idx]
-            patch_forward(x, keys, bias, values, None, backend="triton", strategy="fused", config=c)
+            c = patch_configs_for(M)[0 if which == "default" else which]
+            patch_forward(x, keys, bias, values, torch.randn(M, d, device=DEV, dtype=dtype), backend="triton",
+                          strategy="fused", config=c)
         if not DRY:
             torch.cuda.synchronize()
         return "ok"
@@ -161,27 +179,41 @@ def _precompile_one(job: tuple) -> str:
 
 
 #: Longest wait for the compile workers (seconds).
-PRECOMPILE_TIMEOUT_S = 120
+PRECOMPILE_TIMEOUT_S = 150
 
 
-def precompile(p_sizes: tuple[int, ...] = (48, 40)) -> dict:
-    """Compile the launch configurations the timed sections use in parallel worker processes.
+def precompile(p_sizes: tuple[int, ...] = (48, 40), correctness_cases: bool = True) -> dict:
+    """Compile the launch configurations this run will use, in parallel worker processes.
 
     Tuning compiles every candidate of every specialisation one after the other (2-3 s each, over
     a hundred in this script); 16 processes fill the disk cache in a fraction of that. ``p_sizes``:
-    bank sizes standing for the timed ones (48: divisible by 16, like 10,000; 40: not, like 1,000)."""
+    bank sizes standing for the timed ones (48: divisible by 16, like 10,000; 40: not, like 1,000).
+    ``correctness_cases``: also section 2's odd shapes (every candidate in bf16, the defaults in
+    fp32)."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
+    low = str(LOW).split(".")[1]
     jobs = []
     # M = 1 and 16 are their own specialisations; 5 stands for 2..15 (not divisible by 16),
-    # 32 and 64 for the larger buckets. P = 48 / 40: divisible by 16 or not (10,000 / 1,000).
+    # 32 and 64 for the larger buckets.
     for M in (1, 5, 16, 32, 64):
         for P in p_sizes:
-            jobs += [("ffn", M, P, i, False) for i in range(len(ffn_configs_for(M)))]
-            jobs += [("patch", M, P, i, False) for i in range(len(patch_configs_for(M)))]
+            jobs += [("ffn", M, P, i, False, True, low) for i in range(len(ffn_configs_for(M)))]
+            jobs += [("patch", M, P, i, False, True, low) for i in range(len(patch_configs_for(M)))]
             if M in (1, 16):
-                jobs += [("ffn", M, P, i, True) for i in range(len(_sweep_extras(M)))]
+                jobs += [("ffn", M, P, ("extra", i), False, True, low) for i in range(len(_sweep_extras(M)))]
+    if correctness_cases:
+        for M in (1, 5, 33):  # config_correctness: odd sizes, every candidate, both FFN forms
+            for gated in (True, False):
+                jobs += [("ffn", M, 41, i, True, gated, low) for i in range(len(ffn_configs_for(M)))]
+            jobs += [("patch", M, 41, i, True, True, low) for i in range(len(patch_configs_for(M)))]
+        for dname in ("float32", low):  # correctness(): each dtype's defaults at its cases' sizes
+            for gated in (True, False):
+                jobs += [("ffn", 1, 7, "default", True, gated, dname), ("ffn", 16, 40, "default", False, gated, dname),
+                         ("ffn", 5, 41, "default", False, gated, dname)]
+            jobs += [("patch", M, P, "default", odd, True, dname)
+                     for (M, P, odd) in ((1, 7, True), (5, 40, False), (130, 40, True), (16, 41, False))]
     workers = 2 if DRY else min(16, os.cpu_count() or 4)
     if DRY:
         jobs = jobs[::7]
@@ -228,7 +260,7 @@ def correctness() -> list[dict]:
         for gated in (True, False):
             for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
                 x, args, ref = _ffn_case(M, d, Fdim, d, P, gated, dtype)
-                out = fused_patched_ffn(x, **args, config=ffn_configs_for(M)[0])
+                out = fused_patched_ffn(x, **args, config=default_config(M, dtype, gated))
                 err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
                 rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
                              "P": P, "d": d, "max_err": err})
@@ -793,7 +825,7 @@ def main() -> int:
     fast = {"decode_roofline", "config_sweep", "crossover"}
     p_sizes = (48,) if (args.skip_correctness and wanted <= fast and all(p % 16 == 0 for p in DECODE_P)) else (48, 40)
     if not args.no_precompile:  # in the dry run: checks the worker processes' plumbing
-        section("precompile", precompile, p_sizes)
+        section("precompile", precompile, p_sizes, not args.skip_correctness)
         log(f"precompiled: {RESULTS['sections']['precompile']}")
     hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
     log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
