@@ -124,6 +124,14 @@ class FFNLayout:
     def act_code(self) -> int | None:
         return activation_code(self.act)
 
+    def kernel_args(self) -> tuple:
+        """``(w_up, w_down, act_code, w_gate, b_up, b_gate, b_down)`` in one pass over the
+        modules (the fused kernel's positional arguments; a decode step reads them every call)."""
+        w_up, b_up = self._w(self.up)
+        w_gate, b_gate = self._w(self.gate) if self.gate is not None else (None, None)
+        w_dn, b_down = self._w(self.down)
+        return w_up, w_dn.t(), self.act_code, w_gate, b_up, b_gate, b_down
+
     def base_tensors(self) -> list[torch.Tensor]:
         """The FFN's weights and biases (for fingerprints)."""
         out = [self.w_up, self.w_down]

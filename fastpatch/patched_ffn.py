@@ -23,7 +23,7 @@ from torch import nn
 from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_sample, weights_sample
 from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
 from .kernels.dispatch import use_triton
-from .kernels.fused_ffn import FUSED_FFN_MAX_TOKENS, fused_patched_ffn
+from .kernels.fused_ffn import FUSED_FFN_MAX_TOKENS, fused_ffn_launch
 from .kernels.patch_forward import PatchForward, patch_forward
 from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
 
@@ -232,11 +232,13 @@ class PatchedFFN(nn.Module):
 
     def _fused_ok(self, x2: torch.Tensor) -> bool:
         lay = self.layout
+        w_up = lay.w_up
         return (
             lay.kind != "split"
             and lay.act_code is not None
             and x2.shape[0] <= _fused_max_tokens()
-            and x2.dtype == lay.w_up.dtype
+            and x2.dtype == w_up.dtype == self.bank.dtype
+            and x2.device == w_up.device == self.bank.device
             and not torch.are_deterministic_algorithms_enabled()
             and use_triton(x2, self.backend)
         )
@@ -256,12 +258,10 @@ class PatchedFFN(nn.Module):
             xin.requires_grad or self._trainable is not None or bank._keys.requires_grad
         )
         if not needs_grad and not args and not kwargs and self._fused_ok(x2):
-            lay = self.layout
-            out = fused_patched_ffn(
-                x2, lay.w_up, lay.w_down, int(lay.act_code),  # type: ignore[arg-type]
-                w_gate=lay.w_gate, b_up=lay.b_up, b_gate=lay.b_gate, b_down=lay.b_down,
-                keys=bank.keys, bias=bank.biases, values=bank.values, patch_act=self.patch_act,
-            )
+            # The layout's weights and the bank were validated when they were set; what can change
+            # between calls (x's dtype and device, the bank's) is checked in _fused_ok.
+            out = fused_ffn_launch(x2, *self.layout.kernel_args(), bank.keys, bank.biases, bank.values,
+                                   self.patch_act)
             return out.reshape(*x.shape[:-1], bank.d_out)
         base = self.ffn(x, *args, **kwargs)
         base2 = base.reshape(-1, bank.d_out)

@@ -42,6 +42,8 @@ padding to 16 rows); whether that beats the padded ``tl.dot`` is left to the mea
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._blocks import (
@@ -51,7 +53,7 @@ from ._blocks import (
 from ._triton import autotune, autotune_enabled, launch, tl, triton
 from .reference import ACT_RELU
 
-__all__ = ["fused_patched_ffn", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
+__all__ = ["fused_patched_ffn", "fused_ffn_launch", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
            "smem_estimate"]
 
 #: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 on 2026-11-27
@@ -140,9 +142,13 @@ def smem_estimate(config: "triton.Config", elem_bytes: int, gated: bool = True) 
 def default_config(M: int, dtype: torch.dtype, gated: bool = True) -> "triton.Config":
     """The bucket's first candidate that fits ``SMEM_BUDGET`` at this element size (deep bf16
     pipelines do not fit in fp32): the configuration used where tuning is off."""
-    configs = ffn_configs_for(M)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return next((c for c in configs if smem_estimate(c, elem, gated) <= SMEM_BUDGET), configs[-1])
+    return _default_config(token_bucket(M), dtype, gated)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_config(bucket: int, dtype: torch.dtype, gated: bool) -> "triton.Config":
+    configs = ffn_configs_for(bucket)
+    return next((c for c in configs if smem_estimate(c, dtype.itemsize, gated) <= SMEM_BUDGET), configs[-1])
 
 
 def _prune(configs: list, named_args: dict, **kwargs) -> list:
@@ -152,8 +158,7 @@ def _prune(configs: list, named_args: dict, **kwargs) -> list:
     dtype = getattr(named_args.get("x_ptr"), "dtype", None)
     if dtype is None:
         return out
-    elem = torch.empty((), dtype=dtype).element_size()
-    fits = [c for c in out if smem_estimate(c, elem, bool(kwargs.get("GATED", True))) <= SMEM_BUDGET]
+    fits = [c for c in out if smem_estimate(c, dtype.itemsize, bool(kwargs.get("GATED", True))) <= SMEM_BUDGET]
     return fits or out[-1:]
 
 
@@ -332,6 +337,21 @@ def fused_patched_ffn(
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}")
     if config is not None:
         _check_config(config, M)
+    return fused_ffn_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias, values, patch_act, config)
+
+
+def fused_ffn_launch(
+    x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, act: int,
+    w_gate: torch.Tensor | None, b_up: torch.Tensor | None, b_gate: torch.Tensor | None,
+    b_down: torch.Tensor | None, keys: torch.Tensor | None, bias: torch.Tensor | None,
+    values: torch.Tensor | None, patch_act: int = ACT_RELU, config: "triton.Config | None" = None,
+) -> torch.Tensor:
+    """``fused_patched_ffn`` without its argument checks, for callers whose tensors are
+    consistent by construction (``PatchedFFN``: its bank and layout are validated when they
+    change, not on every decode step, where the checks cost more Python than the launch)."""
+    M, D = x.shape
+    Fdim, D_OUT = w_down.shape
+    P = 0 if keys is None else keys.shape[0]
     if b_down is not None:
         # A fresh buffer: expand().contiguous() would alias the bias itself when M == 1.
         ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
