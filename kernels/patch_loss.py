@@ -143,7 +143,10 @@ def memory_loss_bytes(N: int, d: int, n: int, k: int, dtype: torch.dtype | int) 
 # Triton kernels. TRITON_INTERPRET=1 must be set before triton is first imported (triton's own
 # library functions such as tl.zeros are jit-decorated at its import), as `make test` does.
 # ---------------------------------------------------------------------------------------------
-@triton.jit
+#: Sizes that change from one edit to the next (the memory grows by the edit's own vectors; the
+#: number of new neurons varies) are not specialised on: Triton would otherwise compile a new
+#: kernel whenever one of them turns divisible by 16 or equal to 1, in the middle of a stream.
+@triton.jit(do_not_specialize=["N", "NJ", "stride_on", "stride_oj"])
 def _preact_kernel(
     mem_ptr, keys_ptr, bias_ptr, out_ptr,
     N, D, NJ,
@@ -195,7 +198,7 @@ def _preact_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "NJ", "stride_ij", "stride_wj", "rows_per_split"])
 def _gather_rows_kernel(
     mem_ptr, idx_ptr, w_ptr, part_ptr,
     K, D, NJ,
