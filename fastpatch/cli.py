@@ -216,6 +216,14 @@ def load_data(
     return loaded, data_id, None, None
 
 
+def _check_memory_arg(choice: str) -> None:
+    """``--memory`` is auto, none, or a readable text file."""
+    if choice in ("auto", "none"):
+        return
+    if not Path(choice).expanduser().is_file():
+        raise CLIError(f"--memory {choice!r}: expected auto, none or a text file")
+
+
 def memory_corpus(args: argparse.Namespace, stream: Any, geo_memory: list[str] | None) -> list[str] | None:
     """The memory texts for ``--memory`` (stream prompts, paraphrases and locality prompts are
     always removed: the memory must be disjoint from what is evaluated)."""
@@ -287,6 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CLIError(f"--checkpoint-every must be > 0, got {args.checkpoint_every}")
     _check_model_and_data(args)
     device = _device(args.device)  # a bad --device fails now, not after the (slow) model load
+    _check_memory_arg(args.memory)  # and so does a --memory file that is not there
     if args.memory_limit is None:
         args.memory_limit = 0 if args.data.strip().lower() == CLAIMS else DEFAULT_MEMORY_LIMIT
 

@@ -240,6 +240,22 @@ def test_bad_device_is_a_clean_error(tiny: Path, tmp_path: Path, capsys: pytest.
     assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
+def test_missing_memory_file_is_refused_before_the_model_loads(tiny: Path, tmp_path: Path, monkeypatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from fastpatch import models
+
+    def no_load(*a, **k):  # the real loader must not be reached: the check comes first
+        raise AssertionError("the model was loaded before --memory was checked")
+
+    monkeypatch.setattr(models, "resolve_model", no_load)
+    data = write_stream(tmp_path / "s.jsonl", n=2)
+    assert main(["run", "--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "a"), "-q",
+                 "--memory", str(tmp_path / "no-such-memory.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-memory.txt" in err and "expected auto, none or a text file" in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_resume_checkpoint_problems_are_clean_errors(tiny: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from fastpatch.runner import latest_checkpoint
