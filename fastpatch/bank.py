@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -294,6 +294,33 @@ class PatchBank(nn.Module):
             "values": self.values.detach().clone(),
             "ids": torch.tensor(self._ids, dtype=torch.int64),
         }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Replace the live patches with those of ``state_dict()`` output (a PEFT-style round trip,
+        e.g. to roll a bank back to a snapshot). Records of ids this bank knows are kept; others
+        get an empty record. Bad content (missing tensors, other sizes, NaN/inf, duplicate ids)
+        raises ``PatchFileError`` and leaves the bank unchanged; with ``strict``, so do unknown
+        keys. Returns the missing and unexpected keys, as ``nn.Module.load_state_dict`` does."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        want = ("keys", "biases", "values", "ids")
+        missing = [k for k in want if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in want]
+        if missing or (strict and unexpected):
+            raise PatchFileError(f"bank state dict: missing {missing}, unexpected {unexpected}; expected the keys "
+                                 f"of PatchBank.state_dict(): {list(want)}")
+        tensors = {k: state_dict[k] for k in want}
+        n = tensors["ids"].numel()
+        for name, shape in (("keys", (n, self.d_in)), ("biases", (n,)), ("values", (n, self.d_out))):
+            if tuple(tensors[name].shape) != shape:
+                raise PatchFileError(f"bank state dict: {name} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                                     f"for {n} ids and this bank's d_in={self.d_in}, d_out={self.d_out}")
+        ids = [int(i) for i in tensors["ids"].tolist()]
+        records = [asdict(self._records.get(i) or PatchRecord(id=i)) for i in ids]
+        meta = {"d_in": str(self.d_in), "d_out": str(self.d_out), "next_id": str(self._next_id),
+                "records": json.dumps(records)}
+        self.load_tensors(tensors, meta)
+        return _IncompatibleKeys([], unexpected)
 
     def metadata(self) -> dict[str, str]:
         """Bank metadata as strings (safetensors header)."""

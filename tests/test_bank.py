@@ -298,3 +298,34 @@ def test_patches_load_into_the_same_model_in_float16(name: str, saved_in: torch.
     tuned_ffn.bank.clear()
     with pytest.raises(PatchFileError, match="different FFN weights"):
         tuned_ffn.load(f)
+
+
+def test_state_dict_round_trip_restores_a_snapshot() -> None:
+    """``load_state_dict(state_dict())`` rolls a bank back: same tensors, ids and records; later
+    adds get fresh ids. Bad state dicts raise and leave the bank unchanged."""
+    bank = PatchBank(8, 6)
+    bank.add(*_p(2), edit_id="a")
+    bank.add(*_p(3), edit_id="b")
+    snap, sd = _snapshot(bank), bank.state_dict()
+    bank.remove(bank.ids_for_edit("b"))
+    bank.add(*_p(4), edit_id="c")
+    result = bank.load_state_dict(sd)
+    assert _same(_snapshot(bank), snap) and not result.missing_keys and not result.unexpected_keys
+    # the records the bank still had are kept; those removed since the snapshot come back empty
+    assert {r.id: r.edit_id for r in bank.records()} == {0: "a", 1: "a", 2: None, 3: None, 4: None}
+    new = bank.add(*_p(1))
+    assert min(new) > max(snap[3])  # ids are never reused, even after a roll-back
+
+    before = _snapshot(bank)
+    bad = [
+        ({k: v for k, v in sd.items() if k != "values"}, "missing \\['values'\\]"),
+        ({**sd, "extra": torch.zeros(1)}, "unexpected \\['extra'\\]"),
+        ({**sd, "keys": torch.zeros(5, 7)}, "keys has shape \\(5, 7\\), expected \\(5, 8\\)"),
+        ({**sd, "values": torch.full((5, 6), float("nan"))}, "NaN or inf"),
+        ({**sd, "ids": torch.tensor([0, 0, 1, 2, 3])}, "duplicate patch ids"),
+    ]
+    for state, match in bad:
+        with pytest.raises(PatchFileError, match=match):
+            bank.load_state_dict(state)
+        assert _same(_snapshot(bank), before)
+    assert bank.load_state_dict({**sd, "extra": torch.zeros(1)}, strict=False).unexpected_keys == ["extra"]
