@@ -47,6 +47,9 @@ CLAIMS = "claims"
 DEFAULT_MEMORY_LIMIT = 400
 
 
+#: Locality pairs per TrainR/TestR set when ``--retain-size`` is not given.
+DEFAULT_RETAIN_SIZE = 200
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastpatch", description="Fast sequential model editing (Transformer-Patcher).")
     sub = p.add_subparsers(dest="command", required=True)
@@ -79,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
                         "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400, "
                         "all for --data claims)")
-    r.add_argument("--retain-size", type=int, default=200, metavar="N", help="most locality pairs in each of the TrainR/TestR sets (default 200)")
+    r.add_argument("--retain-size", type=int, default=None, metavar="N",
+                   help=f"most locality pairs in each of the TrainR/TestR sets (default {DEFAULT_RETAIN_SIZE}; on "
+                        "--resume, the run's own: its sets are reused)")
     r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
     r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -325,6 +330,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             overwrite = True
     elif args.resume:
         log.info("%s holds no run yet: starting a new one", out)
+    if args.retain_size is None:  # a resumed run keeps the retain sets it drew (run_stream checks)
+        resumed = args.resume and existing and "retain_size" in existing
+        args.retain_size = existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
 
     from .models import resolve_model
 

@@ -897,6 +897,11 @@ def run_stream(
 
     # Baseline: reused on resume (it must be of the unedited model).
     base = _read_json(paths.baseline) if (existing is not None and paths.baseline.is_file()) else None
+    if base is not None and "retain_size" in existing and existing["retain_size"] != retain_size:
+        raise RunError(
+            f"cannot resume: the run's TrainR/TestR sets were drawn with retain_size={existing['retain_size']}, "
+            f"not {retain_size}; resume with the same value (the CLI's default on --resume), or start over "
+            f"with --overwrite (or another --out)")
     if base is not None and base.get("n_records", -1) < run.n_total:
         if ckpt is not None:
             raise RunError(

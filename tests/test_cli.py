@@ -176,6 +176,24 @@ def test_resume_refuses_other_data_and_model(tiny: Path, tmp_path: Path, capsys:
     assert (out / "edits.jsonl").read_text() == before
 
 
+def test_resume_keeps_the_runs_retain_size(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The TrainR/TestR sets are drawn once, in the pre-edit baseline: a resume reuses them, so it
+    keeps the run's --retain-size unless told otherwise, and refuses a different one."""
+    data = write_stream(tmp_path / "s.jsonl", n=4)
+    out = tmp_path / "run"
+    base = ["--model", str(tiny), "--data", str(data), "--out", str(out), "--memory", "none", "--no-progress",
+            "-q", "--no-plots", *FAST]
+    assert main(["run", *base, "--retain-size", "3"]) == 0
+    capsys.readouterr()
+    before = (out / "edits.jsonl").read_text()
+    assert main(["run", *base, "--resume", "--retain-size", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "retain_size=3, not 5" in err
+    assert main(["run", *base, "--resume"]) == 0  # no --retain-size: the run's own
+    assert json.loads((out / "run.json").read_text())["retain_size"] == 3
+    assert (out / "edits.jsonl").read_text() == before  # complete: nothing redone, nothing lost
+
+
 def test_skip_bad_rows_are_counted(tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = stream_rows(3)
     rows.insert(1, {"id": "broken", "input": "The capital of Nowhere is"})  # no target
