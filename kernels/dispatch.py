@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,3 +43,16 @@ def use_triton(t: torch.Tensor, override: str | None = None) -> bool:
             )
         return True
     return HAS_TRITON and t.is_cuda
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device, off_gpu: int) -> int:
+    """Multiprocessors of a CUDA ``device`` (read once per device: launchers size their grids
+    with it on every call), or ``off_gpu`` where the kernels run in the interpreter."""
+    if device.type != "cuda":
+        return off_gpu
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())

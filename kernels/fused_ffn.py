@@ -51,6 +51,7 @@ from ._blocks import (
     work_bucket,
 )
 from ._triton import autotune, autotune_enabled, launch, tl, triton
+from .dispatch import num_sms
 from .reference import ACT_RELU
 
 __all__ = ["fused_patched_ffn", "fused_ffn_launch", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
@@ -246,19 +247,6 @@ def _fused_ffn_kernel(
                             stride_vp, stride_vn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
 
 
-_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    """Multiprocessors of ``device`` (cached), or ``INTERPRETER_SMS`` off the GPU."""
-    if device.type != "cuda":
-        return INTERPRETER_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def ffn_grid_size(meta: dict, F: int, P: int, gated: bool, num_sms: int) -> int:
     """Programs along the neuron axis for launch configuration ``meta`` (see the kernel)."""
     cost_b = 3 if gated else 2
@@ -360,15 +348,15 @@ def fused_ffn_launch(
         ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     if M == 0:
         return ws.to(x.dtype)
+    gated = w_gate is not None
     if config is None and not autotune_enabled():
-        config = default_config(M, x.dtype, w_gate is not None)
+        config = default_config(M, x.dtype, gated)
     wg = w_gate if w_gate is not None else w_up
     k = keys if P else w_up
     v = values if P else w_down
     kb = bias if P else ws
 
-    gated = w_gate is not None
-    sms = _num_sms(x.device)
+    sms = num_sms(x.device, INTERPRETER_SMS)
 
     def grid(meta):
         return (ffn_grid_size(meta, Fdim, P, gated, sms), triton.cdiv(M, meta["BLOCK_M"]))

@@ -44,7 +44,7 @@ from ._blocks import (
     prune_by_tokens, store_plus_base, token_bucket, work_bucket,
 )
 from ._triton import autotune, autotune_enabled, launch, tl, triton
-from .dispatch import use_triton
+from .dispatch import num_sms, use_triton
 from .reference import ACT_RELU, activation_reference
 
 __all__ = [
@@ -226,10 +226,8 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few programs, each as large as possible
+#: Programs-per-split sizing off the GPU: few programs, each as large as possible.
+_INTERPRETER_SMS = 4
 
 
 #: Token tile of the (non-tuned) value kernels after the cuBLAS GEMM; 16 is tl.dot's smallest.
@@ -249,7 +247,7 @@ def _patch_forward_fused(x, keys, bias, values, base, act, out_dtype, config=Non
         raise ValueError(f"config {config} is not a candidate for M={M}; pick one of patch_configs_for({M})")
     if config is None and not autotune_enabled():
         config = patch_configs_for(M)[0]
-    sms = _num_sms(x.device)
+    sms = num_sms(x.device, _INTERPRETER_SMS)
 
     def grid(meta):
         m_blocks = triton.cdiv(M, meta["BLOCK_M"])

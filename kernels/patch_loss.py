@@ -59,13 +59,12 @@ graphs or kernel times, not wall time of single eager steps.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 
 from ._triton import tl, triton
-from .dispatch import use_triton
+from .dispatch import num_sms, use_triton
 
 __all__ = [
     "PatchMemoryLoss",
@@ -231,11 +230,6 @@ def _tl_dtype(dtype: torch.dtype) -> Any:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +373,7 @@ def _gather_triton(memory: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> 
     w_t = w.contiguous()
     d_blocks = triton.cdiv(d, GATHER_BLOCK_D)
     if memory.is_cuda:
-        target = GATHER_PROGRAMS_PER_SM * _sm_count(memory.device.index or torch.cuda.current_device())
+        target = GATHER_PROGRAMS_PER_SM * num_sms(memory.device, 1)
     else:  # interpreter: a few splits, so the split path is exercised by the CPU tests
         target = 8
     splits = max(1, min(triton.cdiv(target, n * d_blocks), k // GATHER_MIN_ROWS_PER_SPLIT))
