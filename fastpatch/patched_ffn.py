@@ -230,18 +230,22 @@ class PatchedFFN(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).to(k.dtype)
         return activation_reference(torch.addmm(b, x2, k.t()), self.patch_act).reshape(*x.shape[:-1], -1)
 
-    def _fused_ok(self, x2: torch.Tensor) -> bool:
+    def _fused_args(self, x2: torch.Tensor) -> tuple | None:
+        """The layout's kernel arguments if this call can take the one-launch kernel, else None
+        (the layout's modules are read once per call, here)."""
         lay = self.layout
-        w_up = lay.w_up
-        return (
-            lay.kind != "split"
-            and lay.act_code is not None
-            and x2.shape[0] <= _fused_max_tokens()
+        if lay.kind == "split" or x2.shape[0] > _fused_max_tokens():
+            return None
+        args = lay.kernel_args()  # (w_up, w_down, act_code, ...)
+        w_up, act_code = args[0], args[2]
+        ok = (
+            act_code is not None
             and x2.dtype == w_up.dtype == self.bank.dtype
             and x2.device == w_up.device == self.bank.device
             and not torch.are_deterministic_algorithms_enabled()
             and use_triton(x2, self.backend)
         )
+        return args if ok else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
         """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts."""
@@ -257,11 +261,11 @@ class PatchedFFN(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             xin.requires_grad or self._trainable is not None or bank._keys.requires_grad
         )
-        if not needs_grad and not args and not kwargs and self._fused_ok(x2):
+        kernel_args = None if (needs_grad or args or kwargs) else self._fused_args(x2)
+        if kernel_args is not None:
             # The layout's weights and the bank were validated when they were set; what can change
-            # between calls (x's dtype and device, the bank's) is checked in _fused_ok.
-            out = fused_ffn_launch(x2, *self.layout.kernel_args(), bank.keys, bank.biases, bank.values,
-                                   self.patch_act)
+            # between calls (x's dtype and device, the bank's) is checked in _fused_args.
+            out = fused_ffn_launch(x2, *kernel_args, bank.keys, bank.biases, bank.values, self.patch_act)
             return out.reshape(*x.shape[:-1], bank.d_out)
         base = self.ffn(x, *args, **kwargs)
         base2 = base.reshape(-1, bank.d_out)
