@@ -162,12 +162,16 @@ def _label(cfg: Any) -> str:
 
 
 def fused_ffn_launches(which: str = "all") -> list[Launch]:
-    """Fused-FFN launches (gated and two-matrix, bf16 and fp32, 1, 5 and 33 tokens).
+    """Fused-FFN launches (gated and two-matrix, bf16 and fp32, 1, 5 and 33 tokens), for both
+    schedules (atomic and split).
 
     ``which``: ``all`` candidates, each bucket's ``default`` (what runs where tuning is off), or
-    ``quick``: one launch per code path (padded ``tl.dot`` and GEMV tiles, both FFN forms, fp32)."""
+    ``quick``: one launch per code path (padded ``tl.dot`` and GEMV tiles, both FFN forms, fp32,
+    the split schedule)."""
     from fastpatch.kernels import reference as R
-    from fastpatch.kernels.fused_ffn import default_config, ffn_configs_for, fused_patched_ffn, smem_estimate
+    from fastpatch.kernels.fused_ffn import (
+        default_config, default_split_config, ffn_configs_for, fused_patched_ffn, smem_estimate, split_configs_for,
+    )
 
     out = []
     d, Fdim, P = 64, 80, 48
@@ -181,17 +185,24 @@ def fused_ffn_launches(which: str = "all") -> list[Launch]:
                 args = dict(w_gate=w if gated else None, b_up=None if gated else torch.zeros(Fdim, dtype=dtype),
                             keys=torch.randn(P, d, dtype=dtype), bias=torch.zeros(P, dtype=dtype),
                             values=torch.randn(P, d, dtype=dtype))
-                configs = [default_config(M, dtype, gated)] if which != "all" else ffn_configs_for(M)
-                if which == "quick" and M == 1 and gated and dtype == torch.bfloat16:
-                    configs.append(next(c for c in ffn_configs_for(M) if c.kwargs["BLOCK_M"] == 1))
-                for c in configs:
-                    with recording() as calls:
-                        fused_patched_ffn(x, w, w, R.ACT_SILU if gated else R.ACT_GELU, config=c, **args)
-                    for call in calls:
-                        call.label = f"{'gated' if gated else 'dense'} {str(dtype)[6:]} M={M} {_label(c)}"
-                        call.extra = {"smem_estimate": smem_estimate(c, x.element_size(), gated),
-                                      "default": c is default_config(M, dtype, gated)}
-                    out += calls
+                for schedule in ("atomic", "split"):
+                    split = schedule == "split"
+                    if which == "quick" and split and (M == 1 or dtype == torch.float32):
+                        continue
+                    default = (default_split_config if split else default_config)(M, dtype, gated)
+                    configs = [default] if which != "all" else (split_configs_for if split else ffn_configs_for)(M)
+                    if which == "quick" and not split and M == 1 and gated and dtype == torch.bfloat16:
+                        configs.append(next(c for c in ffn_configs_for(M) if c.kwargs["BLOCK_M"] == 1))
+                    for c in configs:
+                        with recording() as calls:
+                            fused_patched_ffn(x, w, w, R.ACT_SILU if gated else R.ACT_GELU, config=c, schedule=schedule,
+                                              **args)
+                        for call in calls:
+                            call.label = (f"{'gated' if gated else 'dense'} {str(dtype)[6:]} M={M} {schedule} "
+                                          f"{_label(c)}")
+                            call.extra = {"smem_estimate": smem_estimate(c, x.element_size(), gated),
+                                          "default": c is default}
+                        out += calls
     return out
 
 

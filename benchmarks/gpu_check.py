@@ -57,7 +57,11 @@ from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # no
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
-from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, default_config, ffn_configs_for, fused_patched_ffn  # noqa: E402
+from fastpatch.kernels import fused_ffn as FF  # noqa: E402
+from fastpatch.kernels.fused_ffn import (  # noqa: E402
+    _fused_ffn_kernel, _fused_ffn_split_kernel, default_config, default_split_config, ffn_configs_for, fused_patched_ffn,
+    split_configs_for,
+)
 from fastpatch.kernels.patch_forward import _patch_fused_kernel, patch_configs_for, patch_forward  # noqa: E402
 from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
 
@@ -117,6 +121,20 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -
 
 
 # ------------------------------------------------------------------------- 0. precompile
+def _split_extras(M: int) -> list:
+    """Split-schedule configurations timed in the sweep beside its candidates: other group sizes,
+    output slices, pipeline depths and programs per SM."""
+    if DRY:
+        return []
+    tiles = [(64, 128, 256, 4, 4, 2, 1024), (64, 128, 512, 4, 3, 2, 512), (64, 128, 256, 4, 3, 2, 256),
+             (64, 128, 256, 4, 5, 2, 256), (32, 128, 256, 4, 4, 4, 256), (64, 128, 256, 8, 4, 2, 256),
+             (64, 64, 256, 4, 6, 2, 256), (128, 128, 256, 8, 3, 1, 512)]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_F": f, "BLOCK_D": bd, "BLOCK_N": bn, "PROGRAMS_PER_SM": pps,
+                           "GROUP_F": g}, num_warps=w, num_stages=st)
+            for (f, bd, bn, w, st, pps, g) in tiles]
+
+
+
 #: Experimental launch configurations timed in the sweep beside the autotune candidates (not
 #: candidates themselves): the same tiles without the rotated column order, session 1's 2-stage
 #: pipeline, other output tiles, deeper pipelines and a 128-register cap.
@@ -155,13 +173,13 @@ def _precompile_one(job: tuple) -> str:
         down = torch.randn(d, Fdim, device=DEV, dtype=dtype)
         keys, bias, values = (torch.randn(P, d, device=DEV, dtype=dtype), torch.zeros(P, device=DEV, dtype=dtype),
                               torch.randn(P, d, device=DEV, dtype=dtype))
-        if kind == "ffn":
+        if kind in ("ffn", "split"):
             if which == "default":
-                c = default_config(M, dtype, gated)
+                c = (default_split_config if kind == "split" else default_config)(M, dtype, gated)
             elif isinstance(which, tuple):
-                c = _sweep_extras(M)[which[1]]
+                c = (_split_extras if kind == "split" else _sweep_extras)(M)[which[1]]
             else:
-                c = ffn_configs_for(M)[which]
+                c = (split_configs_for if kind == "split" else ffn_configs_for)(M)[which]
             # the flags of _ffn_case: gated = SiLU without biases, two-matrix = tanh-GELU with biases
             extra_args = {"w_gate": w} if gated else {"b_up": torch.zeros(Fdim, device=DEV, dtype=dtype),
                                                     "b_down": torch.zeros(d, device=DEV, dtype=dtype)}
@@ -200,18 +218,22 @@ def precompile(p_sizes: tuple[int, ...] = (48, 40), correctness_cases: bool = Tr
     for M in (1, 5, 16, 32, 64):
         for P in p_sizes:
             jobs += [("ffn", M, P, i, False, True, low) for i in range(len(ffn_configs_for(M)))]
+            jobs += [("split", M, P, i, False, True, low) for i in range(len(split_configs_for(M)))]
             jobs += [("patch", M, P, i, False, True, low) for i in range(len(patch_configs_for(M)))]
             if M in (1, 16):
                 jobs += [("ffn", M, P, ("extra", i), False, True, low) for i in range(len(_sweep_extras(M)))]
+                jobs += [("split", M, P, ("extra", i), False, True, low) for i in range(len(_split_extras(M)))]
     if correctness_cases:
         for M in (1, 5, 33):  # config_correctness: odd sizes, every candidate, both FFN forms
             for gated in (True, False):
                 jobs += [("ffn", M, 41, i, True, gated, low) for i in range(len(ffn_configs_for(M)))]
+                jobs += [("split", M, 41, i, True, gated, low) for i in range(len(split_configs_for(M)))]
             jobs += [("patch", M, 41, i, True, True, low) for i in range(len(patch_configs_for(M)))]
         for dname in ("float32", low):  # correctness(): each dtype's defaults at its cases' sizes
             for gated in (True, False):
-                jobs += [("ffn", 1, 7, "default", True, gated, dname), ("ffn", 16, 40, "default", False, gated, dname),
-                         ("ffn", 5, 41, "default", False, gated, dname)]
+                for kind in ("ffn", "split"):
+                    jobs += [(kind, 1, 7, "default", True, gated, dname), (kind, 16, 40, "default", False, gated, dname),
+                             (kind, 5, 41, "default", False, gated, dname)]
             jobs += [("patch", M, P, "default", odd, True, dname)
                      for (M, P, odd) in ((1, 7, True), (5, 40, False), (130, 40, True), (16, 41, False))]
     workers = 2 if DRY else min(16, os.cpu_count() or 4)
@@ -260,10 +282,12 @@ def correctness() -> list[dict]:
         for gated in (True, False):
             for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
                 x, args, ref = _ffn_case(M, d, Fdim, d, P, gated, dtype)
-                out = fused_patched_ffn(x, **args, config=default_config(M, dtype, gated))
-                err = close(out, ref, dtype, f"fused_ffn gated={gated} M={M} d={d} P={P} {dtype}")
-                rows.append({"kernel": f"fused_ffn/{'gated' if gated else 'dense'}", "dtype": str(dtype), "M": M,
-                             "P": P, "d": d, "max_err": err})
+                for sched, cfg in (("atomic", default_config(M, dtype, gated)),
+                                   ("split", default_split_config(M, dtype, gated))):
+                    out = fused_patched_ffn(x, **args, config=cfg)
+                    err = close(out, ref, dtype, f"fused_ffn/{sched} gated={gated} M={M} d={d} P={P} {dtype}")
+                    rows.append({"kernel": f"fused_ffn/{sched}/{'gated' if gated else 'dense'}", "dtype": str(dtype),
+                                 "M": M, "P": P, "d": d, "max_err": err})
     rows += config_correctness()
     rows += loss_correctness()
     return rows
@@ -288,12 +312,12 @@ def _ffn_case(M: int, d: int, Fdim: int, d_out: int, P: int, gated: bool, dtype:
     return x, args, ref
 
 
-_SHORT = {"PROGRAMS_PER_SM": "pps", "ROTATE_N": "rot"}
+_SHORT = {"PROGRAMS_PER_SM": "pps", "ROTATE_N": "rot", "GROUP_F": "grp"}
 
 
 def _cfg_name(c) -> str:
     k = c.kwargs
-    return ("gemv " if k["BLOCK_M"] == 1 else f"dot{k['BLOCK_M']} ") + " ".join(
+    return ("split " if "GROUP_F" in k else "") + ("gemv " if k["BLOCK_M"] == 1 else f"dot{k['BLOCK_M']} ") + " ".join(
         f"{_SHORT.get(n, n.split('_')[-1])}{v}" for n, v in k.items() if n != "BLOCK_M") + \
         f" w{c.num_warps} s{c.num_stages}" + (f" r{c.maxnreg}" if getattr(c, "maxnreg", None) else "")
 
@@ -308,7 +332,7 @@ def config_correctness() -> list[dict]:
     for M in (1, 5, 17) if DRY else (1, 5, 33):
         for gated in (True, False):
             x, args, ref = _ffn_case(M, d, Fdim, d_out, P, gated, dtype)
-            for c in ffn_configs_for(M):
+            for c in [*ffn_configs_for(M), *split_configs_for(M)]:
                 try:
                     out = fused_patched_ffn(x, **args, config=c)
                 except OutOfResources as e:  # the autotuner skips such a candidate too
@@ -442,14 +466,17 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
             pffn.add_patches(keys, biases, values)
             concat = ConcatPatcher(layout, keys, biases, values)
             concat_each = ConcatPatcher(layout, keys, biases, values, cat_every_forward=True)
-            kernel = lambda: fused_patched_ffn(x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate,  # noqa: E731
-                                               keys=keys, bias=biases, values=values)
+            kernel = lambda sched="auto": fused_patched_ffn(  # noqa: E731
+                x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate, keys=keys, bias=biases, values=values,
+                schedule=sched)
             unfused = lambda: patch_forward(x, keys, biases, values, pffn.ffn(x), backend="triton")  # noqa: E731
             io = 2 * M * d * 2
             methods = {
                 "unpatched": (pffn.ffn, w_bytes + io),
                 "fastpatch (PatchedFFN)": (pffn, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "fused kernel alone": (kernel, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "fused kernel, atomic schedule": (lambda: kernel("atomic"), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "fused kernel, split schedule": (lambda: kernel("split"), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "cuBLAS FFN + patch kernel": (unfused, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "concat (authors)": (concat, w_bytes + P * (2 * d + 1) * 2 + io),
                 # the authors' code re-concatenates on every forward: read F + P rows, write them
@@ -508,6 +535,12 @@ def crossover() -> list[dict]:
                 "unpatched": lambda: ffn(x),
                 "fused_ffn": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
                                                         keys=keys, bias=biases, values=values)) if M <= 64 else None,
+                "fused_atomic": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
+                                                           keys=keys, bias=biases, values=values, schedule="atomic"))
+                if M <= 64 else None,
+                "fused_split": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
+                                                          keys=keys, bias=biases, values=values, schedule="split"))
+                if M <= 64 else None,
                 "cublas+patch_fused": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused"),
                 "cublas+patch_compact": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact"),
                 "cublas+patch_gemm": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="gemm"),
@@ -543,7 +576,7 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
                                       w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
                                       values=values.double())
         with torch.no_grad():
-            for c in [None, *ffn_configs_for(M), *_sweep_extras(M)]:
+            for c in [None, *ffn_configs_for(M), *_sweep_extras(M), *split_configs_for(M), *_split_extras(M)]:
                 try:
                     if c is not None:
                         close(call(c), ref, dtype, f"config sweep [{_cfg_name(c)}] M={M}")
@@ -552,9 +585,10 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
                     rows.append({"M": M, "config": "autotuned" if c is None else _cfg_name(c),
                                  "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
-                name = "autotuned: " + _cfg_name(_fused_ffn_kernel.best_config) if c is None and hasattr(
-                    _fused_ffn_kernel, "best_config") else ("default" if c is None else _cfg_name(c))
-                if c is not None and all(c is not q for q in ffn_configs_for(M)):
+                tuned = _fused_ffn_split_kernel if FF.resolve_schedule("auto", M, Fdim) == "split" else _fused_ffn_kernel
+                name = "autotuned: " + _cfg_name(tuned.best_config) if c is None and hasattr(
+                    tuned, "best_config") else ("default" if c is None else _cfg_name(c))
+                if c is not None and all(c is not q for q in [*ffn_configs_for(M), *split_configs_for(M)]):
                     name = "extra: " + name
                 gbs = nbytes / (t["ms"] * 1e-3) / 1e9
                 rows.append({"M": M, "config": name, **t, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
@@ -565,7 +599,8 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
 def autotune_choices() -> dict:
     """What the autotuner picked for each key it saw in this run."""
     out = {}
-    for name, k in (("fused_ffn", _fused_ffn_kernel), ("patch_fused", _patch_fused_kernel)):
+    for name, k in (("fused_ffn", _fused_ffn_kernel), ("fused_ffn_split", _fused_ffn_split_kernel),
+                    ("patch_fused", _patch_fused_kernel)):
         cache = getattr(k, "cache", {}) or {}
         out[name] = {str(key): _cfg_name(c) for key, c in cache.items()}
     return out
@@ -769,6 +804,8 @@ def section(name: str, fn, *args):
         RESULTS["failures"].append(f"section {name} crashed: {e!r}")
         out = None
     RESULTS["sections"][name] = out
+    if OUT_DIR is not None:  # after every section: a run cut short by the lease keeps what it measured
+        (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     if OUT_DIR is not None:  # partial results survive a lease that runs out
         RESULTS["wall_s"] = time.time() - T0
         (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
@@ -830,7 +867,9 @@ def main() -> int:
     hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
     log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
     if not args.skip_correctness:
+        FF.CHECK_SPLIT_FLAGS = True  # the split kernel's error flags, read after every launch
         section("correctness", correctness)
+        FF.CHECK_SPLIT_FLAGS = False
     log(f"correctness failures so far: {len(RESULTS['failures'])}")
     if not args.quick:
         for name, fn, takes_hbm in timed:
@@ -849,7 +888,7 @@ def main() -> int:
     for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
                        ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat", "speedup_vs_concat_each"]),
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
-                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
+                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "fused_atomic_ms", "fused_split_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
                        ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
                        ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),

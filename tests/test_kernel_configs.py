@@ -13,7 +13,7 @@ import torch
 from fastpatch.kernels import _triton
 from fastpatch.kernels import reference as R
 from fastpatch.kernels._blocks import configs_for, token_bucket
-from fastpatch.kernels.fused_ffn import FFN_CONFIGS, ffn_configs_for, fused_patched_ffn
+from fastpatch.kernels.fused_ffn import FFN_CONFIGS, SPLIT_CONFIGS, ffn_configs_for, fused_patched_ffn, split_configs_for
 from fastpatch.kernels.patch_forward import (
     PATCH_FUSED_CONFIGS,
     active_patch_list,
@@ -55,28 +55,42 @@ def test_interpreter_never_autotunes(monkeypatch) -> None:
     assert not _triton.autotune_enabled()
 
 
-@requires_triton
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("M", [1, 5, 17, 33])
-def test_every_fused_ffn_config_matches_reference(M: int, gated: bool) -> None:
-    torch.manual_seed(M)
-    d, Fdim, d_out, P = 96 + 17, 2 * 64 + 17, 77, 2 * 64 + 17
+#: Odd sizes (d, F, d_out, P) with several neuron groups of the split schedule (128-512 neurons
+#: each), output slices (128-256 columns) and patch groups.
+SPLIT_SIZES = (33, 4 * 128 + 9, 2 * 256 + 19, 2 * 128 + 35)
+
+
+def _ffn_case(M: int, gated: bool, sizes: tuple[int, int, int, int] = SPLIT_SIZES, fire_all: bool = False):
+    """Inputs of ``fused_patched_ffn`` at ``sizes`` = (d, F, d_out, P) (two-matrix FFNs with an up
+    bias), and the float64 reference: ``(x, w_up, w_down, act, keyword arguments, ref)``."""
+    d, Fdim, d_out, P = sizes
     act = R.ACT_SILU if gated else R.ACT_GELU_TANH
     x = torch.randn(M, d)
     w_up = torch.randn(Fdim, d) / d**0.5
     w_gate = torch.randn(Fdim, d) / d**0.5 if gated else None
     down = torch.randn(d_out, Fdim) / Fdim**0.5
     b_up = None if gated else torch.randn(Fdim)
-    b_down = None if gated else torch.randn(d_out)
+    b_down = torch.randn(d_out)
     keys, bias, values = _bank(P, d, d_out, torch.float32)
+    if fire_all:
+        bias = torch.full((P,), 50.0)
     D = lambda t: None if t is None else t.double()  # noqa: E731
     ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate), b_up=D(b_up),
                                   b_down=D(b_down), keys=D(keys), bias=D(bias), values=D(values))
+    args = dict(w_gate=w_gate, b_up=b_up, b_down=b_down, keys=keys, bias=bias, values=values)
+    return x, w_up, down.t(), act, args, ref
+
+
+@requires_triton
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("M", [1, 5, 17, 33])
+def test_every_fused_ffn_config_matches_reference(M: int, gated: bool) -> None:
+    torch.manual_seed(M)
+    x, w_up, w_down, act, args, ref = _ffn_case(M, gated, (96 + 17, 2 * 64 + 17, 77, 2 * 64 + 17))
     configs = ffn_configs_for(M)
     assert configs
     for c in configs:
-        out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, b_up=b_up, b_down=b_down,
-                                keys=keys, bias=bias, values=values, config=c)
+        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)
         assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
 
 
@@ -116,6 +130,66 @@ def test_every_neuron_is_computed_once_under_every_schedule(monkeypatch, sms: in
     assert 0 in schedules and len(schedules) > 1  # both schedules were exercised
     rotated = [c for c in ffn_configs_for(M) if c.kwargs["ROTATE_N"] and c.kwargs["BLOCK_N"] < d_out]
     assert rotated  # and the rotated column order, over more than one block
+
+
+@requires_triton
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("M", [1, 5, 17, 33])
+def test_every_split_config_matches_reference(M: int, gated: bool) -> None:
+    """The split schedule (up shares, then down tasks per neuron group and output slice, in one
+    launch): every candidate, including the output bias that only group 0's down tasks add."""
+    torch.manual_seed(M)
+    x, w_up, w_down, act, args, ref = _ffn_case(M, gated)
+    configs = split_configs_for(M)
+    assert configs and all("GROUP_F" in c.kwargs for c in configs)
+    for c in configs:
+        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)  # the config names its schedule
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+
+
+@requires_triton
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("sms", [1, 4, 97])
+def test_split_schedule_counts_every_granule(monkeypatch, sms: int, gated: bool) -> None:
+    """Up shares of every size against groups of every size: with one "SM" a share spans all
+    groups, with 97 most shares are a granule or empty. Every patch fires, so every value row and
+    every activation counts; a granule missing from a group's count would fail the launcher's
+    error-flag check (a down task ran before its group was complete), one counted twice, the
+    output."""
+    from fastpatch.kernels import fused_ffn as FF
+
+    monkeypatch.setattr(FF, "INTERPRETER_SMS", sms)
+    x, w_up, w_down, act, args, ref = _ffn_case(3, gated, fire_all=True)
+    for c in split_configs_for(3):
+        grid = FF.ffn_grid_size(c.kwargs, w_up.shape[0], args["keys"].shape[0], gated, sms)
+        cost = FF.triton.cdiv(w_up.shape[0], FF.GRANULE) * (2 if gated else 1) + FF.triton.cdiv(
+            args["keys"].shape[0], FF.GRANULE)
+        assert grid == min(c.kwargs["PROGRAMS_PER_SM"] * sms, cost)
+        out = fused_patched_ffn(x, w_up, w_down, act, schedule="split", config=c, **args)
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+
+
+@requires_triton
+def test_auto_schedule_and_bad_schedules() -> None:
+    """``auto`` takes the split schedule from ``SPLIT_MIN_TOKENS`` tokens, and both schedules agree;
+    an unknown schedule or a configuration of the other schedule is refused by name."""
+    from fastpatch.kernels import fused_ffn as FF
+
+    assert FF.resolve_schedule("auto", FF.SPLIT_MIN_TOKENS, 8) == "split"
+    assert FF.resolve_schedule("auto", FF.SPLIT_MIN_TOKENS - 1, 8) == "atomic"
+    assert FF.resolve_schedule("auto", 16, 0) == "atomic"  # no neurons to group
+    x, w_up, w_down, act, args, ref = _ffn_case(5, True)
+    outs = [fused_patched_ffn(x, w_up, w_down, act, schedule=s, **args) for s in FF.SCHEDULES]
+    for out in outs:
+        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
+    with pytest.raises(ValueError, match="schedule='fast' is not one of"):
+        fused_patched_ffn(x, w_up, w_down, act, schedule="fast", **args)
+    with pytest.raises(ValueError, match="GROUP_F"):
+        fused_patched_ffn(x, w_up, w_down, act, schedule="split", config=ffn_configs_for(5)[0], **args)
+    with pytest.raises(ValueError, match="ROTATE_N"):
+        fused_patched_ffn(x, w_up, w_down, act, schedule="atomic", config=split_configs_for(5)[0], **args)
+    with pytest.raises(ValueError, match="BLOCK_M must be one of"):
+        fused_patched_ffn(x, w_up, w_down, act, config=split_configs_for(40)[0], **args)
 
 
 @requires_triton
@@ -185,12 +259,14 @@ def test_auto_strategy_picks_compact_for_large_relu_batches(monkeypatch) -> None
 @requires_triton
 def test_autotuners_name_real_kernel_arguments() -> None:
     """A misspelt key or restore name only fails at the first tuned call on a GPU: check here."""
-    from fastpatch.kernels.fused_ffn import _fused_ffn_kernel
+    from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, _fused_ffn_split_kernel
     from fastpatch.kernels.patch_forward import _patch_fused_kernel
 
-    for kernel, configs in ((_fused_ffn_kernel, FFN_CONFIGS), (_patch_fused_kernel, PATCH_FUSED_CONFIGS)):
+    for kernel, configs in ((_fused_ffn_kernel, FFN_CONFIGS), (_patch_fused_kernel, PATCH_FUSED_CONFIGS),
+                            (_fused_ffn_split_kernel, SPLIT_CONFIGS)):
         assert set(kernel.keys) <= set(kernel.arg_names)
-        assert kernel.restore_value == ["ws_ptr"]  # it accumulates with atomics into ws
+        # it accumulates with atomics into ws (and the split kernel counts in sync)
+        assert kernel.restore_value == (["ws_ptr", "sync_ptr"] if kernel is _fused_ffn_split_kernel else ["ws_ptr"])
         assert kernel.configs == configs
         for c in configs:
             assert set(c.kwargs) <= set(kernel.arg_names)
