@@ -288,8 +288,11 @@ def correctness() -> list[dict]:
                     err = close(out, ref, dtype, f"fused_ffn/{sched} gated={gated} M={M} d={d} P={P} {dtype}")
                     rows.append({"kernel": f"fused_ffn/{sched}/{'gated' if gated else 'dense'}", "dtype": str(dtype),
                                  "M": M, "P": P, "d": d, "max_err": err})
+        log(f"correctness {dtype}: patch_forward and fused FFN defaults done")
     rows += config_correctness()
+    log("correctness: every candidate configuration done")
     rows += loss_correctness()
+    log("correctness: loss kernels done")
     return rows
 
 

