@@ -479,7 +479,6 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
                 "fastpatch (PatchedFFN)": (pffn, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "fused kernel alone": (kernel, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "fused kernel, atomic schedule": (lambda: kernel("atomic"), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
-                "fused kernel, split schedule": (lambda: kernel("split"), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "cuBLAS FFN + patch kernel": (unfused, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "concat (authors)": (concat, w_bytes + P * (2 * d + 1) * 2 + io),
                 # the authors' code re-concatenates on every forward: read F + P rows, write them
@@ -540,9 +539,6 @@ def crossover() -> list[dict]:
                                                         keys=keys, bias=biases, values=values)) if M <= 64 else None,
                 "fused_atomic": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
                                                            keys=keys, bias=biases, values=values, schedule="atomic"))
-                if M <= 64 else None,
-                "fused_split": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
-                                                          keys=keys, bias=biases, values=values, schedule="split"))
                 if M <= 64 else None,
                 "cublas+patch_fused": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused"),
                 "cublas+patch_compact": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact"),
@@ -891,7 +887,7 @@ def main() -> int:
     for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
                        ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat", "speedup_vs_concat_each"]),
                        ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
-                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "fused_atomic_ms", "fused_split_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
+                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "fused_atomic_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
                        ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
                        ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),

@@ -643,7 +643,7 @@ def fused_ffn_launch(
     if M == 0:
         out = torch.zeros(M, D_OUT, device=x.device, dtype=x.dtype)
         return out if b_down is None else out + b_down
-    if schedule != "atomic" and (schedule == "split" or (M >= SPLIT_MIN_TOKENS and Fdim > 0)):
+    if resolve_schedule(schedule, M, Fdim) == "split":
         return _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias, values, patch_act, config)
     P = 0 if keys is None else keys.shape[0]
     if b_down is not None:
@@ -692,13 +692,13 @@ def default_split_config(M: int, dtype: torch.dtype, gated: bool = True) -> "tri
 
 
 def split_sync_size(M: int, F: int, P: int) -> tuple[int, int]:
-    """(int32 words of the split kernel's sync area, groups per token block it has room for),
-    for every candidate configuration: claim counter and error flag per token block of the
-    smallest tile height, then one ``done`` counter per (token block, neuron group) at the
-    smallest ``GROUP_F``."""
-    blocks = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in split_configs_for(M)))
+    """(token blocks, neuron groups per token block) the split kernel's sync area has room for,
+    for every candidate configuration of ``M``'s bucket (they share its tile height): a claim
+    counter and an error flag per token block, then one ``done`` counter per (token block,
+    neuron group) at the smallest ``GROUP_F``: ``blocks * (2 + groups)`` int32 words."""
+    blocks = triton.cdiv(M, split_configs_for(M)[0].kwargs["BLOCK_M"])
     groups = triton.cdiv(F, _MIN_GROUP_F) + triton.cdiv(P, _MIN_GROUP_F)
-    return blocks * (2 + groups), groups
+    return blocks, groups
 
 
 def _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias, values, patch_act, config):
@@ -710,8 +710,8 @@ def _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias
         config = default_split_config(M, x.dtype, gated)
     # One zeroed int32 buffer, one memset: the fp32 output workspace (zero bits are 0.0; the
     # down tasks of neuron group 0 add the output bias) and the schedule's counters.
-    n_sync, ng_max = split_sync_size(M, Fdim, P)
-    buf = torch.zeros(M * D_OUT + n_sync, device=x.device, dtype=torch.int32)
+    blocks, ng_max = split_sync_size(M, Fdim, P)
+    buf = torch.zeros(M * D_OUT + blocks * (2 + ng_max), device=x.device, dtype=torch.int32)
     ws = buf[: M * D_OUT].view(torch.float32).view(M, D_OUT)
     sync = buf[M * D_OUT:]
     h = torch.empty(M, Fdim + P, device=x.device, dtype=x.dtype)  # activations: written before read
@@ -745,7 +745,6 @@ def _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias
                   None if b_down is None else b_down.dtype),
     )
     if interp or CHECK_SPLIT_FLAGS:  # a down task that found its group incomplete: a counting bug
-        blocks = triton.cdiv(M, (config or default_split_config(M, x.dtype, gated)).kwargs["BLOCK_M"])
         if int(sync[blocks: 2 * blocks].max()) != 0:
             raise RuntimeError("fused FFN split schedule: a down task ran before its neuron group was complete")
     return ws.to(x.dtype)
