@@ -26,9 +26,9 @@ import torch
 
 import fastpatch
 from fastpatch.cli import parse_overrides
-from fastpatch.data import geography_records, split_memory_and_locality
+from fastpatch.app.geography import geography_records, split_memory_and_locality
 from fastpatch.editor import Editor, EditorConfig, EditRequest
-from fastpatch.models import load_smollm2
+from fastpatch.app.models import load_smollm2
 
 
 def main() -> None:

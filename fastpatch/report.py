@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic, write_json_atomic
 from .metrics import EVAL_METRICS, METRIC_NAMES, RUNNING_METRICS, percentile
 
 __all__ = ["flatten", "format_table", "load_run", "render_plots", "report", "write_summary"]
@@ -58,8 +59,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> None:
     """Write ``summary.json`` and ``summary.csv`` (one header row, one value row) atomically."""
-    from .runner import write_json_atomic
-
     out = Path(out_dir)
     write_json_atomic(out / "summary.json", summary)
     row = flatten({k: v for k, v in summary.items() if k not in ("run",)})
@@ -67,9 +66,7 @@ def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> N
     writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")
     writer.writeheader()
     writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    tmp = out / ".summary.csv.tmp"
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, out / "summary.csv")
+    write_atomic(out / "summary.csv", buf.getvalue())
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import atomic_file
+
 __all__ = [
     "FORMATS",
     "EditRecord",
@@ -654,14 +656,7 @@ def save_stream_jsonl(records: Iterable[EditRecord], path: str | os.PathLike[str
     The file is written under a temporary name and renamed into place.
     """
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record_to_fastpatch(record), ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(out, "w") as fh:
+        for record in records:
+            fh.write(json.dumps(record_to_fastpatch(record), ensure_ascii=False) + "\n")
     return out

