@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastpatch.atomic import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -268,7 +270,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
     a, b = text.index(START) + len(START), text.index(END)
-    readme.write_text(text[:a] + "\n" + "\n".join(body).rstrip() + "\n" + text[b:])
+    write_atomic(readme, text[:a] + "\n" + "\n".join(body).rstrip() + "\n" + text[b:])
     print(f"updated {readme}")
 
 

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic, write_json_atomic
+from .atomic import atomic_file, write_atomic, write_json_atomic
 from .metrics import EVAL_METRICS, METRIC_NAMES, RUNNING_METRICS, percentile
 
 __all__ = ["flatten", "format_table", "load_run", "render_plots", "report", "write_summary"]
@@ -67,6 +67,12 @@ def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> N
     writer.writeheader()
     writer.writerow({k: "" if v is None else v for k, v in row.items()})
     write_atomic(out / "summary.csv", buf.getvalue())
+
+
+def _save_figure(fig: Any, path: Path, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (its format from the file's suffix)."""
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png", **kwargs)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -226,7 +232,7 @@ def plot_metrics(edits: list[dict[str, Any]], evals: list[dict[str, Any]], path:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -255,7 +261,7 @@ def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
     ax.set_ylabel(f"edit prompts (stream order, {n_e})")
     ax.set_title(title or "Patch activations on the edit prompts", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -275,7 +281,7 @@ def plot_latency(edits: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     ax.legend(fontsize=8)
     ax.set_title(title or f"Edit latency ({len(secs)} edits)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
