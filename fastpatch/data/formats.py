@@ -19,7 +19,7 @@ Four on-disk formats are understood (auto-detected from the first row's keys, or
     string or a list (first element taken); a locality ``prompt`` may be a list with a parallel
     ``ground_truth`` list.
 ``fastpatch``
-    ``input, target, rephrases?, locality?[{prompt, target}], id?, ground_truth?, subject?,
+    ``input`` (or ``prompt``, the Python API's word), ``target, rephrases?, locality?[{prompt, target}], id?, ground_truth?, subject?,
     label?`` -- what :func:`save_stream_jsonl` writes. A classification request gives ``label``
     (a class index) and/or ``target`` naming the class (``"true"``, mapped through the model's
     ``config.label2id`` when the stream runs, see :func:`resolve_label`); with ``label`` alone the
@@ -351,8 +351,17 @@ def _target_or_label(obj: Mapping[str, Any], path: str) -> tuple[str, int | None
     return (str(label) if target is None else target), label
 
 
+def _prompt_key(row: Mapping[str, Any]) -> str:
+    """``input`` (what :func:`save_stream_jsonl` writes) or ``prompt`` (the API's word); not both."""
+    has_input, has_prompt = row.get("input") is not None, row.get("prompt") is not None
+    if has_input and has_prompt:
+        raise _RowError("prompt", "give the prompt once, as 'input' or as 'prompt', not both")
+    return "prompt" if has_prompt else "input"
+
+
 def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
-    prompt = _str(row, "input", "input")
+    key = _prompt_key(row)
+    prompt = _str(row, key, key)
     target, label = _target_or_label(row, "")
     locality: list[tuple[str, str]] = []
     raw_loc = _get(row, "locality", "locality", required=False)
@@ -405,10 +414,10 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
         return "counterfact"
     if {"src", "alt"} <= keys:
         return "zsre"
-    if {"input", "target"} <= keys or {"input", "label"} <= keys:
-        return "fastpatch"
     if {"prompt", "target_new"} <= keys:
         return "easyedit"
+    if keys & {"input", "prompt"} and keys & {"target", "label"}:
+        return "fastpatch"
     return None
 
 
