@@ -8,16 +8,27 @@ the editor does differently per task goes through these methods, so a new task i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .types import EditError, EditRequest
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .handle import ModelHandle
+__all__ = ["ENCODERS", "Encoded", "ModelHandle", "TaskEncoder", "encoder_for"]
 
-__all__ = ["ENCODERS", "Encoded", "TaskEncoder", "encoder_for"]
+
+class ModelHandle(Protocol):
+    """What an encoder needs of the editor's shared handle (:class:`fastpatch.editor.handle.ModelHandle`)."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def check_len(self, n: int) -> None: ...
+
+    def to_dev(self, enc: Any) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass

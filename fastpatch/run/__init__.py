@@ -34,7 +34,7 @@ Output directory::
     activations.npz   edit prompts x patches activation matrix (for the heatmap)
     metrics.png heatmap.png latency.png
 
-Modules: :mod:`.rundir` (the directory, reading it back, and the start/resume/overwrite policy),
+Modules: :mod:`.errors`, :mod:`.rundir` (the directory, reading it back, and the start/resume/overwrite policy),
 :mod:`.identity` (fingerprints, the resume check), :mod:`.session` (:class:`RunOptions`, the
 shared state), :mod:`.evaluation` (baseline, metrics, up-front checks), :mod:`.checkpoint`,
 :mod:`.summary` and :mod:`.loop` (:func:`run_stream`).
@@ -43,16 +43,8 @@ shared state), :mod:`.evaluation` (baseline, metrics, up-front checks), :mod:`.c
 from .evaluation import classification_labels, retain_split
 from .identity import check_resume, data_fingerprint, editor_state_id, file_fingerprint, model_fingerprint
 from .loop import run_stream
-from .rundir import (
-    RunError,
-    RunExistsError,
-    RunMismatchError,
-    RunPaths,
-    StartPlan,
-    latest_checkpoint,
-    plan_start,
-    read_run_info,
-)
+from .errors import RunError, RunExistsError, RunMismatchError
+from .rundir import RunPaths, StartPlan, latest_checkpoint, plan_start, read_run_info
 from .session import PROTOCOLS, RunOptions
 from .summary import peak_memory, versions
 

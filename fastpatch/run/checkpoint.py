@@ -20,7 +20,8 @@ from typing import Any
 from ..atomic import atomic_directory, write_atomic, write_json_atomic
 from ..metrics import MetricState
 from .identity import editor_state_id
-from .rundir import STATE_VERSION, RunError, read_state, truncate
+from .errors import RunError
+from .rundir import STATE_VERSION, read_state, truncate
 from .session import RunSession
 from .summary import build_summary, peak_memory
 

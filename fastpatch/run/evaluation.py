@@ -22,7 +22,7 @@ from ..metrics import (
     test_retain_rate,
     train_retain_rate,
 )
-from .rundir import RunError
+from .errors import RunError
 from .session import RunSession, fmt
 
 if TYPE_CHECKING:  # pragma: no cover

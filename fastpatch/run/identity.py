@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..data.formats import content_fingerprint
-from .rundir import RunMismatchError
+from .errors import RunMismatchError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..data.formats import EditRecord

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import restore, write_checkpoint
 from .evaluation import check_pairs, check_stream, compute_baseline, evaluate
 from .identity import data_fingerprint, model_fingerprint
-from .rundir import RunError, checkpoint_position, clear_run, latest_checkpoint, plan_start, read_json
+from .errors import RunError
+from .rundir import checkpoint_position, clear_run, latest_checkpoint, plan_start, read_json
 from .session import RunOptions, RunSession, fmt
 from .summary import build_summary, save_activations
 

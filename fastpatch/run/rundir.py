@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import RunError, RunExistsError
+from .identity import check_resume
+
 __all__ = [
     "STATE_VERSION",
-    "RunError",
-    "RunExistsError",
-    "RunMismatchError",
     "RunPaths",
     "StartPlan",
     "clear_run",
@@ -42,18 +42,6 @@ log = logging.getLogger("fastpatch.run")
 #: Version of a checkpoint's state.json.
 STATE_VERSION = 1
 _START_OVER = "start over with --overwrite (or another --out)"
-
-
-class RunError(RuntimeError):
-    """A run cannot start or continue (message says why and what to do)."""
-
-
-class RunMismatchError(RunError):
-    """``resume`` with a model, data file or protocol different from the checkpointed run."""
-
-
-class RunExistsError(RunError):
-    """The output directory holds an unfinished run and neither resume nor overwrite was asked."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +207,6 @@ def plan_start(
         RunMismatchError: ``resume`` with another model, data or protocol.
         RunError: a corrupt run.json or a damaged checkpoint on ``resume``.
     """
-    from .identity import check_resume
-
     out = Path(out_dir)
     paths = RunPaths(out)
     if not paths.run_json.is_file():
