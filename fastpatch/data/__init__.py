@@ -1,33 +1,9 @@
-"""Edit streams: the file formats (:mod:`.formats`) and the :class:`EditRecord` every stream is made of.
+"""Edit streams: the file formats (:mod:`.formats`) and the :class:`EditRecord` every stream is
+made of (:mod:`.records`). The package exports what :mod:`.formats` does.
 
 The built-in streams (geography, claims) are part of the demo app: :mod:`fastpatch.app`.
 Importing this package is cheap: ``datasets`` is imported only when a file is loaded.
 """
 
-from .formats import (
-    FORMATS,
-    EditRecord,
-    StreamFormatError,
-    StreamLoad,
-    content_fingerprint,
-    detect_format,
-    load_stream,
-    parse_rows,
-    record_to_fastpatch,
-    resolve_label,
-    save_stream_jsonl,
-)
-
-__all__ = [
-    "FORMATS",
-    "EditRecord",
-    "StreamFormatError",
-    "StreamLoad",
-    "content_fingerprint",
-    "detect_format",
-    "load_stream",
-    "parse_rows",
-    "record_to_fastpatch",
-    "resolve_label",
-    "save_stream_jsonl",
-]
+from .formats import *  # noqa: F403
+from .formats import __all__  # noqa: F401

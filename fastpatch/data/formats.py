@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_file
-from .records import PARSERS, EditRecord, RowError, type_name
+# _MISSING / _type_name: the field helpers' sentinel and type naming, shared with the file readers here
+from .records import _MISSING, PARSERS, EditRecord, RowError, _type_name  # noqa: F401
 
 __all__ = [
     "FORMATS",
@@ -142,7 +143,7 @@ def parse_rows(
         first = rows[0]
         detected = detect_format(first) if isinstance(first, Mapping) else None
         if detected is None:
-            keys = sorted(first) if isinstance(first, Mapping) else type_name(first)
+            keys = sorted(first) if isinstance(first, Mapping) else _type_name(first)
             raise StreamFormatError(
                 0, "", f"cannot detect the stream format from the first row's keys {keys}; "
                 f"pass fmt= one of {FORMATS}", path)
@@ -155,7 +156,7 @@ def parse_rows(
             break
         try:
             if not isinstance(row, Mapping):
-                raise RowError("", f"expected an object, got {type_name(row)}")
+                raise RowError("", f"expected an object, got {_type_name(row)}")
             record = parser(row, index)
             if record.id in seen:
                 id_field = "id" if fmt == "fastpatch" else "case_id"
@@ -271,7 +272,7 @@ def _load_with_json(path: Path, container: str) -> list[Any]:
                     raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}; expected a "
                                      f"JSON list of rows, or one JSON object per line") from None
             if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of rows, got {type_name(data)}")
+                raise ValueError(f"{path}: expected a JSON list of rows, got {_type_name(data)}")
             return data
         rows = []
         for lineno, line in enumerate(fh, 1):

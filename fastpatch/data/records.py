@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["PARSERS", "EditRecord", "RowError", "type_name"]
+__all__ = ["PARSERS", "EditRecord", "RowError"]
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _get(obj: Mapping[str, Any], key: str, path: str, required: bool = True) -> 
     return value
 
 
-def type_name(value: Any) -> str:
+def _type_name(value: Any) -> str:
     """The type of a value as an error message names it."""
     return type(value).__name__
 
@@ -69,7 +69,7 @@ def _str(obj: Mapping[str, Any], key: str, path: str, required: bool = True, non
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RowError(path, f"expected a string, got {type_name(value)} {value!r}")
+        raise RowError(path, f"expected a string, got {_type_name(value)} {value!r}")
     if nonempty and not value.strip():
         raise RowError(path, "empty string")
     return value
@@ -80,7 +80,7 @@ def _mapping(obj: Mapping[str, Any], key: str, path: str, required: bool = True)
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise RowError(path, f"expected an object, got {type_name(value)}")
+        raise RowError(path, f"expected an object, got {_type_name(value)}")
     return value
 
 
@@ -92,11 +92,11 @@ def _str_list(obj: Mapping[str, Any], key: str, path: str, allow_str: bool = Fal
     if isinstance(value, str) and allow_str:
         value = [value]
     if not isinstance(value, (list, tuple)):
-        raise RowError(path, f"expected a list of strings, got {type_name(value)}")
+        raise RowError(path, f"expected a list of strings, got {_type_name(value)}")
     out = []
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise RowError(f"{path}[{i}]", f"expected a string, got {type_name(item)} {item!r}")
+            raise RowError(f"{path}[{i}]", f"expected a string, got {_type_name(item)} {item!r}")
         if not item.strip():
             raise RowError(f"{path}[{i}]", "empty string")
         out.append(item)
@@ -112,7 +112,7 @@ def _first_str(value: Any, path: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RowError(path, f"expected a string or a list of strings, got {type_name(value)} {value!r}")
+        raise RowError(path, f"expected a string or a list of strings, got {_type_name(value)} {value!r}")
     return value
 
 
@@ -128,7 +128,7 @@ def _row_id(row: Mapping[str, Any], key: str, index: int) -> str:
         return str(int(value))
     if isinstance(value, str) and value.strip():
         return value
-    raise RowError(key, f"expected an int or non-empty string id, got {type_name(value)} {value!r}")
+    raise RowError(key, f"expected an int or non-empty string id, got {_type_name(value)} {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def _easyedit_locality(row: Mapping[str, Any]) -> list[tuple[str, str]]:
         if item is None:  # a name present in other rows only (datasets unifies struct keys)
             continue
         if not isinstance(item, Mapping):
-            raise RowError(f"locality.{name}", f"expected an object, got {type_name(item)}")
+            raise RowError(f"locality.{name}", f"expected an object, got {_type_name(item)}")
         pairs += _locality_pair(
             item.get("prompt"), item.get("ground_truth"),
             f"locality.{name}.prompt", f"locality.{name}.ground_truth",
@@ -217,13 +217,13 @@ def _locality_pair(prompt: Any, answer: Any, p_path: str, a_path: str) -> list[t
             raise RowError(a_path, f"expected a list parallel to the {len(prompts)} prompts")
         answers = list(answer)
     else:
-        raise RowError(p_path, f"expected a string or a list of strings, got {type_name(prompt)}")
+        raise RowError(p_path, f"expected a string or a list of strings, got {_type_name(prompt)}")
     out = []
     for i, (p, a) in enumerate(zip(prompts, answers)):
         pi = p_path if isinstance(prompt, str) else f"{p_path}[{i}]"
         ai = a_path if isinstance(prompt, str) else f"{a_path}[{i}]"
         if not isinstance(p, str):
-            raise RowError(pi, f"expected a string, got {type_name(p)} {p!r}")
+            raise RowError(pi, f"expected a string, got {_type_name(p)} {p!r}")
         if not p.strip():
             raise RowError(pi, "empty string")
         a_str = _first_str(a, ai)
@@ -259,7 +259,7 @@ def _label(obj: Mapping[str, Any], key: str, path: str) -> int | None:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RowError(path, f"expected a class index (int >= 0), got {type_name(value)} {value!r}")
+        raise RowError(path, f"expected a class index (int >= 0), got {_type_name(value)} {value!r}")
     if value < 0:
         raise RowError(path, f"class index must be >= 0, got {value}")
     return value
@@ -291,10 +291,10 @@ def _parse_fastpatch(row: Mapping[str, Any], index: int) -> EditRecord:
     raw_loc = _get(row, "locality", "locality", required=False)
     if raw_loc is not None:
         if not isinstance(raw_loc, (list, tuple)):
-            raise RowError("locality", f"expected a list of {{prompt, target}}, got {type_name(raw_loc)}")
+            raise RowError("locality", f"expected a list of {{prompt, target}}, got {_type_name(raw_loc)}")
         for i, item in enumerate(raw_loc):
             if not isinstance(item, Mapping):
-                raise RowError(f"locality[{i}]", f"expected an object, got {type_name(item)}")
+                raise RowError(f"locality[{i}]", f"expected an object, got {_type_name(item)}")
             p = _str(item, "prompt", f"locality[{i}].prompt")
             t, _ = _target_or_label(item, f"locality[{i}].")
             locality.append((p, t))  # type: ignore[arg-type]
