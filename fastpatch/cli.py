@@ -52,6 +52,7 @@ DEFAULT_MEMORY_LIMIT = 400
 DEFAULT_RETAIN_SIZE = 200
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastpatch`` argument parser: the ``run`` and ``report`` commands and their options."""
     p = argparse.ArgumentParser(prog="fastpatch", description="Fast sequential model editing (Transformer-Patcher).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -327,6 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``fastpatch report``: print a run directory's summary (table or JSON) and re-render its plots."""
     from .report import load_run, report
 
     if args.json:
@@ -337,6 +339,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fastpatch`` command; returns the exit status (module docstring)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -198,6 +198,7 @@ def _pyplot() -> Any:
 
 
 def plot_metrics(edits: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """metrics.png: SR/GR after every edit and the evaluation metrics against edits, patches on a second axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.4), dpi=110)
     done = [e for e in edits if e.get("action") == "edit"]
@@ -238,6 +239,7 @@ def plot_metrics(edits: list[dict[str, Any]], evals: list[dict[str, Any]], path:
 
 
 def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
+    """heatmap.png from activations.npz (edit prompts x patches); None when there is none."""
     import numpy as np
 
     if not npz_path.is_file():
@@ -267,6 +269,7 @@ def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
 
 
 def plot_latency(edits: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """latency.png: histogram of the seconds per edit with median and p90; None without edits."""
     secs = [float(e["seconds"]) for e in edits if e.get("action") == "edit" and e.get("seconds") is not None]
     if not secs:
         return None
