@@ -200,9 +200,10 @@ def default_data(model: str) -> str:
     """
     builtin = find_model(model)
     if builtin is None or builtin.default_stream is None:
-        with_default = ", ".join(f"--model {m.name}: '{m.default_stream}'" for m in MODELS.values() if m.default_stream)
+        with_default = "; ".join(f"only --model {m.name} has a default, '{m.default_stream}'"
+                                 for m in MODELS.values() if m.default_stream)
         raise RegistryError(f"--data is required: {', '.join(repr(s) for s in STREAMS)} or an edit-stream file "
-                            f"(only {with_default} has a default)")
+                            f"({with_default})")
     return builtin.default_stream
 
 
