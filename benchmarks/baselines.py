@@ -220,7 +220,7 @@ def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, in
     t0 = time.perf_counter()
     enc = editor._encode(request)
     with torch.no_grad():
-        out = editor._forward(enc.inputs)
+        out = editor.handle.forward(enc.inputs)
     lp = enc.label_pos
     labels = enc.labels
     pred = out.logits[0][lp].argmax(-1)
@@ -228,7 +228,7 @@ def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, in
     if not wrong:
         return True, 0, time.perf_counter() - t0
     pffn = editor.ffn
-    cap = editor._capture(enc)
+    cap = editor.capturer.capture_one(enc)
     q = cap["x"][lp[wrong]].float()
     d_out = pffn.bank.d_out
     g = torch.Generator().manual_seed(cfg.seed)
@@ -246,7 +246,7 @@ def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, in
     step, success = 0, False
     try:
         for step in range(max_steps + 1):
-            logits = editor._forward(enc.inputs).logits[0][lp].float()
+            logits = editor.handle.forward(enc.inputs).logits[0][lp].float()
             l_edit = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             x = concat.last_input[0][lp[wrong]].float()
             a_e = (x * new["keys"]).sum(1) + new["bias"]

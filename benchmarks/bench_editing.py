@@ -41,9 +41,9 @@ def _stats(secs: list[float], steps: list[int], ok: list[bool]) -> dict:
 
 @pytest.fixture(scope="module")
 def editing(full):
-    from fastpatch.data import geography_records, load_fanoutqa_questions, region_prompts
+    from fastpatch.app.geography import geography_records, load_fanoutqa_questions, region_prompts
     from fastpatch.editor import Editor, EditorConfig
-    from fastpatch.models import load_smollm2
+    from fastpatch.app.models import load_smollm2
 
     model, tok = load_smollm2()
     ed = Editor(model, tok, EditorConfig())

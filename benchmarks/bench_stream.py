@@ -21,10 +21,11 @@ ZSRE = SHARED_DATA / "zsre" / "zsre_mend_eval_portability_gpt4.json"
 
 @pytest.mark.skipif(not ZSRE.exists(), reason="../shared/data/zsre is not present")
 def test_stream_edits_per_minute(benchmark, full, tmp_path) -> None:
-    from fastpatch.data import load_fanoutqa_questions, load_stream
+    from fastpatch.app.geography import load_fanoutqa_questions
+    from fastpatch.data import load_stream
     from fastpatch.editor import Editor, EditorConfig
-    from fastpatch.models import load_smollm2
-    from fastpatch.runner import run_stream
+    from fastpatch.app.models import load_smollm2
+    from fastpatch.run import run_stream
 
     n = 200 if full else 3
     model, tok = load_smollm2()

@@ -55,6 +55,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 import fastpatch  # noqa: E402
 from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
 from fastpatch import PatchedFFN  # noqa: E402
+from fastpatch.atomic import atomic_file, write_atomic  # noqa: E402
 from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
 from fastpatch.kernels import fused_ffn as FF  # noqa: E402
@@ -804,10 +805,10 @@ def section(name: str, fn, *args):
         out = None
     RESULTS["sections"][name] = out
     if OUT_DIR is not None:  # after every section: a run cut short by the lease keeps what it measured
-        (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        write_atomic(OUT_DIR / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
     if OUT_DIR is not None:  # partial results survive a lease that runs out
         RESULTS["wall_s"] = time.time() - T0
-        (OUT_DIR / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        write_atomic(OUT_DIR / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
     return out
 
 
@@ -876,10 +877,10 @@ def main() -> int:
                 section(name, fn, *((hbm,) if takes_hbm else ()))
         RESULTS["autotune"] = autotune_choices()
     RESULTS["wall_s"] = time.time() - T0
-    (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    write_atomic(out / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
     lat = RESULTS["sections"].get("ffn_latency") or []
     if lat:
-        with open(out / "ffn_latency.csv", "w", newline="") as f:
+        with atomic_file(out / "ffn_latency.csv", "w") as f:
             w = csv.DictWriter(f, fieldnames=list(lat[0]))
             w.writeheader()
             w.writerows(lat)
@@ -900,7 +901,7 @@ def main() -> int:
     if RESULTS["sections"].get("memory"):
         report += ["## memory", "```", json.dumps(RESULTS["sections"]["memory"], indent=1), "```", ""]
     report += ["## failures", *(f"- {f}" for f in RESULTS["failures"] or ["none"])]
-    (out / "gpu_check.md").write_text("\n".join(report))
+    write_atomic(out / "gpu_check.md", "\n".join(report))
     print("\n".join(report))
     log(f"done in {time.time() - T0:.0f}s; failures: {len(RESULTS['failures'])}")
     return 1 if RESULTS["failures"] else 0

@@ -26,9 +26,10 @@ import torch
 
 import fastpatch
 from fastpatch.cli import parse_overrides
-from fastpatch.data import geography_records, split_memory_and_locality
+from fastpatch.app.geography import geography_records, split_memory_and_locality
 from fastpatch.editor import Editor, EditorConfig, EditRequest
-from fastpatch.models import load_smollm2
+from fastpatch.app.models import load_smollm2
+from fastpatch.atomic import write_json_atomic
 
 
 def main() -> None:
@@ -95,7 +96,7 @@ def main() -> None:
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     name = args.name or ("real_edits.json" if args.init == "memory" else "real_edits_authors_init.json")
-    (path / name).write_text(json.dumps(out, indent=1))
+    write_json_atomic(path / name, out)
     print(json.dumps(out, indent=1))
 
 

@@ -1,4 +1,5 @@
-"""Render the README's Results section from the saved result files (never edit figures by hand).
+"""Render the results from the saved result files (never edit figures by hand): the full results in
+``docs/results.md`` and the short table on the front page (``README.md``).
 
     python benchmarks/update_readme.py
 
@@ -10,17 +11,31 @@ Reads, when present:
 - ``benchmarks/results/demo/summary.json`` (a copy of a ``make demo`` run's summary),
 - ``benchmarks/results/zsre/summary.json`` (the 1,000-edit zsRE run),
 - ``benchmarks/results/minilm/summary.json`` (the ``--model minilm`` classification stream),
-and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->`` in
+``docs/results.md`` (links rewritten relative to ``docs/``), and between ``<!-- summary:start -->``
+and ``<!-- summary:end -->`` in ``README.md`` (one row per stream run).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+from fastpatch.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
+README = ROOT / "README.md"
+RESULTS_DOC = ROOT / "docs" / "results.md"
+#: The stream runs of the front page's table: (folder, what was run).
+FRONT_RUNS = [
+    ("demo", "`make demo`: SmolLM2-135M, geography capitals (T-Patcher protocol)"),
+    ("minilm", "`--model minilm`: MiniLM claim classifier, true/false claims"),
+    ("zsre", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
+]
 
 
 def _f(v, nd=3) -> str:
@@ -253,7 +268,8 @@ def _missed(folder: str, targets: dict[str, float]) -> str:
     return f" (missed: {', '.join(low)}; see Known gaps)" if low else " (all met)"
 
 
-def main() -> None:
+def results_body() -> list[str]:
+    """The full results (docs/results.md), links relative to the repository root."""
     body = ["Rendered by `python benchmarks/update_readme.py` from the files under `benchmarks/results/`.", ""]
     body += run_section("demo", "The demo (`make demo`)")
     body += real_section()
@@ -265,11 +281,41 @@ def main() -> None:
         "Targets here: Rel. >= 0.95, Gen. >= 0.70, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.70, "Loc": 0.98}) + ".")
     body += cpu_section()
     body += gpu_section()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    a, b = text.index(START) + len(START), text.index(END)
-    readme.write_text(text[:a] + "\n" + "\n".join(body).rstrip() + "\n" + text[b:])
-    print(f"updated {readme}")
+    return body
+
+
+def summary_body() -> list[str]:
+    """The front page's short table: one row per stream run, with links to its summary."""
+    rows = []
+    for folder, what in FRONT_RUNS:
+        path = RES / folder / "summary.json"
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        m = s.get("metrics") or {}
+        t = s.get("time") or {}
+        rows.append([what, f"{s.get('edits')} / {s.get('requests')}", *[m.get(k) for k in ("SR", "GR", "Rel", "Gen", "Loc")],
+                     t.get("edit_seconds_median"), f"[summary]({path.relative_to(ROOT)})"])
+    out = _table(["run", "edits / requests", "SR", "GR", "Rel.", "Gen.", "Loc.", "median s/edit", ""], rows)
+    return out + ["", "CPU (2 cores) for these runs; GPU kernel figures, per-machine tables, plots and the known gaps: "
+                  "[docs/results.md](docs/results.md)."]
+
+
+def _relink(text: str, prefix: str) -> str:
+    """Markdown links and images relative to the repository root, made relative to a subfolder."""
+    return re.sub(r"\]\((?!https?:|#|/)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", text)
+
+
+def _replace_between(path: Path, start: str, end: str, body: str) -> None:
+    text = path.read_text()
+    a, b = text.index(start) + len(start), text.index(end)
+    write_atomic(path, text[:a] + "\n" + body.rstrip() + "\n" + text[b:])
+    print(f"updated {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    _replace_between(RESULTS_DOC, START, END, _relink("\n".join(results_body()), "../"))
+    _replace_between(README, SUMMARY_START, SUMMARY_END, "\n".join(summary_body()))
 
 
 if __name__ == "__main__":

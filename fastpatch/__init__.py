@@ -42,7 +42,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # lazy: the runner pulls in datasets/matplotlib
     if name == "run_stream":
-        from .runner import run_stream
+        from .run import run_stream
 
         return run_stream
     if name in ("Editor", "EditorConfig", "EditRequest", "EditResult"):

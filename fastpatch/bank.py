@@ -23,6 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .atomic import atomic_file
+
 __all__ = [
     "PatchBank", "PatchRecord", "PatchFileError", "FORMAT_VERSION", "weights_fingerprint", "weights_sample",
     "weights_match_sample",
@@ -351,17 +353,10 @@ class PatchBank(nn.Module):
         header = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads it
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(len(raw).to_bytes(8, "little"))
-                f.write(raw)
-                f.write(data[8 + n :])
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb", parents=False) as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.write(data[8 + n :])
 
     @staticmethod
     def read_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -8,11 +8,11 @@
 
 ``--model``: ``smollm2`` (SmolLM2-135M-Instruct, converted once and cached), ``minilm`` (a
 true/false claim classifier on all-MiniLM-L6-v2, trained once on the train-country claims and
-cached: :mod:`fastpatch.classifier`) or a local Hugging Face directory (a causal LM, or a
+cached: :mod:`fastpatch.app.classifier`) or a local Hugging Face directory (a causal LM, or a
 ``...ForSequenceClassification`` checkpoint). ``--data``: ``geography`` (the built-in
 country-capital stream, with its disjoint memory corpus and currency-fact locality set),
 ``claims`` (the built-in true/false claims of the held-out countries, for classifiers; the
-default with ``--model minilm``; :mod:`fastpatch.data.claims`) or a file (.json/.jsonl/.parquet)
+default with ``--model minilm``; :mod:`fastpatch.app.claims`) or a file (.json/.jsonl/.parquet)
 in one of the formats of :mod:`fastpatch.data.formats`. ``minilm`` with ``geography`` (or
 ``smollm2`` with ``claims``) is refused with a message: one is a classifier, the other a
 generative stream.
@@ -34,16 +34,17 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app.registry import Stream
+    from .run import StartPlan
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("fastpatch.cli")
 
-GEOGRAPHY = "geography"
-CLAIMS = "claims"
-#: --memory-limit when not given: all memory texts for the claims stream ([CLS] vectors are cheap),
-#: else 400.
+#: --memory-limit when not given: 400 (all memory texts for a stream whose vectors are cheap, e.g. claims).
 DEFAULT_MEMORY_LIMIT = 400
 
 
@@ -51,6 +52,7 @@ DEFAULT_MEMORY_LIMIT = 400
 DEFAULT_RETAIN_SIZE = 200
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fastpatch`` argument parser: the ``run`` and ``report`` commands and their options."""
     p = argparse.ArgumentParser(prog="fastpatch", description="Fast sequential model editing (Transformer-Patcher).")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -159,66 +161,26 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _is_minilm(model: str) -> bool:
-    from .models import _MINILM_NAMES
-
-    return model.strip().lower() in _MINILM_NAMES
-
-
 def _check_model_and_data(args: argparse.Namespace) -> None:
     """Fill in the default ``--data`` and refuse built-in model/stream pairs that cannot work."""
-    from .models import _SMOLLM2_NAMES
+    from .app import registry
 
-    if args.data is None:
-        if not _is_minilm(args.model):
-            raise CLIError("--data is required: 'geography', 'claims' or an edit-stream file "
-                           "(only --model minilm has a default, 'claims')")
-        args.data = CLAIMS
-    data = args.data.strip().lower()
-    if _is_minilm(args.model) and data == GEOGRAPHY:
-        raise CLIError("--model minilm is a true/false claim classifier and --data geography a generative "
-                       "stream (capital-city continuations): use --data claims (the default for minilm), or a "
-                       "generative model such as --model smollm2 for geography")
-    if args.model.strip().lower() in _SMOLLM2_NAMES and data == CLAIMS:
-        raise CLIError("--data claims is a classification stream (true/false labels): it needs a sequence "
-                       "classifier such as --model minilm, not smollm2")
+    try:
+        if args.data is None:
+            args.data = registry.default_data(args.model)
+        registry.check_pairing(args.model, args.data)
+    except registry.RegistryError as err:
+        raise CLIError(str(err)) from None
 
 
-def load_data(
-    args: argparse.Namespace,
-) -> tuple[Any, dict[str, Any], list[str] | None, list[tuple[str, str]] | tuple[list, list] | None]:
-    """``(stream, data_id, memory_texts, retain)`` for ``--data``; ``retain`` is a list of
-    locality pairs (split into TrainR/TestR by the runner), or for ``claims`` the explicit
-    ``(TrainR candidates, TestR set)``."""
-    from .runner import file_fingerprint
+def load_data(args: argparse.Namespace) -> Stream:
+    """The :class:`~fastpatch.app.registry.Stream` ``--data`` names (a built-in stream or a file)."""
+    from .app import registry
 
-    if args.data.strip().lower() == CLAIMS:
-        from .data.claims import claims_data, claims_records
-
-        data = claims_data()
-        records = claims_records(data)
-        data_id = {"name": CLAIMS, "seed": data.seed, "claims_sha256": data.fingerprint}
-        return records, data_id, data.memory, (data.train_retain, data.test_retain)
-    if args.data.strip().lower() == GEOGRAPHY:
-        from .data.geography import geography_records, split_memory_and_locality
-
-        records = geography_records()
-        memory, locality = split_memory_and_locality()
-        return records, {"name": GEOGRAPHY}, memory, locality
-    from .data.formats import load_stream
-
-    path = Path(args.data).expanduser()
-    if not path.is_file():
-        raise CLIError(f"--data {args.data!r}: no such file (or use --data geography / --data claims)")
-    loaded = load_stream(path, fmt=args.format, skip_bad=args.skip_bad)
-    if loaded.skipped:
-        log.warning("%s: skipped %d malformed row(s) (--skip-bad), e.g. row %d field %r: %s", path,
-                    len(loaded.skipped), *loaded.skipped[0])
-    if not loaded.records:
-        raise CLIError(f"--data {args.data!r}: no edit requests in the file")
-    log.info("%s: %d requests (%s format)", path, len(loaded.records), loaded.format)
-    data_id = {**file_fingerprint(path), "format": loaded.format, "skip_bad": bool(args.skip_bad)}
-    return loaded, data_id, None, None
+    try:
+        return registry.load_data(args.data, fmt=args.format, skip_bad=args.skip_bad)
+    except registry.RegistryError as err:
+        raise CLIError(str(err)) from None
 
 
 def _check_memory_arg(choice: str) -> None:
@@ -229,23 +191,21 @@ def _check_memory_arg(choice: str) -> None:
         raise CLIError(f"--memory {choice!r}: expected auto, none or a text file")
 
 
-def memory_corpus(args: argparse.Namespace, stream: Any, geo_memory: list[str] | None) -> list[str] | None:
+def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
     """The memory texts for ``--memory`` (stream prompts, paraphrases and locality prompts are
     always removed: the memory must be disjoint from what is evaluated)."""
     choice = args.memory
-    records = getattr(stream, "records", stream)
+    records = stream.edit_records
     if choice == "none":
         return None
     if choice == "auto":
-        if geo_memory is not None:
-            texts = geo_memory
+        if stream.memory is not None:
+            texts = stream.memory
         else:
-            try:
-                from .data.geography import split_memory_and_locality
+            from .app.registry import default_memory_corpus
 
-                texts = split_memory_and_locality()[0]
-            except ImportError as err:
-                log.warning("no memory corpus (%s); T-Patcher's memory loss is off. Pass --memory FILE", err)
+            texts = default_memory_corpus()
+            if texts is None:
                 return None
     else:
         path = Path(choice).expanduser()
@@ -285,95 +245,80 @@ def _device(name: str) -> str:
     return name
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .runner import (
-        RunPaths, check_resume, data_fingerprint, latest_checkpoint, model_fingerprint, read_run_info, run_stream,
-    )
-
-    out = Path(args.out)
-    overrides = parse_overrides(args.overrides)
+def _check_numbers(args: argparse.Namespace) -> None:
     for name in ("limit", "retain_size", "batch_size", "eval_every", "memory_limit"):
         v = getattr(args, name)
         if v is not None and v < (1 if name == "batch_size" else 0):
             raise CLIError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {v}")
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         raise CLIError(f"--checkpoint-every must be > 0, got {args.checkpoint_every}")
+
+
+def _load_editor(args: argparse.Namespace, plan: StartPlan, overrides: dict[str, Any], device: str) -> Any:
+    """The model on ``device`` and an editor: restored from the checkpoint being resumed (a
+    ``--set`` that contradicts it is refused), else a fresh one with ``overrides``."""
+    from .app import registry
+    from .editor import Editor, EditorConfig
+
+    t0 = time.perf_counter()
+    builtin = registry.find_model(args.model)
+    if builtin is not None and builtin.note:
+        log.info(builtin.note)
+    model, tokenizer = registry.resolve_model(args.model)
+    model.to(device)
+    log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
+    ckpt = plan.checkpoint
+    if ckpt is None:
+        return Editor(model, tokenizer, config=EditorConfig(**overrides))
+    from safetensors import SafetensorError
+
+    try:
+        editor = Editor.load(ckpt / "editor", model, tokenizer)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # an unreadable part of the checkpoint
+        raise CLIError(f"cannot resume from checkpoint {ckpt}: {err}; start over with --overwrite "
+                       f"(or another --out)") from err
+    changed = {k: (getattr(editor.config, k), v) for k, v in overrides.items() if getattr(editor.config, k) != v}
+    if changed:
+        raise CLIError("cannot resume: the run was made with " + ", ".join(
+            f"{k}={old!r}" for k, (old, _) in changed.items()) + ", not " + ", ".join(
+            f"{k}={new!r}" for k, (_, new) in changed.items()) + "; the editor configuration comes from the "
+            "checkpoint: drop or fix --set, or start over with --overwrite (or another --out)")
+    return editor
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``fastpatch run``: check every argument, load the data, decide start or resume (before the
+    slow model load), load the model and editor, run the stream, print the summary."""
+    from .app.registry import model_identity
+    from .run import RunOptions, data_fingerprint, plan_start, run_stream
+
+    out = Path(args.out)
+    overrides = parse_overrides(args.overrides)
+    _check_numbers(args)
     _check_model_and_data(args)
     device = _device(args.device)  # a bad --device fails now, not after the (slow) model load
     _check_memory_arg(args.memory)  # and so does a --memory file that is not there
+    stream = load_data(args)
     if args.memory_limit is None:
-        args.memory_limit = 0 if args.data.strip().lower() == CLAIMS else DEFAULT_MEMORY_LIMIT
-
-    stream, data_id, geo_memory, retain = load_data(args)
-    retain_sets = retain if isinstance(retain, tuple) else None
-    retain_pairs = None if isinstance(retain, tuple) else retain
-    records = getattr(stream, "records", stream)
-    model_id = model_fingerprint(args.model)
-    fingerprints = {"model": model_id, "data": data_fingerprint(records), "protocol": args.protocol}
-
-    overwrite = args.overwrite
-    if overwrite and not args.resume:  # replaced whatever it holds (run_stream clears it)
-        existing = {} if RunPaths(out).run_json.is_file() else None
-    else:
-        existing = read_run_info(out)
-    if existing is not None:
-        if args.resume:
-            check_resume(existing, fingerprints)  # refuse before the (slow) model load
-            latest_checkpoint(out, strict=True)  # and a damaged checkpoint too
-        elif not overwrite:
-            summary = RunPaths(out).summary_json
-            done = summary.is_file() and json.loads(summary.read_text(encoding="utf-8")).get("complete")
-            if not done:
-                raise CLIError(f"{out} holds an unfinished run: pass --resume to continue it, or --overwrite "
-                               f"to start over")
-            log.warning("%s holds a finished run: replacing it (pass another --out to keep it)", out)
-            overwrite = True
-    elif args.resume:
-        log.info("%s holds no run yet: starting a new one", out)
+        args.memory_limit = 0 if stream.all_memory else DEFAULT_MEMORY_LIMIT
+    model_id = model_identity(args.model)
+    fingerprints = {"model": model_id, "data": data_fingerprint(stream.edit_records), "protocol": args.protocol}
+    # The runner's one start/resume/overwrite policy, applied now to refuse before the model load.
+    plan = plan_start(out, resume=args.resume, overwrite=args.overwrite, fingerprints=fingerprints)
     if args.retain_size is None:  # a resumed run keeps the retain sets it drew (run_stream checks)
-        resumed = args.resume and existing and "retain_size" in existing
-        args.retain_size = existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
-
-    from .models import resolve_model
-
-    t0 = time.perf_counter()
-    if _is_minilm(args.model):
-        log.info("loading the MiniLM claim classifier (trained and cached at first use: about a minute)")
-    model, tokenizer = resolve_model(args.model)
-    model.to(device)
-    log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
-
-    from .editor import Editor, EditorConfig
-
-    ckpt = latest_checkpoint(out) if (args.resume and existing is not None) else None
-    if ckpt is not None:
-        from safetensors import SafetensorError
-
-        try:
-            editor = Editor.load(ckpt / "editor", model, tokenizer)
-        except (OSError, ValueError, KeyError, SafetensorError) as err:  # an unreadable part of the checkpoint
-            raise CLIError(f"cannot resume from checkpoint {ckpt}: {err}; start over with --overwrite "
-                           f"(or another --out)") from err
-        # The editor configuration comes from the checkpoint: a --set that contradicts it is refused.
-        changed = {k: (getattr(editor.config, k), v) for k, v in overrides.items() if getattr(editor.config, k) != v}
-        if changed:
-            raise CLIError("cannot resume: the run was made with " + ", ".join(
-                f"{k}={old!r}" for k, (old, _) in changed.items()) + ", not " + ", ".join(
-                f"{k}={new!r}" for k, (_, new) in changed.items()) + "; the editor configuration comes from the "
-                "checkpoint: drop or fix --set, or start over with --overwrite (or another --out)")
-    else:
-        editor = Editor(model, tokenizer, config=EditorConfig(**overrides))
-    memory = memory_corpus(args, stream, geo_memory) if ckpt is None else None
-
-    summary = run_stream(
-        editor, stream, out,
+        resumed = plan.existing is not None and "retain_size" in plan.existing
+        args.retain_size = plan.existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
+    editor = _load_editor(args, plan, overrides, device)
+    options = RunOptions(
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        limit=args.limit, resume=args.resume, overwrite=overwrite, memory_texts=memory, retain_pairs=retain_pairs,
-        retain_sets=retain_sets,
-        retain_size=args.retain_size, batch_size=args.batch_size, model_id=model_id, data_id=data_id,
+        limit=args.limit, resume=args.resume, overwrite=args.overwrite,
+        memory_texts=memory_corpus(args, stream) if plan.checkpoint is None else None,
+        retain_pairs=stream.retain_pairs, retain_sets=stream.retain_sets, retain_size=args.retain_size,
+        batch_size=args.batch_size, model_id=model_id, data_id=stream.data_id,
         run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"}, "device": device},
         progress=not args.no_progress and not args.quiet, plots=not args.no_plots,
     )
+    summary = run_stream(editor, stream.records, out, options)
     from .report import format_table
 
     print(format_table(summary))
@@ -383,6 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``fastpatch report``: print a run directory's summary (table or JSON) and re-render its plots."""
     from .report import load_run, report
 
     if args.json:
@@ -393,18 +339,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``fastpatch`` command; returns the exit status (module docstring)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
-    from .runner import RunError
+    from .run import RunError
 
     try:
         from .data.formats import StreamFormatError
     except ImportError:  # pragma: no cover
         StreamFormatError = ValueError  # type: ignore[misc,assignment]
     try:
-        from .models import ModelNotInstalledError
+        from .app.models import ModelNotInstalledError
     except ImportError:  # pragma: no cover
         ModelNotInstalledError = ImportError  # type: ignore[misc,assignment]
     try:

@@ -189,6 +189,7 @@ class MetricState:
     # -- updates --------------------------------------------------------------------------
 
     def record_skip(self) -> None:
+        """Count a request the T-Patcher protocol skipped (already right)."""
         self.position += 1
         self.n_skipped += 1
 
@@ -245,9 +246,11 @@ class MetricState:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The state as JSON-able data (a checkpoint's ``metrics``)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MetricState":
+        """A state saved by :meth:`to_dict`."""
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})

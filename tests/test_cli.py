@@ -260,12 +260,12 @@ def test_bad_device_is_a_clean_error(tiny: Path, tmp_path: Path, capsys: pytest.
 
 def test_missing_memory_file_is_refused_before_the_model_loads(tiny: Path, tmp_path: Path, monkeypatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from fastpatch import models
+    from fastpatch.app import registry
 
     def no_load(*a, **k):  # the real loader must not be reached: the check comes first
         raise AssertionError("the model was loaded before --memory was checked")
 
-    monkeypatch.setattr(models, "resolve_model", no_load)
+    monkeypatch.setattr(registry, "resolve_model", no_load)
     data = write_stream(tmp_path / "s.jsonl", n=2)
     assert main(["run", "--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "a"), "-q",
                  "--memory", str(tmp_path / "no-such-memory.txt")]) == 2
@@ -276,7 +276,7 @@ def test_missing_memory_file_is_refused_before_the_model_loads(tiny: Path, tmp_p
 
 def test_resume_checkpoint_problems_are_clean_errors(tiny: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from fastpatch.runner import latest_checkpoint
+    from fastpatch.run import latest_checkpoint
 
     data = write_stream(tmp_path / "s.jsonl", n=4)
     out = tmp_path / "run"

@@ -10,6 +10,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
 
 from fastpatch.editor import Editor, EditError, EditorConfig, EditRequest
+from fastpatch.editor.init import init_params
+from fastpatch.editor.objective import final, losses
 from fastpatch.ffn import UnknownLayoutError
 
 from .tiny_models import TINY
@@ -243,9 +245,9 @@ def test_fast_path_equals_full_forward_losses_and_gradients(name: str, augment: 
     batch = ed._prepare([req])
     assert len(batch.views) == 1 + augment
     batch.neurons = [(0, j) for j in range(len(batch.views[0].labels))]
-    params = ed._init_params(batch)
-    fast, info_f, *_ = ed._losses(batch, params, full_forward=False)
-    full, info_s, *_ = ed._losses(batch, params, full_forward=True)
+    params = init_params(ed.handle, ed.config, ed.memory, batch, len(ed.edits))
+    fast, info_f, *_ = losses(ed.handle, ed.config, ed.memory, batch, params, full_forward=False)
+    full, info_s, *_ = losses(ed.handle, ed.config, ed.memory, batch, params, full_forward=True)
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)  # params train in fp32
     g_fast = torch.autograd.grad(fast, list(params.values()))
     g_full = torch.autograd.grad(full, list(params.values()))
@@ -262,12 +264,12 @@ def test_batched_capture_matches_one_forward_per_view(name: str) -> None:
              [("the capital of peru is", "lima oslo"), ("rome", "paris"), ("the king of norway is a", "man")]]
     views += ed._augmented(EditRequest("the capital of peru is", "lima"))
     assert len(views) == 6 and len({v.inputs["input_ids"].shape[1] for v in views}) > 1  # padding happens
-    offsets, _ = ed._prefix_offsets(views)
+    offsets, _ = ed.capturer.prefix_offsets(views)
     assert all(c > 0 for c in offsets[3:])  # the prefixed views run from the prefix cache
-    batched = ed._capture_all(views)
-    assert ed._prefix_cache_ok is True  # checked against a plain forward on first use
+    batched = ed.capturer.capture_all(views, ed.config.loss_vocab)
+    assert ed.capturer.cache_ok is True  # checked against a plain forward on first use
     for v, got in zip(views, batched):
-        one = ed._capture(v)
+        one = ed.capturer.capture_one(v)
         torch.testing.assert_close(got["x"], one["x"])
         torch.testing.assert_close(got["s0"], one["s0"])
         assert torch.equal(got["pred"], one["pred"])
@@ -279,16 +281,16 @@ def test_prefix_cache_that_disagrees_with_a_plain_forward_is_dropped(name: str, 
     ed = Editor(TINY[name][0](), word_tokenizer(), EditorConfig(augment=2, augment_tokens=4))
     req = EditRequest("the capital of peru is", "lima")
     views = [ed._encode(req)] + ed._augmented(req)
-    plain = ed._capture_plain(views, [v.inputs["input_ids"][0] for v in views])
-    _, states = ed._prefix_offsets(views)
+    plain = ed.capturer.capture_plain(views, [v.inputs["input_ids"][0] for v in views])
+    _, states = ed.capturer.prefix_offsets(views)
     for st in {id(s): s for s in states if s is not None}.values():  # a cache gone wrong
         st.kv = [(k + 1.0, v) for k, v in st.kv]
     with caplog.at_level("WARNING", logger="fastpatch.editor"):
-        got = ed._capture_all(views)
-    assert ed._prefix_cache_ok is False and "prefix cache disagrees" in caplog.text
+        got = ed.capturer.capture_all(views, ed.config.loss_vocab)
+    assert ed.capturer.cache_ok is False and "prefix cache disagrees" in caplog.text
     for c, x, s0 in zip(got, *plain):
         assert torch.equal(c["x"], x) and torch.equal(c["s0"], s0)
-    assert ed._prefix_offsets(views)[0] == [0] * len(views)  # no longer used
+    assert ed.capturer.prefix_offsets(views)[0] == [0] * len(views)  # no longer used
 
 
 def test_prefix_cache_is_independent_of_the_patches() -> None:
@@ -297,13 +299,13 @@ def test_prefix_cache_is_independent_of_the_patches() -> None:
     ed = Editor(TINY["llama"][0]().double(), word_tokenizer(), EditorConfig(augment=2, augment_tokens=4, max_steps=300))
     ed.build_memory(CORPUS)
     assert ed.edit(EditRequest("the capital of peru is", "lima", edit_id="p")).success
-    assert ed._prefix_states and ed._prefix_cache_ok is True
+    assert ed.capturer.states and ed.capturer.cache_ok is True
     assert ed.ffn.num_patches > 0
     req = EditRequest("the capital of italy is", "rome")
     views = [ed._encode(req)] + ed._augmented(req)
-    cached = ed._capture_all(views)
+    cached = ed.capturer.capture_all(views, ed.config.loss_vocab)
     for v, got in zip(views, cached):
-        one = ed._capture(v)  # a full forward through the patched model
+        one = ed.capturer.capture_one(v)  # a full forward through the patched model
         torch.testing.assert_close(got["x"], one["x"])
         torch.testing.assert_close(got["s0"], one["s0"])
         assert torch.equal(got["pred"], one["pred"])
@@ -324,7 +326,7 @@ def test_context_prefixes_are_generated_once_and_saved(tmp_path) -> None:
     assert ed.context_prefixes() is not None and ed.context_prefixes() == prefixes  # not regenerated
     ed.save(tmp_path / "ed")
     ed2 = Editor.load(tmp_path / "ed", clean, word_tokenizer())
-    assert ed2._prefixes == prefixes
+    assert ed2.prefixes == prefixes
 
 
 def test_save_load_restores_edits_in_a_fresh_model(tmp_path) -> None:
@@ -379,12 +381,12 @@ def test_gradient_value_init_points_the_value_downhill() -> None:
     ed = _editor(augment=2, augment_tokens=4, value_init="gradient")
     batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo")])
     assert batch.neurons
-    params = ed._init_params(batch)
-    k, b, v = ed._final({k: t.detach() for k, t in params.items()})
-    base, *_ = ed._losses(batch, {"keys": k, "bias": b, "v_dir": torch.zeros_like(v), "amp": params["amp"].detach()},
-                          False, with_memory=False)
+    params = init_params(ed.handle, ed.config, ed.memory, batch, len(ed.edits))
+    k, b, v = final({k: t.detach() for k, t in params.items()})
+    zero = {"keys": k, "bias": b, "v_dir": torch.zeros_like(v), "amp": params["amp"].detach()}
+    base, *_ = losses(ed.handle, ed.config, ed.memory, batch, zero, False, with_memory=False)
     small = {"keys": k, "bias": b, "v_dir": params["v_dir"].detach(), "amp": torch.full_like(params["amp"], 1e-3)}
-    nudged, *_ = ed._losses(batch, small, False, with_memory=False)
+    nudged, *_ = losses(ed.handle, ed.config, ed.memory, batch, small, False, with_memory=False)
     assert float(nudged.detach()) < float(base.detach())
 
 
@@ -407,12 +409,12 @@ def test_candidate_loss_is_the_full_loss_when_it_covers_the_vocabulary(name: str
     ed.build_memory(CORPUS)
     batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo")])
     assert batch.cand is not None and 0 < len(batch.cand) < 97  # a real subset
-    params = ed._init_params(batch)
-    sub, *_ = ed._losses(batch, params, False)
+    params = init_params(ed.handle, ed.config, ed.memory, batch, len(ed.edits))
+    sub, *_ = losses(ed.handle, ed.config, ed.memory, batch, params, False)
     batch.set_candidates(torch.arange(97))
-    whole, *_ = ed._losses(batch, params, False)
+    whole, *_ = losses(ed.handle, ed.config, ed.memory, batch, params, False)
     batch.cand = None
-    ref, *_ = ed._losses(batch, params, False)
+    ref, *_ = losses(ed.handle, ed.config, ed.memory, batch, params, False)
     torch.testing.assert_close(whole, ref)
     assert not torch.allclose(sub, ref)  # the subset softmax is a different (cheaper) loss
 

@@ -263,6 +263,25 @@ def test_fastpatch_format_synthetic(tmp_path: Path) -> None:
     assert (b.id, b.target, b.rephrases, b.locality) == ("b", "1990", [], [])
 
 
+def test_fastpatch_rows_take_prompt_as_well_as_input(tmp_path: Path) -> None:
+    """``prompt`` (the Python API's word) is the same field as ``input``; giving both is refused."""
+    rows = [{"prompt": "The capital of France is", "target": " Paris", "rephrases": ["Q: France?\nA:"]},
+            {"prompt": "The capital of Peru is", "target": " Lima"}]
+    for suffix in (".jsonl", ".json"):
+        load = load_stream(_write(rows, tmp_path / f"p{suffix}"))
+        assert load.format == "fastpatch"
+        assert [(r.prompt, r.target) for r in load.records] == [("The capital of France is", " Paris"),
+                                                                ("The capital of Peru is", " Lima")]
+        assert load.records[0].rephrases == ["Q: France?\nA:"]
+    same = load_stream(_write([{"input": r["prompt"], "target": r["target"]} for r in rows], tmp_path / "i.jsonl"))
+    assert [(r.prompt, r.target) for r in same.records] == [(r.prompt, r.target) for r in load.records]
+    both = [{"input": "a", "prompt": "b", "target": "c"}]
+    with pytest.raises(StreamFormatError, match="not both"):
+        load_stream(_write(both, tmp_path / "both.jsonl"))
+    # easyedit rows (prompt + target_new) are still easyedit
+    assert parse_rows([{"prompt": "p", "target_new": "t", "ground_truth": "g"}]).format == "easyedit"
+
+
 def test_undetectable_and_empty(tmp_path: Path) -> None:
     with pytest.raises(StreamFormatError, match="cannot detect"):
         load_stream(_write([{"question": "q", "answer": "a"}], tmp_path / "q.json"))

@@ -1,4 +1,4 @@
-"""Geography facts and streams (fastpatch.data.geography), checked against the package files."""
+"""Geography facts and streams (fastpatch.app.geography), checked against the package files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpatch.data import geography as geo
+from fastpatch.app import geography as geo
 from fastpatch.data.formats import load_stream
 
 

@@ -1,4 +1,4 @@
-"""Model loading (fastpatch.models).
+"""Model loading (fastpatch.app.models).
 
 The cache machinery is tested fast, with the GGUF conversion replaced by a tiny random Llama.
 Tests marked ``slow`` load the real SmolLM2-135M-Instruct; they use the default cache
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpatch import models
+from fastpatch.app import models
 
 
 def _installed(module: str) -> bool:
@@ -65,8 +65,12 @@ def _tiny_llama():
 
 def test_resolve_model_names(tmp_path: Path) -> None:
     # "minilm" resolves to the trained claim classifier: tested in test_claims.py
+    from fastpatch.app import registry
+
     with pytest.raises(ValueError, match="unknown model"):
-        models.resolve_model(str(tmp_path / "does-not-exist"))
+        registry.resolve_model(str(tmp_path / "does-not-exist"))
+    assert registry.find_model("SmolLM2-135M").name == "smollm2" and registry.find_model("minilm-l6").name == "minilm"
+    assert registry.find_model(str(tmp_path)) is None
 
 
 @needs_minilm
@@ -74,7 +78,7 @@ def test_resolve_model_local_dir(tmp_path: Path) -> None:
     _, tok = models.load_minilm()
     _tiny_llama().save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    model, tok2 = models.resolve_model(tmp_path / "m")
+    model, tok2 = models.load_pretrained(tmp_path / "m")
     assert not model.training and model.config.hidden_size == 16
     assert tok2("hello")["input_ids"] == tok("hello")["input_ids"]
 

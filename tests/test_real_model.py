@@ -20,8 +20,8 @@ N_EDITS = 10
 
 @pytest.fixture(scope="module")
 def setup():
-    from fastpatch.data import geography_records, split_memory_and_locality
-    from fastpatch.models import load_smollm2
+    from fastpatch.app.geography import geography_records, split_memory_and_locality
+    from fastpatch.app.models import load_smollm2
 
     model, tok = load_smollm2()
     ed = Editor(model, tok, EditorConfig())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastpatch.cli import main
-from fastpatch.runner import latest_checkpoint
+from fastpatch.run import latest_checkpoint
 from tests.test_cli import FAST, make_tiny_model, read_lines, write_stream
 
 N = 12

@@ -10,7 +10,7 @@ import pytest
 from fastpatch.data.formats import load_stream
 from fastpatch.editor import Editor, EditorConfig
 from fastpatch.metrics import METRIC_NAMES
-from fastpatch.runner import (
+from fastpatch.run import (
     RunError, RunExistsError, RunMismatchError, latest_checkpoint, retain_split, run_stream,
 )
 from tests.test_cli import _one_thread, make_tiny_model, read_lines, stream_rows, tiny, write_stream  # noqa: F401 (fixtures)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..ffn import SUPPORTED_LAYOUTS, UnknownLayoutError, resolve_module
+from .encoding import TaskEncoder, encoder_for
 
 __all__ = ["FamilyAdapter", "find_adapter", "SUPPORTED_FAMILIES"]
 
@@ -68,7 +69,13 @@ class FamilyAdapter:
 
     @property
     def fast_path(self) -> bool:
+        """A tail is known: a training step can re-run only what comes after the FFN."""
         return self.tail is not None and self.tail_input is not None
+
+    @property
+    def encoder(self) -> TaskEncoder:
+        """How requests become inputs and label positions for this family's task."""
+        return encoder_for(self.task)
 
 
 def _has(model: nn.Module, path: str) -> bool:

@@ -88,12 +88,15 @@ class MemorySet:
         return mean, self._gram / n - torch.outer(mean, mean)
 
     def num_corpus(self) -> int:
+        """Rows that came from the memory corpus."""
         return int((self.owners == CORPUS).sum())
 
     def state(self) -> dict[str, torch.Tensor]:
+        """The rows and their owners, for safetensors."""
         return {"vectors": self.vectors.contiguous().cpu(), "owners": self.owners.clone()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore rows and owners saved by :meth:`state`."""
         v, o = state["vectors"], state["owners"]
         if v.dim() != 2 or v.shape[1] != self.d or o.shape != (v.shape[0],):
             raise ValueError(f"memory file holds vectors of shape {tuple(v.shape)}; this FFN needs (N, {self.d})")
@@ -105,6 +108,7 @@ class MemorySet:
         self._n = v.shape[0]
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "MemorySet":
+        """Move the rows to another device or dtype."""
         self._buf = self._buf.to(device=device or self._buf.device, dtype=dtype or self._buf.dtype)
         self._sum = self._gram = None
         return self

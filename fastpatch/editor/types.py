@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["EditRequest", "EditResult", "EditorConfig", "EditError"]
+__all__ = ["EditRequest", "EditResult", "EditorConfig", "EditError", "MethodSettings", "RuntimeOptions"]
 
 
 class EditError(ValueError):
@@ -44,6 +44,7 @@ class EditResult:
     kept_failed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a plain dict (an edits.jsonl line's editor fields)."""
         return asdict(self)
 
 
@@ -53,14 +54,15 @@ CONTEXT_SEEDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You", "It
 
 
 @dataclass
-class EditorConfig:
-    """Every knob of T-Patcher (../docs: tpatcher.md).
+class MethodSettings:
+    """T-Patcher's own settings: what the patches are and how they are trained (../docs: tpatcher.md).
 
-    The losses, their weights and the optimiser are the authors'. Six defaults go beyond them
-    (``EditorConfig.authors()`` turns all six off): the memory-whitened key init, the
+    The losses, their weights and the optimiser are the authors'. Five defaults go beyond them
+    (:meth:`EditorConfig.authors` turns all five off): the memory-whitened key init, the
     gradient value init with its amplifier search, the context variants (``augment``), the
-    candidate-vocabulary loss, and up to 10 neurons per edit instead of 5. On SmolLM2's 144 wrong capitals they take question-paraphrase
-    generalisation from 0.63 to 0.97 at the same locality (README, "Results").
+    candidate-vocabulary loss (``loss_vocab``, a runtime option) and up to 10 neurons per edit
+    instead of 5. On SmolLM2's 144 wrong capitals they take question-paraphrase generalisation
+    from 0.63 to 0.97 at the same locality (docs/results.md).
 
     Attributes:
         alc: weight of the activation loss L_act.
@@ -74,7 +76,6 @@ class EditorConfig:
             (authors: 5). 10 covers nearly every zsRE target: with 5, 5% of the first 100 zsRE
             edits (targets of 6-9 tokens) never converged; with 10 all did, at the same locality.
         label_smoothing: of the generative edit loss (NLL).
-        memory_cap: most FFN-input vectors kept in the memory set.
         init: ``"authors"`` (k = q/||q||^2, b = 0) or ``"memory"`` (key pointed away from the
             memory mean and bias set from the memory's pre-activations, so the patch starts firing
             on the edit and silent on the memory).
@@ -82,31 +83,25 @@ class EditorConfig:
             (along the target token's output embedding minus the predicted one's, with the
             amplifier doubled until the edit is predicted right: a few tail-only evaluations), or
             ``"gradient"`` (along the descent direction of the edit loss at the tail input over
-            every view, then the same amplifier search; needs the fast path).
+            every view, then the same amplifier search). ``"gradient"`` and the amplifier search
+            need the fast path: without it (``fast_path=False``, or a family without a tail
+            adapter) ``"gradient"`` falls back to ``"unembed"`` without the search, and the
+            editor logs so once. Classifiers always use ``"random"`` (there is no unembedding).
         amplifier: initial value amplifier (authors: 10).
-        value_margin: with ``value_init="unembed"``/``"gradient"``, the amplifier found to make the edit right is
-            multiplied by this, so paraphrases on which the patch fires less strongly flip too.
+        value_margin: with ``value_init="unembed"``/``"gradient"``, the amplifier found to make the
+            edit right is multiplied by this, so paraphrases on which the patch fires less strongly
+            flip too.
         augment: causal LMs only: also train each patch on the edit prompt behind this many
             short context prefixes that the model itself generates once (greedy, from fixed seed
             words; MEMIT's "context templates"). The patch must fire, and the target must win, on
             every variant (within ``augment_patience``; success is still decided on the request
             as given), so neither key nor value hinge on how the text starts; question-form
-            paraphrases then flip too. The key init also whitens
-            by the variants' own scatter, so the patch fires about equally on each. 0 is the
-            authors' behaviour (the edit input only).
+            paraphrases then flip too. The key init also whitens by the variants' own scatter, so
+            the patch fires about equally on each. 0 is the authors' behaviour (the edit input only).
         augment_tokens: length, in tokens, of each generated context prefix.
         augment_patience: once every request is right as given and the memory margins hold, at
             most this many more steps are spent making every context variant right.
-        loss_vocab: fast path with an LM head: the edit loss's softmax runs over about this many
-            candidate tokens (each target position's top tokens before the edit, plus the
-            targets) instead of the whole vocabulary, so a step does not read the whole output
-            matrix twice. Every "right" decision (stopping, success, the amplifier search) is
-            confirmed over the whole vocabulary first, and a token outside the candidates that
-            wins joins them. 0: the whole vocabulary (the authors' loss).
         activation: patch activation, ``"relu"`` or ``"host"``.
-        keep_failed: keep the patches of an edit that did not converge.
-        check_every: test the stopping rule every this many steps.
-        fast_path: re-run only what comes after the patched FFN (needs a family adapter).
         seed: seed of the random value init.
     """
 
@@ -121,7 +116,6 @@ class EditorConfig:
     max_steps: int = 200
     max_neurons: int = 10
     label_smoothing: float = 0.1
-    memory_cap: int = 40_000
     init: str = "memory"
     value_init: str = "gradient"
     amplifier: float = 10.0
@@ -129,15 +123,54 @@ class EditorConfig:
     augment: int = 4
     augment_tokens: int = 5
     augment_patience: int = 10
-    loss_vocab: int = 1024
     activation: str = "relu"
-    keep_failed: bool = False
-    check_every: int = 1
-    fast_path: bool = True
     seed: int = 0
+
+
+@dataclass
+class RuntimeOptions:
+    """How the editor runs the method: speed and resource knobs and what to keep.
+
+    Attributes:
+        fast_path: re-run only what comes after the patched FFN (needs a family adapter).
+        loss_vocab: fast path with an LM head: the edit loss's softmax runs over about this many
+            candidate tokens (each target position's top tokens before the edit, plus the
+            targets) instead of the whole vocabulary, so a step does not read the whole output
+            matrix twice. Every "right" decision (stopping, success, the amplifier search) is
+            confirmed over the whole vocabulary first, and a token outside the candidates that
+            wins joins them. 0: the whole vocabulary (the authors' loss).
+        memory_cap: most FFN-input vectors kept in the memory set.
+        keep_failed: keep the patches of an edit that did not converge.
+    """
+
+    fast_path: bool = True
+    loss_vocab: int = 1024
+    memory_cap: int = 40_000
+    keep_failed: bool = False
+
+
+#: Fields of earlier versions that nothing reads any more; dropped when a saved config is loaded.
+REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
+
+
+@dataclass
+class EditorConfig(RuntimeOptions, MethodSettings):
+    """Every knob of the editor: the method's settings (:class:`MethodSettings`) and the runtime
+    options (:class:`RuntimeOptions`), given flat (``EditorConfig(max_steps=100, fast_path=False)``).
+    """
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def method(self) -> MethodSettings:
+        """The method's settings alone."""
+        return MethodSettings(**{f.name: getattr(self, f.name) for f in fields(MethodSettings)})
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        """The runtime options alone."""
+        return RuntimeOptions(**{f.name: getattr(self, f.name) for f in fields(RuntimeOptions)})
 
     def validate(self) -> None:
         """Raise ``EditError`` on negative/NaN weights or unknown options."""
@@ -148,7 +181,7 @@ class EditorConfig:
                     raise EditError(f"config.{f.name} is NaN")
                 if v < 0:
                     raise EditError(f"config.{f.name} must be >= 0, got {v}")
-        for name in ("lr", "max_steps", "max_neurons", "mem_topk", "act_topk", "memory_cap", "check_every"):
+        for name in ("lr", "max_steps", "max_neurons", "mem_topk", "act_topk", "memory_cap"):
             if getattr(self, name) <= 0:
                 raise EditError(f"config.{name} must be > 0, got {getattr(self, name)}")
         if self.augment > len(CONTEXT_SEEDS):
@@ -163,11 +196,18 @@ class EditorConfig:
             raise EditError(f"config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, flat (what ``Editor.save`` and the run summary record)."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditorConfig":
+        """A config saved by :meth:`to_dict` (fields later removed, :data:`REMOVED_FIELDS`, are ignored)."""
+        return cls(**{k: v for k, v in d.items() if k not in REMOVED_FIELDS})
 
     @classmethod
     def authors(cls, **overrides: Any) -> "EditorConfig":
         """The authors' exact setup: k = q/||q||^2, b = 0, random value times amplifier 10,
-        trained on the edit input alone, at most 5 neurons per edit."""
+        trained on the edit input alone over the whole vocabulary, at most 5 neurons per edit
+        (the five defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
                       **overrides})

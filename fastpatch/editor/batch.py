@@ -1,0 +1,85 @@
+"""What one edit trains on: its views, their captures, and the neurons (one per wrong target
+position) that will become patches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encoding import Encoded
+
+__all__ = ["EditBatch", "pick_neurons"]
+
+
+@dataclass
+class EditBatch:
+    """What one ``edit_batch`` trains on.
+
+    ``views`` holds every request as given followed by its context-prefixed variants;
+    ``groups[r]`` lists the views of request ``r`` (its own first); ``cap[v]`` is what the
+    capture forward recorded for view ``v``. Neuron ``n = (r, j)`` belongs to request ``r`` and
+    reads target position ``j`` (an index into ``label_pos``) of every view of ``r``.
+    """
+
+    views: list[Encoded]
+    cap: list[dict[str, torch.Tensor]]
+    groups: list[list[int]]
+    neurons: list[tuple[int, int]]
+    _rows: dict[str, torch.Tensor] | None = None
+    #: candidate-vocabulary loss: the sorted token ids the edit loss's softmax runs over (None: all)
+    cand: torch.Tensor | None = None
+    #: set by each loss evaluation: every neuron fires on every view (not only its request's own)
+    variants_fire: bool = True
+
+    def set_candidates(self, tokens: torch.Tensor) -> None:
+        """Use ``tokens`` (plus every label) as the candidate vocabulary."""
+        rows = self.tail_rows()
+        self.cand = torch.unique(torch.cat([tokens.reshape(-1).to(rows["labels"].device), rows["labels"]]))
+        rows["cand_labels"] = torch.searchsorted(self.cand, rows["labels"])
+
+    def tail_rows(self) -> dict[str, torch.Tensor]:
+        """The label rows of every view stacked (built once per edit): FFN inputs ``x``, tail
+        inputs ``s0``, ``labels``, owning ``view`` and loss ``weight`` (a view's rows share
+        1/(rows * views of its request), so L_edit averages positions, then views)."""
+        if self._rows is None:
+            xs, s0s, labels, view, weight = [], [], [], [], []
+            for group in self.groups:
+                for v in group:
+                    enc, c = self.views[v], self.cap[v]
+                    k = len(enc.labels)
+                    xs.append(c["x"][enc.label_pos.to(c["x"].device)].float())
+                    s0s.append(c["s0"])
+                    labels.append(enc.labels)
+                    view += [v] * k
+                    weight += [1.0 / (k * len(group))] * k
+            dev = s0s[0].device
+            self._rows = {"x": torch.cat(xs), "s0": torch.cat(s0s), "labels": torch.cat(labels).to(dev),
+                          "view": torch.tensor(view, device=dev), "weight": torch.tensor(weight, device=dev)}
+        return self._rows
+
+    def neuron_inputs(self, n: int) -> torch.Tensor:
+        """(views of its request, d): the FFN inputs neuron ``n`` reads, its own request's first."""
+        r, j = self.neurons[n]
+        return torch.stack([self.cap[v]["x"][self.views[v].label_pos[j]] for v in self.groups[r]]).float()
+
+
+def pick_neurons(encs: list[Encoded], cap: list[dict[str, torch.Tensor]], groups: list[list[int]],
+                 max_neurons: int) -> list[tuple[int, int]]:
+    """``(request, label position)`` per neuron: one per position a request gets wrong as given
+    (at most ``max_neurons``), or its [CLS] for a classifier.
+
+    With context variants, a position the request gets right as given but some variant gets
+    wrong gets a neuron too (after the request's own wrong positions), so every view can be made
+    right; a request that is right as given is not edited.
+    """
+    neurons: list[tuple[int, int]] = []
+    for ri, e in enumerate(encs):
+        wrong_in = [(cap[v]["pred"] != e.labels.to(cap[v]["pred"].device)) for v in groups[ri]]
+        own = wrong_in[0].nonzero().squeeze(1).tolist()
+        if not own:
+            continue
+        extra = torch.stack(wrong_in).any(0).nonzero().squeeze(1).tolist()
+        picked = own + [j for j in extra if j not in own]
+        neurons.extend((ri, j) for j in picked[:max_neurons])
+    return neurons

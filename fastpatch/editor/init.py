@@ -1,0 +1,235 @@
+"""Init strategies of a patch: one small function or class each (as PEFT's ``tuners/lora/variants.py``).
+
+Keys and biases (``EditorConfig.init``):
+
+* ``"authors"`` -- :func:`authors_key_init`: ``k = q/||q||^2``, ``b = 0``.
+* ``"memory"`` -- :func:`memory_key_init`: the key along the memory-whitened direction of the
+  edit, the bias between edit and memory.
+
+Values (``EditorConfig.value_init``), each a :class:`ValueInit` in :data:`VALUE_INITS`:
+
+* ``"random"`` -- :class:`RandomValue`: a random direction times the amplifier (the authors').
+* ``"unembed"`` -- :class:`UnembedValue`: the target token's output embedding minus the
+  predicted one's, then :func:`search_amplifier`.
+* ``"gradient"`` -- :class:`GradientValue`: the descent direction of the edit loss at the tail
+  input, then :func:`search_amplifier`. Needs the fast path: without it, ``"unembed"`` without
+  the search (see :func:`value_init_for`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.patch_loss import patch_preactivations
+from ..kernels.reference import activation_reference
+from .batch import EditBatch
+from .handle import ModelHandle
+from .memory import MemorySet
+from .objective import Params, exact_flags, losses
+from .types import EditorConfig
+
+__all__ = [
+    "VALUE_INITS",
+    "GradientValue",
+    "RandomValue",
+    "UnembedValue",
+    "ValueInit",
+    "authors_key_init",
+    "init_params",
+    "memory_key_init",
+    "search_amplifier",
+    "value_init_for",
+]
+
+log = logging.getLogger("fastpatch.editor")
+
+#: Weight of the context variants' own scatter next to the memory covariance when the key is
+#: whitened: 1 already evens the patch's pre-activation across the variants (measured on SmolLM2:
+#: spread 1.0-1.04 instead of 1-55); more changes nothing there.
+_VIEW_SCATTER = 1.0
+
+
+# ---------------------------------------------------------------------------- keys and biases
+def authors_key_init(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' key ``q/||q||^2`` (pre-activation 1 on the edit) and a zero bias."""
+    keys = q / q.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+    return keys, torch.zeros(len(q), device=q.device)
+
+
+@torch.no_grad()
+def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], keys: torch.Tensor,
+                    bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key along the memory-whitened direction of the edit, bias between edit and memory.
+
+    ``u = (C + lam I)^-1 (q - mu)`` (the linear discriminant of the edit vector against the
+    memory's mean ``mu`` and covariance ``C``; ``q`` is the mean over the request's views):
+    plain ``q - mu`` is dominated by the few high-variance directions (attention-sink
+    positions) where memory vectors have huge projections. The key is scaled and the bias
+    set so that the patch starts at pre-activation at least +1 on every view of its edit and
+    at most -1 on every memory vector; where the memory does not separate from the edit
+    along ``u``, the authors' init is kept.
+    """
+    mem = memory.vectors
+    mu, cov = memory.moments()
+    lam = 1e-2 * float(cov.diagonal().mean()) + 1e-8
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    chol = torch.linalg.cholesky(cov + lam * eye)  # one factorisation, shared by every neuron
+    rhs = (q.double() - mu).t()  # (d, n)
+    u = torch.cholesky_solve(rhs, chol).t()  # (n, d)
+    if any(x.shape[0] > 1 for x in qs):
+        # The views' own scatter S = U U^T (rank < views) joins the covariance, so the patch
+        # fires about equally on every view: Woodbury on the shared factorisation,
+        # (A + U U^T)^-1 r = A^-1 r - A^-1 U (I + U^T A^-1 U)^-1 U^T A^-1 r.
+        for n, x in enumerate(qs):
+            if x.shape[0] < 2:
+                continue
+            dx = x.double() - x.double().mean(0)
+            U = dx.t() * math.sqrt(_VIEW_SCATTER / x.shape[0])  # (d, views)
+            AiU = torch.cholesky_solve(U, chol)
+            small = torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ AiU
+            u[n] = u[n] - AiU @ torch.linalg.solve(small, U.t() @ u[n])
+    u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
+    a_q = torch.stack([(x @ u[n]).min() for n, x in enumerate(qs)])  # weakest view
+    a_mem = patch_preactivations(mem, u.to(mem.dtype), torch.zeros(len(u), device=u.device, dtype=mem.dtype))
+    m_max = a_mem.float().max(0).values
+    gap = a_q - m_max
+    good = gap > 1e-6 * a_q.abs().clamp_min(1.0)
+    c = 2.0 / gap.clamp_min(1e-12)
+    k_new = c[:, None] * u
+    b_new = -c * (a_q + m_max) / 2
+    keys = torch.where(good[:, None], k_new, keys)
+    bias = torch.where(good, b_new, bias)
+    return keys, bias
+
+
+# ------------------------------------------------------------------------------------- values
+class ValueInit:
+    """A value init: the direction of each neuron's value, before the amplifier."""
+
+    #: the amplifier is then searched (:func:`search_amplifier`, fast path only)
+    searches_amplifier = False
+
+    def __call__(self, h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor,
+                 v_dir: torch.Tensor) -> torch.Tensor:
+        """``(n, d_out)`` value directions, given the random ones ``v_dir``."""
+        return v_dir
+
+
+class RandomValue(ValueInit):
+    """The authors': the random direction itself."""
+
+
+class UnembedValue(ValueInit):
+    """Along the target token's output embedding minus the predicted one's."""
+
+    searches_amplifier = True
+
+    @torch.no_grad()
+    def __call__(self, h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor,
+                 v_dir: torch.Tensor) -> torch.Tensor:
+        head = h.model.get_output_embeddings()
+        if head is None:
+            return v_dir
+        W = head.weight
+        out = v_dir.clone()
+        for n, (ri, j) in enumerate(batch.neurons):
+            t = int(batch.views[batch.groups[ri][0]].labels[j])
+            # the wrong prediction to push away from: the request's own, else its first wrong view's
+            preds = [int(batch.cap[v]["pred"][j]) for v in batch.groups[ri]]
+            p = next((x for x in preds if x != t), preds[0])
+            u = (W[t] - W[p]).float()
+            out[n] = u / u.norm().clamp_min(1e-12)
+        return out
+
+
+class GradientValue(UnembedValue):
+    """Each value along the descent direction of L_edit at the tail input, summed over the rows
+    its neuron fires on (weighted by its activation there): one tail forward and backward.
+    Unlike the unembedding difference, it accounts for the final norm and for every view's own
+    wrong prediction. Starts from the unembedding direction (where the descent is zero)."""
+
+    def __call__(self, h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor,
+                 v_dir: torch.Tensor) -> torch.Tensor:
+        v_dir = super().__call__(h, batch, keys, bias, v_dir)
+        rows = batch.tail_rows()
+        with torch.no_grad():
+            a = activation_reference(rows["x"] @ keys.t() + bias, h.ffn.patch_act)  # (rows, n)
+        with torch.enable_grad():
+            s = rows["s0"].float().clone().requires_grad_(True)
+            s_in = s.to(rows["s0"].dtype)
+            if batch.cand is not None:  # the candidate-vocabulary loss: no pass over the whole head
+                logits, labels = h.adapter.head(h.adapter.features(s_in), batch.cand), rows["cand_labels"]
+            else:
+                logits, labels = h.adapter.tail(s_in), rows["labels"]
+            ce = F.cross_entropy(logits.float(), labels, reduction="none")
+            (g,) = torch.autograd.grad((ce * rows["weight"]).sum(), s)
+        d = -(a.t() @ g)
+        norm = d.norm(dim=1, keepdim=True)
+        return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
+
+
+VALUE_INITS: dict[str, ValueInit] = {"random": RandomValue(), "unembed": UnembedValue(), "gradient": GradientValue()}
+
+
+def value_init_for(h: ModelHandle, cfg: EditorConfig) -> ValueInit:
+    """The value init the editor uses: ``cfg.value_init``, except that classifiers (no output
+    embedding) use ``"random"`` and ``"gradient"`` off the fast path uses ``"unembed"`` without
+    the amplifier search (documented in :class:`~fastpatch.editor.types.MethodSettings`)."""
+    if not h.encoder.has_vocab:
+        return VALUE_INITS["random"]
+    if cfg.value_init in ("unembed", "gradient") and not h.fast:
+        return _UNEMBED_NO_SEARCH
+    return VALUE_INITS[cfg.value_init]
+
+
+class _UnembedNoSearch(UnembedValue):
+    searches_amplifier = False
+
+
+_UNEMBED_NO_SEARCH = _UnembedNoSearch()
+
+
+@torch.no_grad()
+def search_amplifier(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params,
+                     max_doublings: int = 10) -> None:
+    """Double the amplifiers until every request is predicted right as given.
+
+    Tail-only evaluations: one costs about a third of a training step, so a few doublings
+    replace the many Adam steps it takes to grow a too-small value from the authors'
+    amplifier of 10. Context variants are not searched for: pushed further along the
+    unembedding direction, the final norm saturates and other tokens win; training (up to
+    ``config.augment_patience`` steps) takes them from there.
+    """
+    for _ in range(max_doublings):
+        main_ok = losses(h, cfg, memory, batch, params, False, with_memory=False).main_ok
+        if batch.cand is not None and all(main_ok):
+            main_ok = exact_flags(h, batch, params)[1]
+        if all(main_ok):
+            # Barely right on the edit is too weak where a paraphrase fires less strongly.
+            params["amp"] = params["amp"] * cfg.value_margin
+            return
+        params["amp"] = params["amp"] * 2
+
+
+def init_params(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, n_edits: int) -> Params:
+    """The starting parameters of an edit's neurons (``requires_grad`` set), from the configured
+    key and value inits; ``n_edits`` (edits so far) seeds the random value direction."""
+    d_out = h.ffn.bank.d_out
+    qs = [batch.neuron_inputs(n) for n in range(len(batch.neurons))]  # each (views, d)
+    q = torch.stack([x.mean(0) for x in qs])  # (n, d)
+    keys, bias = authors_key_init(q)
+    if cfg.init == "memory" and len(memory) > 0:
+        keys, bias = memory_key_init(memory, q, qs, keys, bias)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed + n_edits)
+    v_dir = (torch.randn(len(qs), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
+    value = value_init_for(h, cfg)
+    v_dir = value(h, batch, keys, bias, v_dir)
+    amp = torch.full((len(qs), 1), cfg.amplifier, device=q.device)
+    params = {"keys": keys, "bias": bias, "v_dir": v_dir, "amp": amp}
+    if value.searches_amplifier:
+        search_amplifier(h, cfg, memory, batch, params)
+    return {k: t.clone().requires_grad_(True) for k, t in params.items()}
