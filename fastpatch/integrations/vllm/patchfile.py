@@ -25,7 +25,7 @@ from ...ffn import detect_layout
 from ...kernels.reference import ACT_CODES
 from .sharding import PatchSet, shard_patches
 
-__all__ = ["ServedFFN", "served_ffn", "layer_path", "read_patch_file", "build_patch_set"]
+__all__ = ["ServedFFN", "served_ffn", "checkpoint_ffn", "layer_path", "read_patch_file", "build_patch_set"]
 
 
 def layer_path(index: int) -> str:
@@ -44,13 +44,13 @@ class ServedFFN:
     module_path: str
     d_in: int
     d_out: int
-    dtype: torch.dtype
+    dtype: torch.dtype | None  #: None: not known yet (a check before the engine starts)
     fingerprint: str | None
     sample: str | None
 
 
 def served_ffn(
-    module_path: str, dtype: torch.dtype, gate: torch.Tensor | None, up: torch.Tensor | None,
+    module_path: str, dtype: torch.dtype | None, gate: torch.Tensor | None, up: torch.Tensor | None,
     down: torch.Tensor | None, d_in: int, d_out: int,
 ) -> ServedFFN:
     """Identity of a served Llama-family MLP from its checkpoint tensors (HF layout: gate/up
@@ -66,6 +66,36 @@ def served_ffn(
     shim.act_fn = nn.SiLU()
     tensors = detect_layout(shim).base_tensors()  # the order and views PatchedFFN hashes
     return ServedFFN(module_path, d_in, d_out, dtype, weights_fingerprint(tensors), weights_sample(tensors))
+
+
+def checkpoint_ffn(model_dir: str | os.PathLike, module_path: str) -> ServedFFN:
+    """Identity of the MLP at ``module_path`` read from a Hugging Face directory's safetensors
+    (only its three tensors are read): what the engine will compute once it has loaded them, so
+    start files can be checked before an engine is started.
+
+    Raises:
+        PatchFileError: the directory has no such tensors in safetensors files.
+    """
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    names = {p: f"{module_path}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = {p: model_dir / weight_map[n] for p, n in names.items() if n in weight_map}
+    else:
+        files = {p: model_dir / "model.safetensors" for p in names}
+    got: dict[str, torch.Tensor] = {}
+    for p, f in files.items():
+        if f.is_file():
+            with safe_open(str(f), framework="pt") as h:
+                if names[p] in h.keys():
+                    got[p] = h.get_tensor(names[p])
+    if len(got) != 3:
+        raise PatchFileError(f"{model_dir} has no safetensors weights {sorted(set(names.values()))} to check patches against")
+    d_in, d_out = got["up_proj"].shape[1], got["down_proj"].shape[0]
+    return served_ffn(module_path, None, got["gate_proj"], got["up_proj"], got["down_proj"], d_in, d_out)  # type: ignore[arg-type]
 
 
 def _samples_match(file_sample: str, served_sample: str) -> bool:

@@ -36,11 +36,23 @@ def register() -> None:
             ModelRegistry.register_model(name, f"{_MODULE}:{name}")
 
 
+def _check_start_files(model: Path, files: list[str]) -> None:
+    """Read each file's metadata and check it against that layer's tensors in ``model``."""
+    from ...bank import PatchBank
+    from .patchfile import checkpoint_ffn, read_patch_file
+
+    for f in files:
+        _, meta = PatchBank.read_file(f)
+        mp = meta.get("module_path", "")
+        read_patch_file(f, {mp: checkpoint_ffn(model, mp)})
+
+
 def llm_kwargs(
     model: str | os.PathLike,
     patches: Sequence[str | os.PathLike] | str | os.PathLike = (),
     layers: Sequence[int | str] | None = None,
     hf_overrides: dict[str, Any] | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Arguments for ``vllm.LLM`` that serve ``model`` (a Hugging Face directory) with patches.
 
@@ -51,6 +63,9 @@ def llm_kwargs(
         layers: layers that can be patched, now or by a later hot update (indices or
             ``model.layers.N.mlp``); default: those of ``patches``, else the last layer.
         hf_overrides: more config overrides to merge.
+        check: check each start file against the checkpoint on disk now, so that a wrong file
+            fails here with its reason instead of inside the engine's worker processes (which
+            check it again once they have loaded the weights).
 
     Returns:
         ``{"model", "hf_overrides", "worker_extension_cls"}``; pass the rest (``dtype``,
@@ -59,6 +74,7 @@ def llm_kwargs(
     Raises:
         FileNotFoundError / ValueError: no ``config.json``, or an architecture without a
             fastpatch twin (the supported ones are listed).
+        PatchFileError: with ``check``, a start file that does not fit the model.
     """
     cfg_path = Path(model) / "config.json"
     if not cfg_path.is_file():
@@ -71,6 +87,8 @@ def llm_kwargs(
             f"{sorted(ARCHITECTURES)}"
         )
     files = [os.fspath(patches)] if isinstance(patches, (str, os.PathLike)) else [os.fspath(p) for p in patches]
+    if check:
+        _check_start_files(Path(model), files)
     over: dict[str, Any] = {"architectures": [twin], "fastpatch_patches": [str(Path(f).resolve()) for f in files]}
     if layers is not None:
         over["fastpatch_layers"] = list(layers)
