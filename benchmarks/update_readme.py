@@ -10,6 +10,7 @@ Reads, when present:
 - ``benchmarks/results/demo/summary.json`` (a copy of a ``make demo`` run's summary),
 - ``benchmarks/results/zsre/summary.json`` (the 1,000-edit zsRE run),
 - ``benchmarks/results/minilm/summary.json`` (the ``--model minilm`` classification stream),
+- ``benchmarks/results/vllm-cpu/throughput.json`` (``vllm_throughput.py``, ``make bench-vllm``),
 and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->``.
 """
 
@@ -253,6 +254,30 @@ def _missed(folder: str, targets: dict[str, float]) -> str:
     return f" (missed: {', '.join(low)}; see Known gaps)" if low else " (all met)"
 
 
+def vllm_section() -> list[str]:
+    """Serving throughput in vLLM with 0 / 1,000 / 10,000 patches against stock vLLM."""
+    path = RES / "vllm-cpu" / "throughput.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    w, up = d["workload"], d["hot_update_s"]
+    out = [f"### Serving in vLLM (CPU): throughput with patches ([{path.name}]({path.relative_to(ROOT)}))", "",
+           f"{d['what']}; {w['mode']}, {w['omp_threads']} OpenMP threads per engine, {w['max_tokens']} new tokens per "
+           f"sequence, median of {w['rounds']} interleaved rounds (stock vLLM and the fastpatch engine in one process; "
+           f"the patch sets swapped by hot updates, median {up['median']:.2f} s each). The last column is the CPU "
+           f"(in cores) that other processes on this shared machine used during the batch runs.", ""]
+    rows = []
+    for c, row in d["summary"].items():
+        b, s = row["batch"], row["single"]
+        name = "stock vLLM (unpatched)" if c == "unpatched" else f"fastpatch, {int(c.split('_')[1]):,} patches"
+        rows.append([name, f"{b['tokens_per_s_median']:.0f}", f"{b['relative_to_unpatched']:.2f}",
+                     f"{s['tokens_per_s_median']:.1f}", f"{s['relative_to_unpatched']:.2f}",
+                     f"{b['others_cpu_cores_median']:.2f}"])
+    out += _table(["engine", f"batch of {w['batch']}: tokens/s", "vs stock", "1 sequence: tokens/s", "vs stock",
+                   "others' CPU (cores)"], rows)
+    return out + [""]
+
+
 def main() -> None:
     body = ["Rendered by `python benchmarks/update_readme.py` from the files under `benchmarks/results/`.", ""]
     body += run_section("demo", "The demo (`make demo`)")
@@ -263,6 +288,7 @@ def main() -> None:
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.70, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.70, "Loc": 0.98}) + ".")
+    body += vllm_section()
     body += cpu_section()
     body += gpu_section()
     readme = ROOT / "README.md"

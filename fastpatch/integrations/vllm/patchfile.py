@@ -44,13 +44,13 @@ class ServedFFN:
     module_path: str
     d_in: int
     d_out: int
-    dtype: torch.dtype | None  #: None: not known yet (a check before the engine starts)
+    dtype: torch.dtype
     fingerprint: str | None
     sample: str | None
 
 
 def served_ffn(
-    module_path: str, dtype: torch.dtype | None, gate: torch.Tensor | None, up: torch.Tensor | None,
+    module_path: str, dtype: torch.dtype, gate: torch.Tensor | None, up: torch.Tensor | None,
     down: torch.Tensor | None, d_in: int, d_out: int,
 ) -> ServedFFN:
     """Identity of a served Llama-family MLP from its checkpoint tensors (HF layout: gate/up
@@ -95,7 +95,10 @@ def checkpoint_ffn(model_dir: str | os.PathLike, module_path: str) -> ServedFFN:
     if len(got) != 3:
         raise PatchFileError(f"{model_dir} has no safetensors weights {sorted(set(names.values()))} to check patches against")
     d_in, d_out = got["up_proj"].shape[1], got["down_proj"].shape[0]
-    return served_ffn(module_path, None, got["gate_proj"], got["up_proj"], got["down_proj"], d_in, d_out)  # type: ignore[arg-type]
+    # The checkpoint's own dtype: a file made in it must match the fingerprint exactly; one made in
+    # another dtype is compared by its weights sample, as PatchedFFN.load does.
+    dtype = got["up_proj"].dtype
+    return served_ffn(module_path, dtype, got["gate_proj"], got["up_proj"], got["down_proj"], d_in, d_out)
 
 
 def _samples_match(file_sample: str, served_sample: str) -> bool:
