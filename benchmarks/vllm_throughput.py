@@ -69,20 +69,21 @@ def make_patch_files(out: Path, real_file: str, counts: tuple[int, ...]) -> dict
     return files
 
 
-def _others_cpu_seconds(own: set[int]) -> float:
-    """CPU seconds used so far by every process outside this benchmark's process tree."""
+def _cpu_seconds(own: set[int]) -> tuple[float, float]:
+    """CPU seconds used so far by (this benchmark's process tree, every other process)."""
     import psutil
 
-    total = 0.0
+    mine = others = 0.0
     for p in psutil.process_iter(["pid"]):
-        if p.info["pid"] in own:
-            continue
         try:
             t = p.cpu_times()
-            total += t.user + t.system
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            continue
+        if p.info["pid"] in own:
+            mine += t.user + t.system
+        else:
+            others += t.user + t.system
+    return mine, others
 
 
 def _own_pids() -> set[int]:
@@ -93,17 +94,19 @@ def _own_pids() -> set[int]:
 
 
 def timed(llm, prompts: list[str], max_tokens: int) -> dict[str, float]:
-    """Generate and time one batch; returns tokens, seconds, and other processes' CPU load."""
+    """Generate and time one batch; returns tokens, seconds, and the CPU (in cores) that this
+    benchmark's processes (both engines) and all other processes used meanwhile."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     own = _own_pids()
-    c0, t0 = _others_cpu_seconds(own), time.perf_counter()
+    (m0, o0), t0 = _cpu_seconds(own), time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t0
-    other = _others_cpu_seconds(own) - c0
+    m1, o1 = _cpu_seconds(own)
     n = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "others_cpu_cores": other / dt}
+    return {"tokens": n, "seconds": dt, "tokens_per_s": n / dt, "own_cpu_cores": (m1 - m0) / dt,
+            "others_cpu_cores": (o1 - o0) / dt}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_s_median": statistics.median(tps), "tokens_per_s_all": tps,
                 "relative_to_unpatched": statistics.median(tps) / base[s],
                 "others_cpu_cores_median": statistics.median(x["others_cpu_cores"] for x in runs[c][s]),
+                "own_cpu_cores_median": statistics.median(x["own_cpu_cores"] for x in runs[c][s]),
             }
     result = {
         "what": "vLLM 0.32 (CPU) serving SmolLM2-135M-Instruct fp32, greedy, ignore_eos",
