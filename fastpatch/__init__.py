@@ -6,9 +6,36 @@ Public API:
 - :class:`PatchBank`: the growable storage of patches (safetensors persistence).
 """
 
-from .bank import PatchBank, PatchFileError, PatchRecord
-from .ffn import FFNLayout, UnknownLayoutError, detect_layout
-from .patched_ffn import PatchedFFN
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _map_checkout_kernels() -> None:
+    """Make a source checkout's top-level ``kernels/`` folder the subpackage ``fastpatch.kernels``.
+
+    The folder has no ``__init__.py`` on purpose. As a namespace portion it can never win the
+    import name ``kernels`` from Hugging Face's regular package of that name (which transformers
+    imports), even where the repository root is on ``sys.path`` (``python`` or ``pytest`` started
+    there). A wheel installs the folder at ``fastpatch/kernels/``; in a checkout, neither Python
+    nor setuptools' editable finder maps a namespace folder to a subpackage, so it is mapped here.
+    """
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "kernels"
+    name = f"{__name__}.kernels"
+    if name in sys.modules or (here / "kernels").is_dir() or not (checkout / "_triton.py").is_file():
+        return
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [str(checkout)]
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+
+
+_map_checkout_kernels()
+
+from .bank import PatchBank, PatchFileError, PatchRecord  # noqa: E402
+from .ffn import FFNLayout, UnknownLayoutError, detect_layout  # noqa: E402
+from .patched_ffn import PatchedFFN  # noqa: E402
 
 __version__ = "0.1.0"
 

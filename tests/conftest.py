@@ -14,7 +14,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastpatch.kernels import HAS_TRITON  # noqa: E402
+from fastpatch.kernels.dispatch import HAS_TRITON  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
