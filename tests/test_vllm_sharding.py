@@ -254,3 +254,50 @@ def test_llm_kwargs_refuses_other_architectures(tmp_path) -> None:
         llm_kwargs(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         llm_kwargs(tmp_path / "nowhere")
+
+
+class _Worker:
+    """A rank as vLLM's worker presents it to the extension: ``model_runner.get_model()``."""
+
+    def __init__(self, state: PatchState) -> None:
+        from types import SimpleNamespace
+
+        model = SimpleNamespace(fastpatch=state)
+        self.model_runner = SimpleNamespace(get_model=lambda: model)
+
+
+class _TwoRanks:
+    """``collective_rpc`` over in-process ranks (the real extension methods and patch states;
+    only vLLM's transport is left out), to fail one rank and not the other."""
+
+    def __init__(self, states: list[PatchState]) -> None:
+        from fastpatch.integrations.vllm.hot_update import FastpatchWorkerExtension
+
+        cls = type("Worker", (_Worker, FastpatchWorkerExtension), {})
+        self.workers = [cls(s) for s in states]
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+        return [getattr(w, method)(*args) for w in self.workers]
+
+
+def test_one_rank_failing_leaves_every_rank_unchanged(tmp_path) -> None:
+    from fastpatch.integrations.vllm import PatchUpdater
+
+    _, ffn = _patched_llama(4)
+    good = tmp_path / "good.safetensors"
+    ffn.save(good)
+    _, other = _patched_llama(1, seed=5)
+    ok = PatchState({ffn.module_path: _served(ffn)}, {ffn.module_path: new_slot()}, 0, 2, "cpu")
+    odd = PatchState({ffn.module_path: _served(other)}, {ffn.module_path: new_slot()}, 1, 2, "cpu")
+    upd = PatchUpdater(_TwoRanks([ok, odd]))
+    with pytest.raises(PatchFileError, match="different FFN weights"):
+        upd.load(good)
+    for st in (ok, odd):
+        assert st.live()[ffn.module_path].total == 0 and not st._staged and not st.history
+    fine = PatchState({ffn.module_path: _served(ffn)}, {ffn.module_path: new_slot()}, 1, 2, "cpu")
+    upd = PatchUpdater(_TwoRanks([ok, fine]))
+    ranks = upd.load(good)
+    assert [r["layers"][ffn.module_path]["local"] for r in ranks] == [2, 2]
+    assert [r["layers"][ffn.module_path]["total"] for r in upd.rollback()] == [0, 0]
+    with pytest.raises(RuntimeError, match="roll back"):
+        upd.rollback()

@@ -104,6 +104,7 @@ class PatchUpdater:
                 raise (PatchFileError if r.get("kind") == "PatchFileError" else RuntimeError)(err)
 
     def _update(self, paths: list[str], clear: bool) -> list[dict[str, Any]]:
+        # absolute paths: the workers resolve them, possibly from another directory
         self._check_idle()
         token = uuid.uuid4().hex
         staged = self._rpc("fastpatch_stage", token, paths, clear)
@@ -124,11 +125,11 @@ class PatchUpdater:
         """
         if not paths:
             raise ValueError("load() needs at least one patch file (clear() serves no patches)")
-        return self._update([os.fspath(p) for p in paths], clear=False)
+        return self._update([os.path.abspath(p) for p in paths], clear=False)
 
     def replace(self, *paths: str | os.PathLike) -> list[dict[str, Any]]:
         """Serve exactly the patches of ``paths``: layers they do not name get no patches."""
-        return self._update([os.fspath(p) for p in paths], clear=True)
+        return self._update([os.path.abspath(p) for p in paths], clear=True)
 
     def clear(self) -> list[dict[str, Any]]:
         """Serve no patches (the base model); ``rollback()`` undoes it."""
