@@ -264,14 +264,20 @@ def vllm_section() -> list[str]:
     out = [f"### Serving in vLLM (CPU): throughput with patches ([{path.name}]({path.relative_to(ROOT)}))", "",
            f"{d['what']}; {w['mode']}, {w['omp_threads']} OpenMP threads per engine, {w['max_tokens']} new tokens per "
            f"sequence, median of {w['rounds']} interleaved rounds (stock vLLM and the fastpatch engine in one process; "
-           f"the patch sets swapped by hot updates, median {up['median']:.2f} s each). The last column is the CPU "
-           f"(in cores) that other processes on this shared machine used during the batch runs.", ""]
+           f"the patch sets swapped by hot updates, median {up['median']:.2f} s each); the range of the rounds in "
+           f"brackets. The last column is the CPU (in cores) that other processes on this shared machine used during "
+           f"the batch runs (load average {d['machine']['load_avg_at_end'][0]:.1f} at the end). Stock vLLM and the "
+           f"fastpatch engine with 0 patches do nearly the same work (the latter adds one copy of one layer's MLP "
+           f"output): their difference is this machine's noise.", ""]
     rows = []
+
+    def rng(v: dict, nd: int) -> str:
+        return f"{v['tokens_per_s_median']:.{nd}f} ({min(v['tokens_per_s_all']):.{nd}f}-{max(v['tokens_per_s_all']):.{nd}f})"
+
     for c, row in d["summary"].items():
         b, s = row["batch"], row["single"]
         name = "stock vLLM (unpatched)" if c == "unpatched" else f"fastpatch, {int(c.split('_')[1]):,} patches"
-        rows.append([name, f"{b['tokens_per_s_median']:.0f}", f"{b['relative_to_unpatched']:.2f}",
-                     f"{s['tokens_per_s_median']:.1f}", f"{s['relative_to_unpatched']:.2f}",
+        rows.append([name, rng(b, 0), f"{b['relative_to_unpatched']:.2f}", rng(s, 1), f"{s['relative_to_unpatched']:.2f}",
                      f"{b['others_cpu_cores_median']:.2f}"])
     out += _table(["engine", f"batch of {w['batch']}: tokens/s", "vs stock", "1 sequence: tokens/s", "vs stock",
                    "others' CPU (cores)"], rows)

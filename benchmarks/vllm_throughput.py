@@ -8,8 +8,8 @@ engine build. Work is identical across configurations (``ignore_eos``, fixed out
 
 Patch sets: the serving demo's real capital edits, padded with synthetic patches to 1,000 and
 10,000. Synthetic keys are random directions with the real keys' median norm and the real
-biases' median bias, so, like real T-Patcher patches, they rarely fire on other inputs (the
-measured firing rate on the workload is recorded); values are random with the real values'
+biases' median bias (like real T-Patcher patches, meant to stay silent on other inputs; how
+often they fire on this workload is not measured); values are random with the real values'
 median norm. The CPU time other processes used during each timed run is recorded beside it (the
 machine is shared).
 
@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's torch.compile)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OpenMP threads of each engine")
+    # One thread by default: on this shared 2-core machine two OpenMP threads per engine ran ~10x
+    # slower (benchmarks/results/vllm-cpu/throughput_2threads.json), spinning against other load.
+    ap.add_argument("--threads", type=int, default=1, help="OpenMP threads of each engine")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(1)
