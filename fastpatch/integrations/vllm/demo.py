@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_after = hf_greedy(ed.model, ed.tokenizer, prompts, args.max_tokens)
     print(f"\n{'prompt':<48} | {'vLLM before':<24} | {'vLLM after (patched)':<24}")
     for p, b, a in zip(prompts, before, after):
-        print(f"{p[:48]!r:<48} | {b[:24]!r:<24} | {a[:24]!r:<24}")
+        print(f"{p[:46]!r:<48} | {b[:22]!r:<24} | {a[:22]!r:<24}")
     same = after == hf_after
     print(f"\nvLLM patched output == Hugging Face PatchedFFN output: {same}")
     result = {"edits": asdict(made), "prompts": prompts, "before": before, "after": after, "hf_after": hf_after,
