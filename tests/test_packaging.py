@@ -9,6 +9,7 @@ a user does, so they fail if the folder ever becomes importable as ``kernels`` a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -83,8 +84,12 @@ def test_pytest_from_the_root_imports_transformers_with_the_real_kernels(tmp_pat
 
 def test_wheel_installs_kernels_only_as_fastpatch_kernels(tmp_path: Path) -> None:
     """The built wheel has one top-level package, and its kernels import from an installed copy."""
+    # Build from a copy: setuptools builds in-tree, and a stale build/ folder would leak old files.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".benchmarks", "results"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "-w", str(tmp_path / "dist"), str(ROOT)], cwd=tmp_path, env=_env(),
+                           "-w", str(tmp_path / "dist"), str(src)], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("fastpatch-*.whl"))

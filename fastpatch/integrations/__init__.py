@@ -1,0 +1,2 @@
+"""Integrations of fastpatch with serving engines (optional extras; importing this package
+needs nothing beyond fastpatch itself)."""
