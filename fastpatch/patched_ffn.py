@@ -24,7 +24,7 @@ from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_
 from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
 from .kernels.dispatch import use_triton
 from .kernels.fused_ffn import fused_ffn_max_tokens
-from .kernels.ops import fused_ffn_op, patch_forward_op
+from .kernels import ops
 from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
 
 __all__ = ["PatchedFFN"]
@@ -263,8 +263,9 @@ class PatchedFFN(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
         """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts.
 
-        The patch kernels are called through the ``fastpatch::`` operators (``kernels/ops.py``),
-        so ``torch.compile(model, fullgraph=True)`` traces this method without a graph break.
+        The patch kernels are called through ``kernels/ops.py``: ``fastpatch::`` operators under
+        ``torch.compile`` (so ``fullgraph=True`` traces this method without a graph break), the
+        launchers themselves in eager mode.
         """
         bank = self.bank
         # Split layouts: take the input captured by the tap for this call and release it, so the
@@ -282,12 +283,12 @@ class PatchedFFN(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             xin.requires_grad or self._trainable is not None or keys.requires_grad
         )
-        backend = self.backend or ""
+        backend = self.backend
         kernel_args = None if (needs_grad or args or kwargs) else self._fused_args(x2)
         if kernel_args is not None:
             # The layout's weights and the bank were validated when they were set; what can change
             # between calls (x's dtype and device, the bank's) is checked in _fused_args.
-            out = fused_ffn_op(x2, *kernel_args, keys, biases, values, self.patch_act)
+            out = ops.fused_ffn(x2, *kernel_args, keys, biases, values, self.patch_act)
             return out.reshape(*x.shape[:-1], bank.d_out)
         base = self.ffn(x, *args, **kwargs)
         base2 = base.reshape(-1, bank.d_out)
@@ -295,16 +296,16 @@ class PatchedFFN(nn.Module):
         if needs_grad:
             out2 = base2
             if compiling or bank.num_patches:
-                out2 = out2 + patch_forward_op(xk, keys, biases, values, None, self.patch_act, backend, "auto").to(base.dtype)
+                out2 = out2 + ops.patch_delta(xk, keys, biases, values, self.patch_act, backend).to(base.dtype)
             if self._trainable is not None:
                 k, b, v = self._trainable
-                out2 = out2 + patch_forward_op(x2.to(k.dtype), k, b, v, None, self.patch_act, "torch", "auto").to(base.dtype)
+                out2 = out2 + ops.patch_delta(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(base.dtype)
             return out2.reshape(base.shape)
         strategy = "gemm" if torch.are_deterministic_algorithms_enabled() else "auto"
-        out2 = patch_forward_op(xk, keys, biases, values, base2.to(bank.dtype), self.patch_act, backend, strategy)
+        out2 = ops.patch_add(xk, keys, biases, values, base2.to(bank.dtype), self.patch_act, backend, strategy)
         if self._trainable is not None:
             k, b, v = self._trainable
-            out2 = out2 + patch_forward_op(x2.to(k.dtype), k, b, v, None, self.patch_act, "torch", "auto").to(out2.dtype)
+            out2 = out2 + ops.patch_delta(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(out2.dtype)
         return out2.to(base.dtype).reshape(base.shape)
 
     # ------------------------------------------------------------ persistence
