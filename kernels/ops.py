@@ -22,9 +22,9 @@ gives, so ``fullgraph=True`` holds and CUDA-graph capture sees one kernel call.
 
 Entry points for ``PatchedFFN``: ``patch_add`` (no autograd), ``patch_delta`` (differentiable,
 no base) and ``fused_ffn``. While ``torch.compile`` traces they call the operators; in eager mode
-they call the same launchers directly, because the Python layer of ``torch.library.custom_op``
-costs ~25 us per call on a CPU (measured on the 2-core VM, against ~75 us for a whole patch
-forward at P = 1,000, M = 1), which a decode step would pay for nothing.
+they call the same launchers directly: the Python layer of ``torch.library.custom_op`` (schema
+checks, dispatch) costs a sizeable fraction of a small CPU patch forward, which an eager decode
+step would pay for nothing.
 
 Patch count and recompiles: a compiled caller passes the bank's full-capacity buffers (rows past
 the live patches are exact zeros: zero keys, biases and values contribute exactly nothing for
