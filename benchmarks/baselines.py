@@ -231,13 +231,17 @@ class _ConcatMLP(nn.Module):
 
 
 @torch.enable_grad()
-def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, int, float]:
+def authors_style_edit(editor, request, max_steps: int = 2000, freeze_base: bool = True) -> tuple[bool, int, float]:
     """One edit the authors' way, on the same editor state: full forward and backward of the whole
     model on every step (with every base parameter frozen, as the authors' editor freezes it:
     gradients flow through the model to the new neurons only), patches concatenated into dense
     weights on every forward, the memory losses in plain PyTorch over the full memory, the authors' init (k = q/||q||^2, b = 0,
     random value times 10), Adam 1e-2, and fastpatch's stopping rule (edit right, patch firing
     on the edit, silent on the memory). Nothing is committed: returns (success, steps, seconds).
+
+    ``freeze_base=False`` reproduces this benchmark's earlier, unfair loop (the base parameters
+    left trainable, so every backward also computed their gradients), only to measure what that
+    cost; no published ratio compares against it.
     """
     import math
     import time
@@ -272,7 +276,8 @@ def authors_style_edit(editor, request, max_steps: int = 2000) -> tuple[bool, in
     with contextlib.ExitStack() as stack:
         setattr(owner, attr, concat)
         stack.callback(setattr, owner, attr, pffn)  # put the PatchedFFN back, whatever happens
-        stack.enter_context(frozen_parameters(editor.model))
+        if freeze_base:
+            stack.enter_context(frozen_parameters(editor.model))
         for step in range(max_steps + 1):
             logits = editor._forward(enc.inputs).logits[0][lp].float()
             l_edit = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)

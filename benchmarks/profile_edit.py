@@ -19,7 +19,7 @@ Requests: the first ``--edits`` capitals SmolLM2 gets wrong (``geography_records
 ``--edits`` zsRE records it gets wrong (``../shared/data/zsre``, read only if present). Memory:
 ``full`` is the editing benchmark's 40,000 FanOutQA and region vectors (cached under
 ``$TMPDIR``), ``tiled`` 40,000 rows tiled from the first 400 texts' vectors, ``small`` 40
-questions (see ``_memory``). Writes ``profile.json`` and ``profile.md``; other
+questions (see ``fill_memory``). Writes ``profile.json`` and ``profile.md``; other
 processes' CPU load is recorded beside the timings (``benchmarks/env.py``).
 """
 
@@ -146,7 +146,7 @@ def instrument(ed: Any, timer: StageTimer) -> Callable[[], None]:
     return lambda: [u() for u in reversed(undo)]
 
 
-def _memory(ed: Any, size: str, n_target: int = 40000) -> str:
+def fill_memory(ed: Any, size: str, n_target: int = 40000) -> str:
     """Fill the editor's memory; return how (the report says it).
 
     ``full``: the editing benchmark's corpus (FanOutQA questions and sub-questions, region
@@ -259,7 +259,7 @@ def main() -> int:
 
     model, tok = load_smollm2()
     ed = Editor(model, tok, EditorConfig())
-    memory_note = _memory(ed, args.memory)
+    memory_note = fill_memory(ed, args.memory)
     reqs = _requests(ed, args.edits)
     timer = StageTimer()
     undo = instrument(ed, timer)
