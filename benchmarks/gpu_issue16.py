@@ -188,7 +188,7 @@ def gpu_editing(g: ModuleType) -> list[dict]:
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                       tie_word_embeddings=True)
-    n_mem, n_edits = (2000, 6) if g.DRY else (40000, 200)
+    n_mem, n_edits = (2000, 3) if g.DRY else (40000, 200)
     if g.DRY:
         cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
     tok = g._id_tokenizer(cfg.vocab_size)
@@ -262,7 +262,7 @@ def compiled(g: ModuleType) -> list[dict]:
         t_e = g.bench(lambda: model(ids))["ms"]
         gen = torch.Generator().manual_seed(3)
         errs = []
-        for i in range(20):  # bank updates between calls: adds, then a removal now and then
+        for i in range(4 if g.DRY else 20):  # bank updates between calls: adds, a removal now and then
             if i % 5 == 4:
                 pffn.remove(pffn.bank.ids[:3])
             else:

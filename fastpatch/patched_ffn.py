@@ -22,9 +22,9 @@ from torch import nn
 
 from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_sample, weights_sample
 from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
+from .kernels import ops
 from .kernels.dispatch import use_triton
 from .kernels.fused_ffn import fused_ffn_max_tokens
-from .kernels import ops
 from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
 
 __all__ = ["PatchedFFN"]
