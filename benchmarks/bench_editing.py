@@ -115,6 +115,7 @@ def test_edit_speed(benchmark, editing, method: str) -> None:
     secs, steps, oks = benchmark.pedantic(run, rounds=1, iterations=1)
     st = _stats(secs, steps, oks)
     st["memory_vectors"] = len(ed.memory)
+    st["memory_build"] = os.environ.get("FASTPATCH_BENCH_MEMORY", "corpus")
     RESULTS[method] = st
     base = RESULTS.get("authors-style loop")
     benchmark.extra_info.update(st)

@@ -173,6 +173,14 @@ def cpu_section() -> list[str]:
                         "backward computes the new neurons' gradients only (an earlier version of this benchmark "
                         "left the 135M base parameters trainable, so each of its steps also computed their gradients: "
                         "issue 16)."]
+            notes = path.parent / "run_notes.json"
+            loads = [b["extra_info"].get("other_cpu_pct") for b in edit if b["extra_info"].get("other_cpu_pct") is not None]
+            if notes.exists() or (loads and max(loads) > 30):
+                n = json.loads(notes.read_text()) if notes.exists() else {}
+                out += ["", "This run shared its 2-core machine with other jobs (other processes' CPU load "
+                        f"{min(loads):.0f}-{max(loads):.0f}%): its seconds are several times an idle machine's; the "
+                        "interleaved ratio below is the figure that holds." + (f" Memory: {n['memory']}." if n.get("memory") else "")
+                        + (f" Command: `{n['command']}`." if n.get("command") else "")]
             for b in paired:
                 e = b["extra_info"]
                 out += ["", f"Speed-up of fastpatch against the authors-style loop, both run on every edit back to back "
@@ -180,6 +188,10 @@ def cpu_section() -> list[str]:
                         f"quartiles {e['paired_speedup_q1']:.1f}-{e['paired_speedup_q3']:.1f}x; medians "
                         f"{e['fastpatch']['median_s_per_edit']:.3f} s vs {e['authors_loop']['median_s_per_edit']:.3f} s "
                         f"per edit, other processes' CPU load {e.get('other_cpu_pct', '?')}%)."]
+                if e.get("unfair_loop_s_per_step"):
+                    out += [f"Per step in the same run: {e['authors_loop_s_per_step']:.2f} s for the fair loop, "
+                            f"{e['unfair_loop_s_per_step']:.2f} s for the earlier loop with the base parameters trainable "
+                            f"({e['unfair_loop_s_per_step'] / e['authors_loop_s_per_step']:.1f}x)."]
             if last and not paired:
                 # A run from before the fair loop (issue 16): its loop computed every base weight's
                 # gradient, so its ratio is not published.
