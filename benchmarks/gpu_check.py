@@ -21,7 +21,15 @@ Fits a 15-minute lease with room to rerun (target: under 5 minutes). Sections:
 5. the patch-training loss kernel at N = 40,000 memory vectors, d = 4096, with % of HBM;
 6. SmolLM2-architecture whole-model prefill/decode with 0 / 1k / 10k patches;
 7. memory: patch storage bytes against P*(2d+1), peak allocation;
-8. editing: milliseconds per edit (SmolLM2 architecture, 40,000-vector memory; goal < 20 ms).
+8. editing: milliseconds per edit (SmolLM2 architecture, 40,000-vector memory; goal < 20 ms);
+9. issue 16 (``gpu_issue16.py``): prefill at M = 512 / 2,048 against the merged concatenation,
+   P = 1k / 10k / 100k at M = 1 / 16, the split kernel's default against every candidate under
+   CUDA-graph timing (1-16 tokens), 200 edits with Triton compilations counted after the first,
+   and ``torch.compile(fullgraph=True, mode="reduce-overhead")`` of a patched model.
+
+Issue 16's sections alone (about 5 minutes on an H200):
+    python benchmarks/gpu_check.py --skip-correctness --no-precompile \
+        --sections prefill,scale,split_tuning,gpu_editing,compiled --out benchmarks/results/<card>/runs/<date>-issue16
 
 ``--sections a,b`` runs a subset of the timed sections (correctness always runs first).
 Writes ``gpu_check.json``, ``ffn_latency.csv`` and prints a Markdown table. Every timed method is
@@ -53,6 +61,7 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import fastpatch  # noqa: E402
+import gpu_issue16 as I16  # noqa: E402
 from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.atomic import atomic_file, write_atomic  # noqa: E402
@@ -854,7 +863,13 @@ def main() -> int:
     timed = [("decode_roofline", decode_roofline, True), ("config_sweep", config_sweep, True),
              ("ffn_latency", ffn_latency, True), ("loss_kernel", loss_kernel, True),
              ("crossover", crossover, False), ("whole_model", whole_model, False), ("memory", memory, False),
-             ("editing", editing, False)]
+             ("editing", editing, False),
+             # issue 16 (gpu_issue16.py): each takes this module as its first argument
+             ("prefill", lambda *a: I16.prefill(sys.modules[__name__], *a), True),
+             ("scale", lambda *a: I16.scale(sys.modules[__name__], *a), True),
+             ("split_tuning", lambda *a: I16.split_tuning(sys.modules[__name__], *a), True),
+             ("gpu_editing", lambda: I16.gpu_editing(sys.modules[__name__]), False),
+             ("compiled", lambda: I16.compiled(sys.modules[__name__]), False)]
     wanted = {n for n, _, _ in timed} if args.sections == "all" else set(args.sections.split(","))
     unknown = wanted - {n for n, _, _ in timed}
     if unknown:
@@ -892,7 +907,12 @@ def main() -> int:
                        ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
                        ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
                        ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),
-                       ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"])]:
+                       ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"]),
+                       ("prefill", ["shape", "M", "P", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "vs_unpatched"]),
+                       ("scale", ["P", "M", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "patch_overhead_ms", "key_scan_floor_ms", "bytes_per_key_element", "pct_hbm"]),
+                       ("split_tuning", ["M", "default_config", "default_ms", "best_config", "best_ms", "default_vs_best", "candidates", "patchedffn_default_ms", "config", "error"]),
+                       ("gpu_editing", ["edits", "memory_vectors", "first_edit_s", "median_ms_per_edit", "p90_ms_per_edit", "max_ms_per_edit", "median_steps", "success_rate", "compilations_first_edit", "compilations_after_first_edit", "tuned_keys_after_first_edit"]),
+                       ("compiled", ["mode", "dtype", "first_call_s", "max_abs_err", "compiled_ms", "eager_ms", "speedup", "frames_compiled", "dynamo_unique_graphs", "graph_breaks"])]:
         rows = RESULTS["sections"].get(name) or []
         if rows:
             report += [f"## {name}", md_table(rows, [c for c in cols if any(c in r for r in rows)]), ""]

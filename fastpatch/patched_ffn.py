@@ -22,9 +22,9 @@ from torch import nn
 
 from .bank import PatchBank, PatchFileError, weights_fingerprint, weights_match_sample, weights_sample
 from .ffn import FFNLayout, UnknownLayoutError, detect_layout, resolve_module
+from .kernels import ops
 from .kernels.dispatch import use_triton
-from .kernels.fused_ffn import fused_ffn_launch, fused_ffn_max_tokens
-from .kernels.patch_forward import PatchForward, patch_forward
+from .kernels.fused_ffn import fused_ffn_max_tokens
 from .kernels.reference import ACT_NAMES, ACT_RELU, activation_reference
 
 __all__ = ["PatchedFFN"]
@@ -250,44 +250,62 @@ class PatchedFFN(nn.Module):
         )
         return args if ok else None
 
+    def _bank_tensors(self, compiling: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bank's keys, biases and values: the live rows in eager mode; the full-capacity
+        buffers while ``torch.compile`` traces (their rows past the live patches are exact zeros,
+        which add exactly nothing), so the graph depends on the capacity only and adding or
+        removing patches between calls does not recompile it."""
+        bank = self.bank
+        if compiling:
+            return bank._keys, bank._biases, bank._values
+        return bank.keys, bank.biases, bank.values
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: D401
-        """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts."""
+        """``FFN(x) + patches(x_ffn)``; ``x_ffn`` is ``x`` except in split layouts.
+
+        The patch kernels are called through ``kernels/ops.py``: ``fastpatch::`` operators under
+        ``torch.compile`` (so ``fullgraph=True`` traces this method without a graph break), the
+        launchers themselves in eager mode.
+        """
         bank = self.bank
         # Split layouts: take the input captured by the tap for this call and release it, so the
         # module does not keep the last batch's activations (and their autograd graph) alive.
         captured, self._captured = self._captured, None
-        if self._disabled or (bank.num_patches == 0 and self._trainable is None):
+        # Under torch.compile the patch count is not read (a guard on it would recompile the
+        # graph at every edit): the operator runs on the full-capacity buffers instead.
+        compiling = torch.compiler.is_compiling()
+        if self._disabled or (not compiling and bank.num_patches == 0 and self._trainable is None):
             return self.ffn(x, *args, **kwargs)
         xin = self._ffn_input(x, captured)
         d = bank.d_in
         x2 = xin.reshape(-1, d)
+        keys, biases, values = self._bank_tensors(compiling)
         needs_grad = torch.is_grad_enabled() and (
-            xin.requires_grad or self._trainable is not None or bank._keys.requires_grad
+            xin.requires_grad or self._trainable is not None or keys.requires_grad
         )
+        backend = self.backend
         kernel_args = None if (needs_grad or args or kwargs) else self._fused_args(x2)
         if kernel_args is not None:
             # The layout's weights and the bank were validated when they were set; what can change
             # between calls (x's dtype and device, the bank's) is checked in _fused_args.
-            out = fused_ffn_launch(x2, *kernel_args, bank.keys, bank.biases, bank.values, self.patch_act)
+            out = ops.fused_ffn(x2, *kernel_args, keys, biases, values, self.patch_act)
             return out.reshape(*x.shape[:-1], bank.d_out)
         base = self.ffn(x, *args, **kwargs)
         base2 = base.reshape(-1, bank.d_out)
         xk = x2.to(bank.dtype)
         if needs_grad:
             out2 = base2
-            if bank.num_patches:
-                out2 = out2 + PatchForward.apply(xk, bank.keys, bank.biases, bank.values, self.patch_act, self.backend).to(base.dtype)
+            if compiling or bank.num_patches:
+                out2 = out2 + ops.patch_delta(xk, keys, biases, values, self.patch_act, backend).to(base.dtype)
             if self._trainable is not None:
                 k, b, v = self._trainable
-                out2 = out2 + PatchForward.apply(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(base.dtype)
+                out2 = out2 + ops.patch_delta(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(base.dtype)
             return out2.reshape(base.shape)
         strategy = "gemm" if torch.are_deterministic_algorithms_enabled() else "auto"
-        out2 = patch_forward(
-            xk, bank.keys, bank.biases, bank.values, base2.to(bank.dtype), self.patch_act, self.backend, strategy
-        )
+        out2 = ops.patch_add(xk, keys, biases, values, base2.to(bank.dtype), self.patch_act, backend, strategy)
         if self._trainable is not None:
             k, b, v = self._trainable
-            out2 = out2 + patch_forward(x2.to(k.dtype), k, b, v, None, self.patch_act, "torch").to(out2.dtype)
+            out2 = out2 + ops.patch_delta(x2.to(k.dtype), k, b, v, self.patch_act, "torch").to(out2.dtype)
         return out2.to(base.dtype).reshape(base.shape)
 
     # ------------------------------------------------------------ persistence

@@ -328,7 +328,7 @@ def test_fused_kernel_dispatch_bound_by_dtype(monkeypatch, dtype: torch.dtype, b
     """The one-launch kernel takes up to 64 tokens in 16-bit dtypes (measured win of the split
     schedule over cuBLAS + patches) and up to 16 in fp32 (its tiles spill; not measured beyond);
     above, the base FFN runs unfused. ``FASTPATCH_FUSED_FFN_MAX_TOKENS`` overrides both."""
-    from fastpatch import patched_ffn as PF
+    from fastpatch.kernels import ops as PF  # PatchedFFN launches the kernel through this operator
 
     class GatedMLP(nn.Module):  # the Llama layout: gate_proj / up_proj / down_proj / act_fn
         def __init__(self) -> None:
