@@ -33,6 +33,13 @@ except Exception:  # ImportError, or a broken install that fails while loading i
             return args[0]
         return lambda fn: fn
 
+    class _Config:
+        """Stands in for ``triton.Config``: keeps the launch parameters the modules' tables read."""
+
+        def __init__(self, kwargs: dict[str, Any], num_warps: int = 4, num_stages: int = 2, **extra: Any) -> None:
+            self.kwargs, self.num_warps, self.num_stages = dict(kwargs), num_warps, num_stages
+            self.__dict__.update(extra)
+
     class _Placeholder(types.SimpleNamespace):
         def __getattr__(self, name: str) -> Any:  # tl.constexpr, tl.float32, ...
             return object
@@ -41,7 +48,7 @@ except Exception:  # ImportError, or a broken install that fails while loading i
         jit=_passthrough,
         autotune=_passthrough,
         heuristics=_passthrough,
-        Config=lambda *a, **k: None,
+        Config=_Config,
         cdiv=lambda a, b: -(-a // b),
         next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()),
     )

@@ -109,3 +109,33 @@ def test_wheel_installs_kernels_only_as_fastpatch_kernels(tmp_path: Path) -> Non
     dispatch_file, hf_file = out.stdout.split()
     assert Path(dispatch_file).resolve() == (site / "fastpatch" / "kernels" / "dispatch.py").resolve()
     assert _is_hf_kernels(hf_file) and not Path(hf_file).resolve().is_relative_to(site.resolve())
+
+
+def test_library_imports_and_runs_without_triton() -> None:
+    """Every kernel module imports where Triton is missing, and PatchedFFN runs its PyTorch path."""
+    code = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "def no_triton(name, *a, **k):\n"
+        "    if name == 'triton' or name.startswith('triton.'):\n"
+        "        raise ImportError('Triton is not installed')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = no_triton\n"
+        "import torch\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "from fastpatch import PatchedFFN\n"
+        "from fastpatch.kernels import _triton, dispatch, fused_ffn, ops, patch_forward, patch_loss, reference\n"
+        "assert not _triton.HAS_TRITON\n"
+        "torch.manual_seed(0)\n"
+        "model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).eval()\n"
+        "ids = torch.tensor([[1, 2, 3]])\n"
+        "before = model(ids).logits\n"
+        "ffn = PatchedFFN.wrap(model, 'transformer.h.-1.mlp')\n"
+        "ffn.add_patches(torch.randn(2, 32), torch.full((2,), 5.0), torch.randn(2, 32))\n"
+        "print(bool((model(ids).logits - before).abs().max() > 0))\n"
+    )
+    env = _env()
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True"]
