@@ -1,0 +1,207 @@
+"""Run-level metrics with hand-computed answers (issue 18, point 1).
+
+The "model" here is a lookup table: every prompt has one answer, and each edit is scripted to
+succeed or fail and to change a known set of answers (its own prompt, some paraphrases, a
+locality prompt it should not touch, a retain pair, an earlier edit's prompt). ``run_stream`` then
+drives this editor exactly as it drives :class:`fastpatch.editor.Editor` (``edit``, ``check``,
+``predict_tokens``, ``target_ids``), and every metric SR, GR, ER, TrainR, TestR, Rel, Gen, Loc has
+a value computed by hand below from the script, never with the code under test.
+
+What the script exercises (and which wiring bug each value catches):
+
+* r1 is right before editing: under ``tpatcher`` it is a skip, so ER (edited requests only) and
+  Rel (every request) differ; ER over all requests would be 4/6, not 3/5.
+* r2's edit fails (nothing changes): SR < 1, GR gets a 0.
+* r3's edit changes one of the two tokens of a locality prompt: Loc < 1. Loc against the current
+  model instead of the pre-edit baseline would be 1.0.
+* r0's locality prompt is *wrong* before editing and stays so: Loc counts agreement with the
+  pre-edit prediction, not correctness.
+* r5's edit breaks r4's prompt (ER, Rel drop), breaks a TrainR pair (0.5) and fixes a TestR pair the
+  unedited model got wrong (TestR 1.5 > 1, normalised by the pre-edit accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction as F
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fastpatch
+from fastpatch.data.formats import EditRecord
+from fastpatch.editor import EditRequest, EditResult
+
+#: The unedited model: prompt -> answer (words; each word is one token).
+WORLD0: dict[str, str] = {
+    "p0": "W", "p0a": "W", "p0b": "W",
+    "p1": "A1", "p1a": "A1",
+    "p2": "W", "p2a": "W",
+    "p3": "W V", "p3a": "W V",
+    "p4": "W",
+    "p5": "W", "p5a": "W", "p5b": "W", "p5c": "W",
+    "l0": "zz",  # its locality answer is "z0": wrong before and after, unchanged
+    "l3": "x y", "l3b": "m", "l4": "n",
+    "t1": "T1", "t2": "T2", "t3": "no",  # TrainR candidates: t1, t2 right before editing
+    "u1": "U1", "u2": "no", "u3": "U3",  # TestR set: 2 of 3 right before editing
+}
+
+#: prompt -> (edit succeeds, answers it changes when it does)
+SCRIPT: dict[str, tuple[bool, dict[str, str]]] = {
+    "p0": (True, {"p0": "A0", "p0a": "A0"}),
+    "p1": (True, {}),  # already right
+    "p2": (False, {"p2": "A2", "p2a": "A2"}),  # fails: none of it happens
+    "p3": (True, {"p3": "A3 B3", "p3a": "A3 B3", "l3": "x q"}),
+    "p4": (True, {"p4": "A4"}),
+    "p5": (True, {"p5": "A5", "p5a": "A5", "p4": "W", "t1": "broken", "u2": "U2"}),
+}
+
+RECORDS = [
+    EditRecord("r0", "p0", "A0", None, ["p0a", "p0b"], [("l0", "z0")], source_row=0),
+    EditRecord("r1", "p1", "A1", None, ["p1a"], [], source_row=1),
+    EditRecord("r2", "p2", "A2", None, ["p2a"], [], source_row=2),
+    EditRecord("r3", "p3", "A3 B3", None, ["p3a"], [("l3", "x y"), ("l3b", "m")], source_row=3),
+    EditRecord("r4", "p4", "A4", None, [], [("l4", "n")], source_row=4),
+    EditRecord("r5", "p5", "A5", None, ["p5a", "p5b", "p5c"], [("l0", "z0")], source_row=5),
+]
+RETAIN_A = [("t1", "T1"), ("t2", "T2"), ("t3", "T3")]
+RETAIN_B = [("u1", "U1"), ("u2", "U2"), ("u3", "U3")]
+
+
+class TableEditor:
+    """The editor interface ``run_stream`` uses, over a prompt -> answer table."""
+
+    model = None
+    task = None  # generative
+
+    def __init__(self) -> None:
+        self.world = dict(WORLD0)
+        self.vocab: dict[str, int] = {"<pad>": 0}
+        self.edits: dict[str, Any] = {}
+        self.num_patches = 0
+        self.calls: list[str] = []
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+
+    def target_ids(self, prompts, targets):
+        return [self._ids(t) for t in targets]
+
+    def predict_tokens(self, prompts, targets, batch_size: int = 32):
+        out = []
+        for p, t in zip(prompts, targets):
+            n = len(self._ids(t))  # teacher forcing: one prediction per target position
+            pred = self._ids(self.world[p])[:n]
+            out.append(pred + [0] * (n - len(pred)))
+        return out
+
+    def check(self, prompts, targets, batch_size: int = 32):
+        return [a == b for a, b in zip(self.predict_tokens(prompts, targets), self.target_ids(prompts, targets))]
+
+    def edit(self, req: EditRequest) -> EditResult:
+        self.calls.append(req.prompt)
+        if self.check([req.prompt], [req.target])[0]:
+            return EditResult(req.edit_id, True, 0, 0.0, [], {}, 0, already_correct=True)
+        ok, changes = SCRIPT[req.prompt]
+        pids: list[int] = []
+        if ok:
+            self.world.update(changes)
+            pids = [self.num_patches]
+            self.num_patches += 1
+            self.edits[req.edit_id] = {"patch_ids": pids}
+        return EditResult(req.edit_id, ok, 3, 0.0, pids, {"loss": 0.0}, 1)
+
+    def save(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "world.json").write_text(json.dumps(self.world))
+
+    def activations(self, texts, batch_size: int = 16):
+        import torch
+
+        return torch.zeros(len(texts), self.num_patches)
+
+
+def _run(tmp_path: Path, protocol: str, eval_every: int) -> tuple[dict, list[dict], list[dict], TableEditor]:
+    ed = TableEditor()
+    out = tmp_path / protocol
+    summary = fastpatch.run_stream(ed, RECORDS, out, protocol=protocol, eval_every=eval_every, progress=False,
+                                   plots=False, retain_sets=(RETAIN_A, RETAIN_B), batch_size=4)
+    lines = [json.loads(x) for x in (out / "edits.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    return summary, lines, evals, ed
+
+
+def _exact(got: dict, want: dict) -> None:
+    for name, value in want.items():
+        assert got[name] == pytest.approx(float(value), abs=1e-12), (name, got[name], value)
+
+
+# Hand-computed, request by request (see the module docstring):
+#   per-request paraphrase accuracy right after the edit: r0 1/2, r1 1, r2 0, r3 1, r5 1/3
+#   final prompt checks: p0 ok, p1 ok, p2 wrong (failed), p3 ok, p4 wrong (broken by r5), p5 ok
+#   Loc per request with locality pairs: r0 1, r3 (1/2 + 1)/2, r4 1, r5 1
+LOC = (1 + F(3, 4) + 1 + 1) / 4
+GEN = (F(1, 2) + 1 + 0 + 1 + F(1, 3)) / 5  # every request with paraphrases, final model
+TRAIN_R = F(1, 2)  # S = {t1, t2}; t1 broken
+TEST_R = F(3, 3) / F(2, 3)
+
+
+def test_tpatcher_protocol_metrics_have_known_values(tmp_path: Path) -> None:
+    summary, lines, evals, ed = _run(tmp_path, "tpatcher", eval_every=2)
+    assert [ln["action"] for ln in lines] == ["edit", "skip", "edit", "edit", "edit", "edit"]
+    assert [ln.get("success") for ln in lines] == [True, None, False, True, True, True]
+    assert summary["edits"] == 5 and summary["skipped_correct"] == 1 and summary["successes"] == 4
+    _exact(summary["metrics"], {
+        "SR": F(4, 5),
+        "GR": (F(1, 2) + 0 + 1 + F(1, 3)) / 4,  # r0, r2, r3, r5 (r4 has none; r1 not edited)
+        "ER": F(3, 5),  # edited: r0 ok, r2 wrong, r3 ok, r4 wrong, r5 ok
+        "Rel": F(4, 6),  # all six requests: p1 (skipped, right) counts here
+        "Gen": GEN,
+        "Loc": LOC,
+        "TrainR": TRAIN_R,
+        "TestR": TEST_R,
+    })
+    # evaluation points: before editing, after 2 edits (3 requests), 4 edits (5 requests), the end
+    assert [(e["edits"], e["position"]) for e in evals] == [(0, 0), (2, 3), (4, 5), (5, 6)]
+    _exact(evals[0], {"TrainR": 1, "TestR": 1})
+    _exact(evals[1], {"ER": F(1, 2), "Rel": F(2, 3), "Loc": 1, "TrainR": 1, "TestR": 1})
+    assert "Gen" not in evals[1]  # T-Patcher protocol: Gen only at the end
+    _exact(evals[2], {"ER": F(3, 4), "Rel": F(4, 5), "Loc": (1 + F(3, 4) + 1) / 3, "TrainR": 1, "TestR": 1})
+    # the running metrics of each edit line
+    _exact(lines[0]["metrics"], {"SR": 1, "GR": F(1, 2)})
+    _exact(lines[2]["metrics"], {"SR": F(1, 2), "GR": F(1, 4)})
+    assert lines[0]["gr"] == 0.5 and lines[2]["gr"] == 0.0 and lines[4]["gr"] is None
+
+
+def test_easyedit_protocol_metrics_have_known_values(tmp_path: Path) -> None:
+    summary, lines, evals, ed = _run(tmp_path, "easyedit", eval_every=3)
+    assert [ln["action"] for ln in lines] == ["edit"] * 6
+    assert lines[1]["already_correct"] is True and lines[1]["patch_ids"] == []
+    assert summary["edits"] == 6 and summary["skipped_correct"] == 0 and summary["successes"] == 5
+    _exact(summary["metrics"], {
+        "SR": F(5, 6),
+        "GR": (F(1, 2) + 1 + 0 + 1 + F(1, 3)) / 5,  # r1 is an edit now
+        "ER": F(4, 6),
+        "Rel": F(4, 6),
+        "Gen": GEN,
+        "Loc": LOC,
+        "TrainR": TRAIN_R,
+        "TestR": TEST_R,
+    })
+    assert [(e["edits"], e["position"]) for e in evals] == [(0, 0), (3, 3), (6, 6)]
+    # EasyEdit protocol: Gen at every point; after r0..r2: r0 1/2, r1 1, r2 0
+    _exact(evals[1], {"ER": F(2, 3), "Rel": F(2, 3), "Gen": F(1, 2), "Loc": 1, "TrainR": 1, "TestR": 1})
+
+
+def test_loc_compares_with_the_pre_edit_model_not_the_answers(tmp_path: Path) -> None:
+    """Loc is agreement with the unedited model's tokens: a locality prompt the unedited model got
+    wrong and still gets wrong scores 1; the changed token of l3 scores 1/2."""
+    summary, _, _, ed = _run(tmp_path, "easyedit", eval_every=0)
+    base = json.loads((tmp_path / "easyedit" / "baseline.json").read_text())
+    # baseline tokens are the unedited table's, for every request (empty lists where none)
+    assert base["loc_tokens"][0] == [ed._ids("zz")]
+    assert base["loc_tokens"][3] == [ed._ids("x y"), ed._ids("m")]
+    assert base["train"] == [["t1", "T1"], ["t2", "T2"]]
+    assert [c for *_, c in base["test"]] == [True, False, True]
+    assert summary["metrics"]["Loc"] == pytest.approx(float(LOC))
