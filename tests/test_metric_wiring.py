@@ -205,3 +205,44 @@ def test_loc_compares_with_the_pre_edit_model_not_the_answers(tmp_path: Path) ->
     assert base["train"] == [["t1", "T1"], ["t2", "T2"]]
     assert [c for *_, c in base["test"]] == [True, False, True]
     assert summary["metrics"]["Loc"] == pytest.approx(float(LOC))
+
+
+def test_summary_counts_of_both_protocols(tmp_path: Path) -> None:
+    tp, *_ = _run(tmp_path / "a", "tpatcher", eval_every=0)
+    ee, *_ = _run(tmp_path / "b", "easyedit", eval_every=0)
+    # the editor reports r2 as failed; every scripted edit trains one neuron, r1 none
+    assert tp["editor_success_rate"] == pytest.approx(4 / 5) and tp["neurons_per_edit"] == pytest.approx(1.0)
+    assert ee["editor_success_rate"] == pytest.approx(5 / 6) and ee["neurons_per_edit"] == pytest.approx(5 / 6)
+    assert tp["patches"] == ee["patches"] == 4
+    assert (tp["requests"], tp["requests_total"], ee["requests"]) == (6, 6, 6)
+    assert tp["retain_sets"] == {"train": 2, "train_candidates": 3, "test": 3, "test_pre_accuracy": pytest.approx(2 / 3)}
+
+
+def test_metric_state_counters() -> None:
+    """Every counter of MetricState, by hand (what summary.json and the checkpoints carry)."""
+    from fastpatch.metrics import MetricState
+
+    st = MetricState()
+    st.record_skip()
+    st.record_skip()
+    st.record_edit(2, True, [True, False], 0.5, n_neurons=2, editor_success=False)
+    st.record_edit(3, False, [], 0.25, n_neurons=3)  # editor_success defaults to the check
+    st.record_edit(4, True, [True], 1.0, already_correct=True)
+    st.record_edit(5, True, [False, False, True, True], 2.0)  # n_neurons 0, already_correct False
+    got = (st.position, st.n_edits, st.n_skipped, st.n_success, st.n_editor_success, st.n_already_correct,
+           st.n_neurons, st.gr_count)
+    assert got == (6, 4, 2, 3, 2, 1, 5, 3)
+    assert st.edited == [2, 3, 4, 5] and st.edit_seconds == [0.5, 0.25, 1.0, 2.0]
+    assert st.sr == pytest.approx(3 / 4) and st.gr == pytest.approx((0.5 + 1 + 0.5) / 3)
+    back = MetricState.from_dict(json.loads(json.dumps(st.to_dict())))
+    assert back == st and back.current() == st.current()
+
+
+def test_metric_errors_name_the_problem() -> None:
+    from fastpatch import metrics as M
+
+    for fn in (M.train_retain_rate, M.test_retain_rate):
+        with pytest.raises(ValueError, match=r"pre and post differ in length \(1 != 2\)"):
+            fn([True], [True, False])
+    with pytest.raises(ValueError, match=r"q must be in \[0, 100\], got 101"):
+        M.percentile([1.0], 101)
