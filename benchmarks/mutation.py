@@ -130,8 +130,9 @@ def summary_md(results: list[dict]) -> str:
     lines = ["# Mutation score (mutmut 3, `make mutation`)", "",
              "| group | files | mutants | killed | score | survivors |", "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['group']} | {', '.join(r['files'])} | {r['mutants']} | {r['killed']} | "
-                     f"{'-' if r['score'] is None else f'{100 * r['score']:.1f}%'} | {len(r['survivors'])} |")
+        score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        lines.append(f"| {r['group']} | {', '.join(r['files'])} | {r['mutants']} | {r['killed']} | {score} | "
+                     f"{len(r['survivors'])} |")
     lines.append("")
     for r in results:
         if not r["survivors"]:

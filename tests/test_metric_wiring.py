@@ -22,6 +22,7 @@ What the script exercises (and which wiring bug each value catches):
 
 from __future__ import annotations
 
+import hashlib
 import json
 from fractions import Fraction as F
 from pathlib import Path
@@ -31,7 +32,7 @@ import pytest
 
 import fastpatch
 from fastpatch.data.formats import EditRecord
-from fastpatch.editor import EditRequest, EditResult
+from fastpatch.editor import EditError, EditRequest, EditResult
 
 #: The unedited model: prompt -> answer (words; each word is one token).
 WORLD0: dict[str, str] = {
@@ -81,14 +82,23 @@ class TableEditor:
         self.edits: dict[str, Any] = {}
         self.num_patches = 0
         self.calls: list[str] = []
+        self.requests: list[tuple] = []  # what the runner asked to edit
+        self.batch_sizes: set[int] = set()
 
     def _ids(self, text: str) -> list[int]:
         return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
 
     def target_ids(self, prompts, targets):
+        for p in prompts:
+            if p.startswith("LONG"):
+                raise EditError(f"{p!r} is longer than the model's context")
         return [self._ids(t) for t in targets]
 
     def predict_tokens(self, prompts, targets, batch_size: int = 32):
+        self.batch_sizes.add(batch_size)
+        return self._predict(prompts, targets)
+
+    def _predict(self, prompts, targets):
         out = []
         for p, t in zip(prompts, targets):
             n = len(self._ids(t))  # teacher forcing: one prediction per target position
@@ -97,11 +107,13 @@ class TableEditor:
         return out
 
     def check(self, prompts, targets, batch_size: int = 32):
-        return [a == b for a, b in zip(self.predict_tokens(prompts, targets), self.target_ids(prompts, targets))]
+        return [a == b for a, b in zip(self.predict_tokens(prompts, targets, batch_size),
+                                       self.target_ids(prompts, targets))]
 
     def edit(self, req: EditRequest) -> EditResult:
         self.calls.append(req.prompt)
-        if self.check([req.prompt], [req.target])[0]:
+        self.requests.append((req.prompt, req.target, req.label, req.edit_id, list(req.rephrases)))
+        if self._predict([req.prompt], [req.target]) == [self._ids(req.target)]:
             return EditResult(req.edit_id, True, 0, 0.0, [], {}, 0, already_correct=True)
         ok, changes = SCRIPT[req.prompt]
         pids: list[int] = []
@@ -122,11 +134,23 @@ class TableEditor:
         return torch.zeros(len(texts), self.num_patches)
 
 
-def _run(tmp_path: Path, protocol: str, eval_every: int) -> tuple[dict, list[dict], list[dict], TableEditor]:
-    ed = TableEditor()
+class TwoPassEditor(TableEditor):
+    """An editor without ``target_ids``: the runner checks and predicts in two passes."""
+
+    target_ids = None  # type: ignore[assignment]
+
+    def check(self, prompts, targets, batch_size: int = 32):
+        return [a == TableEditor.target_ids(self, [p], [t])[0]
+                for a, p, t in zip(self.predict_tokens(prompts, targets, batch_size), prompts, targets)]
+
+
+def _run(tmp_path: Path, protocol: str, eval_every: int, editor: type = TableEditor,
+         **kw: Any) -> tuple[dict, list[dict], list[dict], TableEditor]:
+    ed = editor()
     out = tmp_path / protocol
+    kw.setdefault("retain_sets", (RETAIN_A, RETAIN_B))
     summary = fastpatch.run_stream(ed, RECORDS, out, protocol=protocol, eval_every=eval_every, progress=False,
-                                   plots=False, retain_sets=(RETAIN_A, RETAIN_B), batch_size=4)
+                                   plots=False, batch_size=4, **kw)
     lines = [json.loads(x) for x in (out / "edits.jsonl").read_text().splitlines()]
     evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
     return summary, lines, evals, ed
@@ -147,8 +171,9 @@ TRAIN_R = F(1, 2)  # S = {t1, t2}; t1 broken
 TEST_R = F(3, 3) / F(2, 3)
 
 
-def test_tpatcher_protocol_metrics_have_known_values(tmp_path: Path) -> None:
-    summary, lines, evals, ed = _run(tmp_path, "tpatcher", eval_every=2)
+@pytest.mark.parametrize("editor", [TableEditor, TwoPassEditor])
+def test_tpatcher_protocol_metrics_have_known_values(tmp_path: Path, editor: type) -> None:
+    summary, lines, evals, ed = _run(tmp_path, "tpatcher", eval_every=2, editor=editor)
     assert [ln["action"] for ln in lines] == ["edit", "skip", "edit", "edit", "edit", "edit"]
     assert [ln.get("success") for ln in lines] == [True, None, False, True, True, True]
     assert summary["edits"] == 5 and summary["skipped_correct"] == 1 and summary["successes"] == 4
@@ -172,6 +197,28 @@ def test_tpatcher_protocol_metrics_have_known_values(tmp_path: Path) -> None:
     _exact(lines[0]["metrics"], {"SR": 1, "GR": F(1, 2)})
     _exact(lines[2]["metrics"], {"SR": F(1, 2), "GR": F(1, 4)})
     assert lines[0]["gr"] == 0.5 and lines[2]["gr"] == 0.0 and lines[4]["gr"] is None
+    # what reached the editor: every request as given (r1 too: the editor decides it is right)
+    assert ed.requests == [(r.prompt, r.target, None, r.id, list(r.rephrases)) for r in RECORDS]
+    assert ed.batch_sizes == {4}
+    # the lines themselves
+    skip = lines[1]
+    assert 0 <= skip.pop("seconds") < 60
+    assert skip == {"i": 1, "id": "r1", "action": "skip", "reason": "already_correct", "edits": 1,
+                    "metrics": lines[0]["metrics"]}
+    edit = dict(lines[0])
+    assert 0 <= edit.pop("seconds") < 60 and 0 <= edit.pop("editor_seconds") < 60
+    del edit["metrics"]
+    assert edit == {"i": 0, "id": "r0", "action": "edit", "success": True, "gr": 0.5, "editor_success": True,
+                    "steps": 3, "patch_ids": [0], "n_neurons": 1, "already_correct": False, "kept_failed": False,
+                    "losses": {"loss": 0.0}, "edits": 1, "patches": 1}
+    assert lines[2]["editor_success"] is False and lines[2]["patch_ids"] == [] and lines[5]["patches"] == 4
+    # evaluation lines carry SR, GR and the patch count of their moment, and how many prompts were read:
+    # (prompts + paraphrases when Gen is measured + TrainR + TestR pairs) + distinct locality pairs
+    assert [(e.get("SR"), e.get("GR"), e["patches"]) for e in evals[1:]] == [
+        (0.5, 0.25, 1), (0.75, pytest.approx(0.5), 3), (0.8, pytest.approx(11 / 24), 4)]
+    assert [e["n_eval_prompts"] for e in evals[1:]] == [3 + 2 + 3 + 1, 5 + 2 + 3 + 4, 6 + 8 + 2 + 3 + 4]
+    assert all(0 <= e["eval_seconds"] < 60 for e in evals[1:])
+    assert summary["time"]["eval_seconds_total"] == pytest.approx(sum(e["eval_seconds"] for e in evals[1:]), abs=0.01)
 
 
 def test_easyedit_protocol_metrics_have_known_values(tmp_path: Path) -> None:
@@ -203,6 +250,8 @@ def test_loc_compares_with_the_pre_edit_model_not_the_answers(tmp_path: Path) ->
     assert base["loc_tokens"][0] == [ed._ids("zz")]
     assert base["loc_tokens"][3] == [ed._ids("x y"), ed._ids("m")]
     assert base["train"] == [["t1", "T1"], ["t2", "T2"]]
+    assert (base["n_records"], base["train_candidates"]) == (6, 3)
+    assert base["train_accuracy"] == pytest.approx(2 / 3) and base["test_accuracy"] == pytest.approx(2 / 3)
     assert [c for *_, c in base["test"]] == [True, False, True]
     assert summary["metrics"]["Loc"] == pytest.approx(float(LOC))
 
@@ -246,3 +295,54 @@ def test_metric_errors_name_the_problem() -> None:
             fn([True], [True, False])
     with pytest.raises(ValueError, match=r"q must be in \[0, 100\], got 101"):
         M.percentile([1.0], 101)
+
+
+def _half(prompt: str) -> str:
+    """The documented rule of ``retain_split``: parity of the first byte of sha256(prompt)."""
+    return "A" if hashlib.sha256(prompt.encode("utf-8")).digest()[0] % 2 == 0 else "B"
+
+
+def test_retain_pairs_are_split_by_the_documented_hash() -> None:
+    from fastpatch import runner  # noqa: PLC0415 - the one runner helper used here (moves with the refactor)
+
+    prompts = [f"q{i}" for i in range(12)]
+    pairs = [(p, "a") for p in prompts[:6]] + [("q2", "dup")] + [(p, "a") for p in prompts[6:]]
+    a, b = runner.retain_split(pairs)
+    assert [p for p, _ in a] == [p for p in prompts if _half(p) == "A"]
+    assert [p for p, _ in b] == [p for p in prompts if _half(p) == "B"]
+    assert ("q2", "dup") not in a + b and ("q2", "a") in a + b  # first answer kept
+    a1, b1 = runner.retain_split(pairs, size=1)
+    assert (a1, b1) == (a[:1], b[:1])
+
+
+def test_retain_pairs_path_of_the_runner(tmp_path: Path) -> None:
+    pairs = RETAIN_A + RETAIN_B
+    summary, _, _, _ = _run(tmp_path, "easyedit", eval_every=0, retain_sets=None, retain_pairs=pairs, retain_size=2)
+    base = json.loads((tmp_path / "easyedit" / "baseline.json").read_text())
+    want_a = [p for p in pairs if _half(p[0]) == "A"][:2]
+    want_b = [p for p in pairs if _half(p[0]) == "B"][:2]
+    right = {"t1", "t2", "u1", "u3"}  # what the unedited table answers right
+    assert base["train_candidates"] == len(want_a)
+    assert base["train"] == [[p, t] for p, t in want_a if p in right]
+    assert base["test"] == [[p, t, p in right] for p, t in want_b]
+
+
+def test_a_retain_pair_the_editor_cannot_score_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"retain pair 'LONG one'.*longer than the model's context"):
+        _run(tmp_path, "easyedit", eval_every=0, retain_sets=([("LONG one", "x")], RETAIN_B))
+
+
+class RaisingEditor(TableEditor):
+    def edit(self, req: EditRequest) -> EditResult:
+        if req.prompt == "p2":
+            raise EditError("cannot edit p2")
+        return super().edit(req)
+
+
+def test_an_edit_error_is_a_failed_edit(tmp_path: Path) -> None:
+    summary, lines, _, _ = _run(tmp_path, "tpatcher", eval_every=0, editor=RaisingEditor)
+    line = lines[2]
+    assert line["action"] == "edit" and line["success"] is False and line["error"] == "cannot edit p2"
+    assert (line["editor_success"], line["steps"], line["patch_ids"], line["n_neurons"]) == (False, 0, [], 0)
+    # the same numbers as a failed edit
+    _exact(summary["metrics"], {"SR": F(4, 5), "ER": F(3, 5), "Rel": F(4, 6), "Loc": LOC})
