@@ -346,3 +346,49 @@ def test_an_edit_error_is_a_failed_edit(tmp_path: Path) -> None:
     assert (line["editor_success"], line["steps"], line["patch_ids"], line["n_neurons"]) == (False, 0, [], 0)
     # the same numbers as a failed edit
     _exact(summary["metrics"], {"SR": F(4, 5), "ER": F(3, 5), "Rel": F(4, 6), "Loc": LOC})
+
+
+class ClassifierTable(TableEditor):
+    """A classifier over a prompt -> class table: targets name classes ("true" -> 1)."""
+
+    task = "cls"
+
+    def __init__(self) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.model = SimpleNamespace(config=SimpleNamespace(num_labels=2, label2id={"false": 0, "true": 1}))
+        self.world = {"x0": 0, "x0a": 0, "x1": 0, "x2": 0, "y0": 0}
+
+    def target_ids(self, prompts, targets):
+        return [[int(t)] for t in targets]
+
+    def _predict(self, prompts, targets):
+        return [[self.world[p]] for p in prompts]
+
+    def edit(self, req: EditRequest) -> EditResult:
+        self.requests.append((req.prompt, req.target, req.label, req.edit_id, list(req.rephrases)))
+        if self.world[req.prompt] == req.label:
+            return EditResult(req.edit_id, True, 0, 0.0, [], {}, 0, already_correct=True)
+        if req.prompt == "x2":  # fails
+            return EditResult(req.edit_id, False, 3, 0.0, [], {}, 1)
+        self.world.update({req.prompt: req.label, req.prompt + "a": req.label})
+        self.num_patches += 1
+        return EditResult(req.edit_id, True, 3, 0.0, [self.num_patches - 1], {}, 1)
+
+
+def test_classifier_requests_are_edited_by_label(tmp_path: Path) -> None:
+    records = [
+        EditRecord("c0", "x0", "true", None, ["x0a"], [("y0", "false")], source_row=0),
+        EditRecord("c1", "x1", "false", None, [], [], source_row=1),
+        EditRecord("c2", "x2", "true", None, [], [], source_row=2),
+    ]
+    ed = ClassifierTable()
+    summary = fastpatch.run_stream(ed, records, tmp_path / "cls", protocol="tpatcher", eval_every=0, progress=False,
+                                   plots=False, retain_sets=([("y0", "false")], [("x1", "false")]))
+    lines = [json.loads(x) for x in (tmp_path / "cls" / "edits.jsonl").read_text().splitlines()]
+    assert ed.requests == [("x0", None, 1, "c0", ["x0a"]), ("x1", None, 0, "c1", []), ("x2", None, 1, "c2", [])]
+    assert [ln["action"] for ln in lines] == ["edit", "skip", "edit"]
+    assert [ln.get("label") for ln in lines] == [1, None, 1]
+    _exact(summary["metrics"], {"SR": F(1, 2), "GR": 1, "ER": F(1, 2), "Rel": F(2, 3), "Gen": 1, "Loc": 1,
+                                "TrainR": 1, "TestR": 1})
