@@ -108,14 +108,9 @@ def run_group(name: str, spec: dict, children: int) -> dict:
         import fnmatch
 
         status = {k: v for k, v in status.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
-    survivors = []
-    for mutant, st in sorted(status.items()):
-        if st in KILLED:
-            continue
-        show = subprocess.run([str(MUTMUT), "show", mutant], cwd=work, env=env, capture_output=True, text=True)
-        diff = [ln for ln in show.stdout.splitlines()
-                if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
-        survivors.append({"mutant": mutant, "status": st, "diff": diff})
+    alive = [m for m, st in sorted(status.items()) if st not in KILLED]
+    diffs = _diffs(work, env, alive)
+    survivors = [{"mutant": m, "status": status[m], "diff": diffs.get(m, [])} for m in alive]
     counts: dict[str, int] = {}
     for st in status.values():
         counts[st] = counts.get(st, 0) + 1
@@ -124,6 +119,30 @@ def run_group(name: str, spec: dict, children: int) -> dict:
     return {"group": name, "files": spec["files"], "tests": spec["tests"], "mutants": total, "killed": killed,
             "score": round(killed / total, 4) if total else None, "counts": counts, "seconds": round(seconds, 1),
             "survivors": survivors}
+
+
+_DIFFS = """
+import json, sys
+from mutmut.__main__ import find_mutant, get_diff_for_mutant
+out = {}
+for name in json.load(sys.stdin):
+    text = get_diff_for_mutant(name, path=find_mutant(name).path)
+    out[name] = [ln for ln in text.splitlines() if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+print(json.dumps(out))
+"""
+
+
+def _diffs(work: Path, env: dict, names: list[str]) -> dict[str, list[str]]:
+    """Each mutant's diff, read in one process (``mutmut show`` per mutant reloads everything)."""
+    if not names:
+        return {}
+    res = subprocess.run([sys.executable, "-c", _DIFFS], cwd=work, env=env, input=json.dumps(names),
+                         capture_output=True, text=True)
+    try:
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        print(f"could not read the diffs: {res.stderr[-2000:]}", file=sys.stderr)
+        return {}
 
 
 def summary_md(results: list[dict]) -> str:
