@@ -8,6 +8,7 @@ from a dict ``id -> (key, bias, value)`` in float64.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,6 +44,7 @@ class BankMachine(RuleBasedStateMachine):
         self.ref: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.edit_of: dict[int, str] = {}
         self.seen_ids: set[int] = set()
+        self.issued: set[int] = set()  # every id handed out in the state the bank now descends from
         self.seed = 0
         self.tmp = Path(tempfile.mkdtemp(prefix="bank-state-"))
         self.x = torch.randn(7, D_IN, generator=torch.Generator().manual_seed(123))
@@ -54,7 +56,8 @@ class BankMachine(RuleBasedStateMachine):
         self.seed += 1
         k, b, v = _patch_rows(n, fire, self.seed)
         ids = self.ffn.add_patches(k, b, v, edit_id=edit)
-        assert len(ids) == n and not set(ids) & set(self.ref), "an id was reused for a live patch"
+        assert len(ids) == n and not set(ids) & self.issued, "an id was reused"
+        self.issued.update(ids)
         for i, row in zip(ids, range(n)):
             self.ref[i] = (k[row].clone(), b[row].clone(), v[row].clone())
             self.edit_of[i] = edit
@@ -113,13 +116,13 @@ class BankMachine(RuleBasedStateMachine):
         """Save; change the bank (more patches, or all gone); load: the saved set is back."""
         path = self.tmp / "patches.safetensors"
         self.ffn.save(path)
-        saved = dict(self.ref), dict(self.edit_of)
+        saved = dict(self.ref), dict(self.edit_of), set(self.issued)
         if extra:
             self._add(extra, [True] * extra, "after-save")
         else:
             self.bank.clear()
         self.ffn.load(path)
-        self.ref, self.edit_of = saved
+        self.ref, self.edit_of, self.issued = saved
 
     @rule()
     def load_into_a_fresh_module(self) -> None:
@@ -207,3 +210,41 @@ def test_remove_compacts_values_of_the_survivors() -> None:
     assert torch.equal(ffn.bank.keys, k[[0, 2]])
     assert torch.equal(ffn.bank.biases, b[[0, 2]])
     assert not bool(ffn.bank._values[2:].any())
+
+
+def test_weights_fingerprint_and_sample() -> None:
+    from fastpatch.bank import weights_fingerprint, weights_match_sample, weights_sample
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 300, generator=g)  # more elements than the 65536-value sample: strided
+    small = torch.randn(4, 6, generator=g)
+    fp = weights_fingerprint([big, small])
+    assert len(fp) == 24 and int(fp, 16) >= 0  # 12 bytes, hex
+    assert weights_fingerprint([big.bfloat16(), small.bfloat16()]) == fp  # fp32 or its bf16 copy: the same
+    assert weights_fingerprint([big, small.reshape(6, 4)]) != fp  # shapes are part of it
+    assert weights_fingerprint([big, small + 1]) != fp
+    sample = weights_sample([big, small])
+    assert [len(v) for _, v in json.loads(sample)] == [32, 24]  # n = 32 values per tensor at most
+    assert weights_match_sample(sample, [big.half(), small.bfloat16()])
+    assert not weights_match_sample(sample, [big])  # another number of tensors
+    assert not weights_match_sample(sample, [big, small.reshape(6, 4)])  # another shape
+    assert not weights_match_sample("not json", [big, small])
+    other = small.clone()
+    other[0, 1] += 1.0  # an element at an odd index: every element of a small tensor is sampled
+    assert not weights_match_sample(sample, [big, other])
+    tiny = torch.full((8,), 1e-7)
+    assert weights_match_sample(weights_sample([tiny]), [tiny + 1.5e-7])  # within the absolute tolerance 2^-22
+    assert not weights_match_sample(weights_sample([tiny]), [tiny + 1e-5])
+
+
+def test_storage_bytes_and_state_dict_keys() -> None:
+    from fastpatch import PatchBank
+
+    bank = PatchBank(D_IN, D_OUT, capacity=16)
+    assert bank.storage_bytes() == 16 * (D_IN + 1 + D_OUT) * 4
+    k, b, v = _patch_rows(2, [True, False], 1)
+    bank.add(k, b, v)
+    res = bank.load_state_dict({**bank.state_dict(), "extra": torch.zeros(1)}, strict=False)
+    assert res.missing_keys == [] and res.unexpected_keys == ["extra"]
+    with pytest.raises(PatchFileError, match="unexpected"):
+        bank.load_state_dict({**bank.state_dict(), "extra": torch.zeros(1)})
