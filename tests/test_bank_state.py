@@ -248,3 +248,68 @@ def test_storage_bytes_and_state_dict_keys() -> None:
     assert res.missing_keys == [] and res.unexpected_keys == ["extra"]
     with pytest.raises(PatchFileError, match="unexpected"):
         bank.load_state_dict({**bank.state_dict(), "extra": torch.zeros(1)})
+
+
+def test_bank_construction_and_validation_messages() -> None:
+    from fastpatch import PatchBank
+
+    for d_in, d_out in ((0, 5), (5, 0), (-1, 5)):
+        with pytest.raises(ValueError, match=rf"d_in and d_out must be positive, got {d_in}, {d_out}"):
+            PatchBank(d_in, d_out)
+    one = PatchBank(1, 1)
+    assert one.capacity == 64 and PatchBank(3, 3, capacity=5).capacity == 16
+    half = PatchBank(4, 3, dtype=torch.float16)
+    assert {t.dtype for t in (half._keys, half._biases, half._values)} == {torch.float16}
+    bank = PatchBank(D_IN, D_OUT, capacity=16)
+    k, b, v = _patch_rows(16, [True] * 16, 2)
+    with pytest.raises(ValueError, match=r"cannot add an empty set of patches \(n = 0\)"):
+        bank.add(k[:0], b[:0], v[:0])
+    for name, args in (("keys", (k.double(), b, v)), ("biases", (k, b.double(), v)), ("values", (k, b, v.double()))):
+        with pytest.raises(TypeError, match=rf"^{name} has dtype torch.float64, the bank stores torch.float32"):
+            bank.add(*args)
+    version = bank.version
+    bank.add(k, b, v)
+    assert bank.capacity == 16 and bank.version == version + 1  # exactly full: no reallocation
+    assert bank.state_dict()["ids"].dtype == torch.int64
+
+
+def test_model_state_dict_holds_no_patches() -> None:
+    torch.manual_seed(0)
+    model = tiny_llama()
+    plain = set(model.state_dict())
+    ffn = PatchedFFN.wrap(model, PATH, backend="torch")
+    ffn.add_patches(*_patch_rows(3, [True, False, True], 3))
+    assert set(model.state_dict()) == plain  # patches are saved on their own
+
+
+def test_patch_file_bytes_and_errors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from fastpatch import PatchBank
+
+    bank = PatchBank(D_IN, D_OUT)
+    bank.add(*_patch_rows(3, [True, False, True], 4))
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    bank.save(a)
+    bank.save(b)
+    raw = a.read_bytes()
+    assert raw == b.read_bytes()  # the same patches, the same bytes
+    n = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + n].decode()
+    assert (8 + n) % 8 == 0 and '", "' not in header and header.rstrip().endswith("}")
+    meta = json.loads(header)["__metadata__"]
+    assert list(meta) == sorted(meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]  # no temporary left
+    bank.save(tmp_path / "v9.safetensors", {"format_version": "9"})
+    with pytest.raises(PatchFileError, match="has patch format version '9'; this fastpatch reads version 1"):
+        PatchBank.read_file(tmp_path / "v9.safetensors")
+    good = {"magic": "fastpatch.patches", "format_version": "1", "d_in": str(D_IN), "d_out": str(D_OUT)}
+    save_file({"keys": torch.zeros(2, D_IN)}, str(tmp_path / "part.safetensors"), metadata=good)
+    with pytest.raises(PatchFileError, match=r"lacks tensors \['biases', 'ids', 'values'\]"):
+        PatchBank.read_file(tmp_path / "part.safetensors")
+    full = {"keys": torch.zeros(2, D_IN), "biases": torch.zeros(2), "values": torch.zeros(2, D_OUT),
+            "ids": torch.arange(2)}
+    for name, bad in (("values", torch.zeros(2, D_OUT + 1)), ("ids", torch.arange(3)), ("biases", torch.zeros(3))):
+        save_file({**full, name: bad}, str(tmp_path / f"bad-{name}.safetensors"), metadata=good)
+        with pytest.raises(PatchFileError, match="tensor shapes disagree with its metadata"):
+            PatchBank.read_file(tmp_path / f"bad-{name}.safetensors")
