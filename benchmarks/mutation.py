@@ -7,7 +7,7 @@ session, each mutant in a forked child, only the tests that reach the mutated fu
 with ``TRITON_INTERPRET=1`` and one thread. The counts and every surviving mutant (its diff) are
 written to ``benchmarks/results/mutation/<group>.json`` and summarised in ``summary.md``.
 
-mutmut skips decorated functions (``@triton.jit`` kernels, ``@torch.no_grad()`` methods,
+Log statements are not mutated (``do_not_mutate_patterns``). mutmut skips decorated functions (``@triton.jit`` kernels, ``@torch.no_grad()`` methods,
 properties): those are covered by the kernel tests and the planted bugs of docs/mutation.md.
 
     python benchmarks/mutation.py                      # every group
@@ -56,6 +56,9 @@ GROUPS: dict[str, dict] = {
     "ffn": {"files": ["fastpatch/ffn.py"], "tests": ["tests/test_patched_ffn.py"]},
 }
 
+#: Statements mutmut leaves alone: log calls (their text and arguments only reach a log).
+_LOG_PATTERN = r"^\s*log\.(debug|info|warning|error)\("
+
 KILLED = ("killed", "timeout", "segfault", "suspicious")
 
 
@@ -85,6 +88,8 @@ def prepare(name: str, spec: dict) -> Path:
             f"pytest_add_cli_args_test_selection = {_toml_list(spec['tests'])}\n"
             f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider', '-p', 'no:randomly'])}\n"
             "use_git_change_detection = false\n"
+            # log statements are not behaviour under test (their text and arguments only reach a log)
+            f"do_not_mutate_patterns = {_toml_list([_LOG_PATTERN])}\n"
         )
     return work
 
