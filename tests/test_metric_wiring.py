@@ -327,6 +327,16 @@ def test_retain_pairs_path_of_the_runner(tmp_path: Path) -> None:
     assert base["test"] == [[p, t, p in right] for p, t in want_b]
 
 
+def test_retain_sets_are_cut_to_retain_size(tmp_path: Path) -> None:
+    _run(tmp_path / "a", "easyedit", eval_every=0, retain_size=2)
+    base = json.loads((tmp_path / "a" / "easyedit" / "baseline.json").read_text())
+    assert base["train_candidates"] == 2 and base["train"] == [["t1", "T1"], ["t2", "T2"]]
+    assert base["test"] == [["u1", "U1", True], ["u2", "U2", False]]
+    summary, *_ = _run(tmp_path / "b", "easyedit", eval_every=0, retain_sets=([], RETAIN_B))
+    base = json.loads((tmp_path / "b" / "easyedit" / "baseline.json").read_text())
+    assert base["train_accuracy"] is None and base["train"] == [] and summary["metrics"]["TrainR"] is None
+
+
 def test_a_retain_pair_the_editor_cannot_score_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"retain pair 'LONG one'.*longer than the model's context"):
         _run(tmp_path, "easyedit", eval_every=0, retain_sets=([("LONG one", "x")], RETAIN_B))
@@ -344,8 +354,13 @@ def test_an_edit_error_is_a_failed_edit(tmp_path: Path) -> None:
     line = lines[2]
     assert line["action"] == "edit" and line["success"] is False and line["error"] == "cannot edit p2"
     assert (line["editor_success"], line["steps"], line["patch_ids"], line["n_neurons"]) == (False, 0, [], 0)
-    # the same numbers as a failed edit
+    # the same numbers as a failed edit, and no neuron, no editor success, not "already correct"
     _exact(summary["metrics"], {"SR": F(4, 5), "ER": F(3, 5), "Rel": F(4, 6), "Loc": LOC})
+    assert summary["editor_success_rate"] == pytest.approx(4 / 5) and summary["neurons_per_edit"] == pytest.approx(4 / 5)
+    out = tmp_path / "tpatcher" / "checkpoint"
+    state = json.loads((out / (out / "LATEST").read_text().strip() / "state.json").read_text())
+    assert state["metrics"]["n_already_correct"] == 0 and state["metrics"]["n_neurons"] == 4
+    assert summary["time"]["eval_seconds_total"] > 0 and 0 <= summary["time"]["check_seconds_total"] < 60
 
 
 class ClassifierTable(TableEditor):
