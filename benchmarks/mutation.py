@@ -49,7 +49,10 @@ GROUPS: dict[str, dict] = {
     "runner": {"files": ["fastpatch/runner.py"], "names": _RUNNER_METRIC_CODE,
                "tests": ["tests/test_metric_wiring.py", "tests/test_runner.py::test_retain_split_is_stable_and_disjoint"]},
     "bank": {"files": ["fastpatch/bank.py"], "tests": ["tests/test_bank.py", "tests/test_bank_state.py"]},
-    "kernels": {"files": ["kernels/reference.py", "kernels/dispatch.py", "kernels/testing.py"],
+    # kernels/ is placed at fastpatch/kernels/ in the scratch copy (the wheel's layout), so mutmut's
+    # module names (fastpatch.kernels.*) are the ones the tests import
+    "kernels": {"files": ["fastpatch/kernels/reference.py", "fastpatch/kernels/dispatch.py",
+                          "fastpatch/kernels/testing.py"], "kernels_inside": True,
                 # test_kernels.py in full runs for minutes under the interpreter: its host-activation
                 # test covers the activations the other two files do not reach
                 "tests": ["tests/test_sparsity.py", "tests/test_patch_loss.py",
@@ -73,19 +76,21 @@ def prepare(name: str, spec: dict) -> Path:
     work = SCRATCH / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    inside = spec.get("kernels_inside", False)
     for item in ("fastpatch", "kernels", "tests", "README.md", "pyproject.toml"):
         src = ROOT / item
+        dst = work / "fastpatch" / "kernels" if (item == "kernels" and inside) else work / item
         if src.is_dir():
-            shutil.copytree(src, work / item, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy2(src, work / item)
+            shutil.copy2(src, dst)
     shared = ROOT.parent / "shared"
     if shared.is_dir():  # tests/test_formats.py reads ../shared/data beside the checkout
         (work / "shared").symlink_to(shared)
     with open(work / "pyproject.toml", "a", encoding="utf-8") as fh:
         fh.write(
             "\n[tool.mutmut]\n"
-            f"source_paths = {_toml_list(['fastpatch', 'kernels'])}\n"
+            f"source_paths = {_toml_list(['fastpatch'] if inside else ['fastpatch', 'kernels'])}\n"
             f"also_copy = {_toml_list(['README.md'])}\n"
             f"only_mutate = {_toml_list(spec['files'])}\n"
             f"pytest_add_cli_args_test_selection = {_toml_list(spec['tests'])}\n"
