@@ -271,6 +271,7 @@ def test_bank_construction_and_validation_messages() -> None:
     bank.add(k, b, v)
     assert bank.capacity == 16 and bank.version == version + 1  # exactly full: no reallocation
     assert bank.state_dict()["ids"].dtype == torch.int64
+    assert PatchBank(2, 2).state_dict()["ids"].dtype == torch.int64  # an empty bank too
 
 
 def test_model_state_dict_holds_no_patches() -> None:
