@@ -55,7 +55,7 @@ GROUPS: dict[str, dict] = {
                           "fastpatch/kernels/testing.py"], "kernels_inside": True,
                 # test_kernels.py in full runs for minutes under the interpreter: its host-activation
                 # test covers the activations the other two files do not reach
-                "tests": ["tests/test_sparsity.py", "tests/test_patch_loss.py",
+                "tests": ["tests/test_kernel_reference.py", "tests/test_sparsity.py", "tests/test_patch_loss.py",
                           "tests/test_kernels.py::test_patch_forward_host_activations"]},
     "formats": {"files": ["fastpatch/data/formats.py"],
                 "tests": ["tests/test_formats.py", "tests/test_formats_synthetic.py"]},
