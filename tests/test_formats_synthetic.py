@@ -379,3 +379,50 @@ def test_top_level_not_a_list(tmp_path: Path) -> None:
         path.write_text(top, encoding="utf-8")
         with pytest.raises(StreamFormatError, match="expected a JSON list of rows"):
             load_stream(path)
+
+
+def test_truncated_json_list_names_the_line(tmp_path: Path) -> None:
+    rows = [_numbered(FASTPATCH_ROW, i, "fastpatch") for i in range(3)]
+    text = "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n"  # row i on line i + 2
+    path = tmp_path / "lines.json"
+    path.write_text(text[: text.rindex('"input"')], encoding="utf-8")  # inside row 2, line 4
+    with pytest.raises(StreamFormatError, match=r"row 2 \(0-based\): not valid JSON .* at line 4;"):
+        load_stream(path)
+
+
+def test_bytes_that_are_not_utf8_name_their_row(tmp_path: Path) -> None:
+    good = [json.dumps(_numbered(FASTPATCH_ROW, i, "fastpatch")).encode() for i in range(2)]
+    bad = json.dumps({"input": "caf\u00e9", "target": " x"}, ensure_ascii=False).encode("latin-1")
+    (tmp_path / "l.jsonl").write_bytes(good[0] + b"\n\n" + good[1] + b"\n" + bad + b"\n")
+    with pytest.raises(StreamFormatError) as err:
+        load_stream(tmp_path / "l.jsonl")
+    assert err.value.row == 2  # blank lines are not rows
+    (tmp_path / "l.json").write_bytes(b"[" + good[0] + b",\n" + bad + b"]")
+    with pytest.raises(StreamFormatError) as err:
+        load_stream(tmp_path / "l.json")
+    assert err.value.row == 1
+
+
+def test_content_fingerprint_is_sha256_of_sorted_json_lines() -> None:
+    import hashlib
+
+    from fastpatch.data.formats import content_fingerprint
+
+    rows = [{"b": 1, "a": "caf\u00e9"}, {"x": [1, 2]}]
+    h = hashlib.sha256()
+    for line in ('{"a": "caf\u00e9", "b": 1}', '{"x": [1, 2]}'):
+        h.update(line.encode("utf-8") + b"\n")
+    assert content_fingerprint(rows) == h.hexdigest()
+    assert content_fingerprint([{"a": "caf\u00e9", "b": 1}, {"x": [1, 2]}]) == h.hexdigest()  # key order
+    assert content_fingerprint(rows[::-1]) != h.hexdigest()  # row order counts
+
+
+def test_save_stream_jsonl_writes_utf8_into_new_folders(tmp_path: Path) -> None:
+    from fastpatch.data.formats import save_stream_jsonl
+
+    rec = EditRecord("r", "Où est Paris ?", " France", None, [], [])
+    out = save_stream_jsonl([rec], tmp_path / "a" / "b" / "s.jsonl")
+    raw = out.read_bytes()
+    assert "Où".encode("utf-8") in raw and raw.endswith(b"\n") and raw.count(b"\n") == 1
+    assert load_stream(out).records == [EditRecord("r", "Où est Paris ?", " France", None, [], [], source_row=0)]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s.jsonl"]
