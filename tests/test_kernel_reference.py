@@ -77,8 +77,13 @@ def test_requested_backend_and_use_triton(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(dispatch, "interpret_mode", lambda: True)
     assert dispatch.use_triton(cpu, "triton") is True
     monkeypatch.setattr(dispatch, "interpret_mode", lambda: False)
-    with pytest.raises(RuntimeError, match=r"FASTPATCH_BACKEND=triton needs a CUDA tensor \(got cpu\)"):
+    with pytest.raises(RuntimeError, match=r"FASTPATCH_BACKEND=triton needs a CUDA tensor \(got cpu\); set "
+                                           r"TRITON_INTERPRET=1 to run the kernels on the CPU through the interpreter"):
         dispatch.use_triton(cpu, "triton")
+    from types import SimpleNamespace
+
+    cuda_like = SimpleNamespace(is_cuda=True)  # all use_triton reads of a tensor
+    assert dispatch.use_triton(cuda_like, "torch") is False and dispatch.use_triton(cuda_like, "auto") is True
     monkeypatch.setattr(dispatch, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match="FASTPATCH_BACKEND=triton but Triton is not importable"):
         dispatch.use_triton(cpu, "triton")
@@ -90,3 +95,13 @@ def test_tolerances() -> None:
     assert tolerance(torch.float16) == {"atol": 2e-2, "rtol": 1e-2}
     assert tolerance(torch.float32) == {"atol": 1e-4, "rtol": 1e-4}
     assert set(TOLERANCES) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+def test_assert_close_to_ref_scales_only_when_asked() -> None:
+    from fastpatch.kernels.testing import assert_close_to_ref
+
+    ref = torch.zeros(3, dtype=torch.float64)
+    out = torch.full((3,), 1.5e-4)  # 1.5 x the float32 absolute tolerance
+    with pytest.raises(AssertionError):
+        assert_close_to_ref(out, ref, torch.float32)
+    assert_close_to_ref(out, ref, torch.float32, scale=2.0)
