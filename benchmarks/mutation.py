@@ -12,6 +12,7 @@ properties): those are covered by the kernel tests and the planted bugs of docs/
 
     python benchmarks/mutation.py                      # every group
     python benchmarks/mutation.py metrics bank         # some
+    python benchmarks/mutation.py --collect formats    # the results of a run stopped early
     MUTATION_CHILDREN=2 python benchmarks/mutation.py  # parallel children (default 1)
 """
 
@@ -109,7 +110,14 @@ def run_group(name: str, spec: dict, children: int) -> dict:
     with open(work / "run.log", "w") as log:
         subprocess.run([str(MUTMUT), "run", "--max-children", str(children), *spec.get("names", [])],
                        cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-    seconds = time.time() - t0
+    return collect(name, spec, round(time.time() - t0, 1))
+
+
+def collect(name: str, spec: dict, seconds: float | None = None) -> dict:
+    """The results of a group's scratch directory: every mutant run so far (``--collect`` reads
+    a run stopped before its end; mutants not run yet are counted apart, as ``not checked``)."""
+    work = SCRATCH / name
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
     res = subprocess.run([str(MUTMUT), "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True)
     status: dict[str, str] = {}
     for line in res.stdout.splitlines():
@@ -121,6 +129,8 @@ def run_group(name: str, spec: dict, children: int) -> dict:
         import fnmatch
 
         status = {k: v for k, v in status.items() if any(fnmatch.fnmatch(k, p) for p in patterns)}
+    unchecked = sum(1 for st in status.values() if st == "not checked")
+    status = {k: v for k, v in status.items() if v != "not checked"}
     alive = [m for m, st in sorted(status.items()) if st not in KILLED]
     diffs = _diffs(work, env, alive)
     survivors = [{"mutant": m, "status": status[m], "diff": diffs.get(m, [])} for m in alive]
@@ -130,8 +140,8 @@ def run_group(name: str, spec: dict, children: int) -> dict:
     killed = sum(counts.get(k, 0) for k in KILLED)
     total = len(status)
     return {"group": name, "files": spec["files"], "tests": spec["tests"], "mutants": total, "killed": killed,
-            "score": round(killed / total, 4) if total else None, "counts": counts, "seconds": round(seconds, 1),
-            "survivors": survivors}
+            "score": round(killed / total, 4) if total else None, "counts": counts, "not_run": unchecked,
+            "seconds": seconds, "survivors": survivors}
 
 
 _DIFFS = """
@@ -163,6 +173,8 @@ def summary_md(results: list[dict]) -> str:
              "| group | files | mutants | killed | score | survivors |", "|---|---|---|---|---|---|"]
     for r in results:
         score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        if r.get("not_run"):
+            score += f" ({r['not_run']} not run)"
         lines.append(f"| {r['group']} | {', '.join(r['files'])} | {r['mutants']} | {r['killed']} | {score} | "
                      f"{len(r['survivors'])} |")
     lines.append("")
@@ -177,6 +189,8 @@ def summary_md(results: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    only_collect = "--collect" in argv
+    argv = [a for a in argv if a != "--collect"]
     names = argv or list(GROUPS)
     unknown = [n for n in names if n not in GROUPS]
     if unknown:
@@ -188,7 +202,7 @@ def main(argv: list[str]) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     children = int(os.environ.get("MUTATION_CHILDREN", "1"))
     for name in names:
-        r = run_group(name, GROUPS[name], children)
+        r = collect(name, GROUPS[name]) if only_collect else run_group(name, GROUPS[name], children)
         (OUT / f"{name}.json").write_text(json.dumps(r, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         print(f"{name}: {r['killed']}/{r['mutants']} killed ({r['score']}) in {r['seconds']}s; "
               f"{len(r['survivors'])} survivors", flush=True)
