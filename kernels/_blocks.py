@@ -149,7 +149,10 @@ def accumulate_rows(
     ``h`` is (BLOCK_M, BLOCK_R) and already zero on masked rows/columns. The column blocks are
     visited starting at block ``rot`` (mod their count): programs that pass their own id spread
     their atomics over the workspace instead of all adding into the same addresses at once.
+    Rows of ``W`` whose column of ``h`` is all zero (ReLU patches that fire on none of these
+    tokens) are never read: they add nothing, and whatever they hold (even NaN) stays out.
     """
+    r_mask = r_mask & (tl.max(tl.abs(h), axis=0) > 0.0)
     hv = h.to(w_ptr.dtype.element_ty)
     num_nb = tl.cdiv(D_OUT, BLOCK_N)
     first = rot % num_nb

@@ -469,8 +469,9 @@ def _fused_ffn_split_kernel(
                         run = tl.max(tl.max(hv.to(tl.float32), axis=1), axis=0) > 0.0
                     else:
                         run = True
-                    if run:  # ReLU patches: value rows of a silent block are never read
-                        wt = load_tile(v_ptr, offs_p, p_mask, stride_vp, offs_n, n_mask, stride_vn)
+                    if run:  # ReLU patches: value rows of a silent block (or patch) are never read
+                        live = p_mask & (tl.max(tl.abs(hv.to(tl.float32)), axis=0) > 0.0)
+                        wt = load_tile(v_ptr, offs_p, live, stride_vp, offs_n, n_mask, stride_vn)
                         acc = mm(hv, wt, acc, BLOCK_M, INPUT_PRECISION)
                         fired += 1
                 if fired > 0:

@@ -93,8 +93,10 @@ def patch_configs_for(M: int) -> list:
 
 
 #: Below this fraction of active patches the CPU path gathers active value rows instead of
-#: multiplying the whole bank.
-_GATHER_BELOW = 0.5
+#: multiplying the whole bank. 1.0: whenever any patch is silent on the whole batch, so the value
+#: row of a silent patch is never read (at 0.5, 0 * NaN from such a row reached the output when
+#: half the patches fired; the bank refuses NaN, but the sparsity contract is that of the kernels).
+_GATHER_BELOW = 1.0
 
 
 @autotune(
@@ -187,8 +189,9 @@ def _sparse_value_kernel(
             run = tl.max(tl.max(h, axis=1), axis=0) > 0.0
         else:
             run = True
-        if run:
-            vt = load_tile(v_ptr, offs_p, p_mask, stride_vp, offs_n, n_mask, stride_vn)
+        if run:  # value rows of patches silent on every token of the tile are not read
+            live = p_mask & (tl.max(tl.abs(h), axis=0) > 0.0)
+            vt = load_tile(v_ptr, offs_p, live, stride_vp, offs_n, n_mask, stride_vn)
             acc = tl.dot(h.to(v_ptr.dtype.element_ty), vt, acc, input_precision=INPUT_PRECISION)
     store_plus_base(acc, base_ptr, out_ptr, offs_m, offs_n, m_mask, n_mask,
                     stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)

@@ -29,18 +29,18 @@ def test_authors_style_edit_computes_no_base_weight_gradient(one_thread) -> None
     touched: set[str] = set()
     hooks = [p.register_post_accumulate_grad_hook(lambda _p, n=n: touched.add(n)) for n, p in params.items()]
     seen_requires_grad: list[bool] = []
-    orig_forward = ed._forward
+    orig_forward = ed.handle.forward
 
     def spy(inputs):
         if torch.is_grad_enabled():  # a training-step forward (the others run under no_grad)
             seen_requires_grad.append(any(p.requires_grad for p in model.parameters()))
         return orig_forward(inputs)
 
-    ed._forward = spy
+    ed.handle.forward = spy
     try:
         ok, steps, _ = authors_style_edit(ed, EditRequest("the capital of peru is", "lima"), max_steps=20)
     finally:
-        del ed._forward
+        del ed.handle.forward
         for h in hooks:
             h.remove()
     assert steps > 0, "the loop took no training step: the test would not exercise a backward"

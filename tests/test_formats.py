@@ -296,7 +296,8 @@ def test_truncated_json_file_names_the_file(tmp_path: Path) -> None:
     # A .json list cut off mid-write (an interrupted download): the error names the file.
     path = tmp_path / "cut.json"
     path.write_text('[{"input": "The capital of Peru is", "target": " Lima"}, {"input"', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"cut\.json: not valid JSON \(truncated or corrupt\?\)"):
+    # (a StreamFormatError, a ValueError, naming the row where the file breaks)
+    with pytest.raises(StreamFormatError, match=r"cut\.json: row 1 \(0-based\): not valid JSON \(truncated or corrupt\?\)"):
         load_stream(path)
 
 

@@ -258,30 +258,94 @@ def _load_with_datasets(path: Path, container: str) -> tuple[list[dict[str, Any]
             datasets.enable_progress_bars()
 
 
+def _json_list_rows(text: str, path: Path) -> list[Any]:
+    """The rows of a JSON list, parsed one element at a time so that a truncated or corrupt file
+    is a :class:`StreamFormatError` naming the row where it breaks."""
+    dec = json.JSONDecoder()
+    ws = " \t\n\r"
+    rows: list[Any] = []
+    pos = len(text) - len(text.lstrip(ws)) + 1  # past "["
+
+    def fail(what: str) -> StreamFormatError:
+        line = text.count("\n", 0, pos) + 1
+        return StreamFormatError(len(rows), "", f"not valid JSON (truncated or corrupt?): {what} at line {line}; "
+                                 f"expected a JSON list of rows, or one JSON object per line", path)
+
+    while True:
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == "]" and not rows:
+            pos += 1
+            break
+        try:
+            row, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise fail(err.msg) from None
+        rows.append(row)
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] == "]":
+            pos += 1
+            break
+        else:
+            raise fail("expected ',' or ']' after a row" if pos < len(text) else "the list is not closed")
+    if text[pos:].strip(ws):
+        raise fail("extra data after the list")
+    return rows
+
+
+def _utf8(raw: bytes, path: Path, row: Callable[[str], int]) -> str:
+    """``raw`` decoded as UTF-8; otherwise a :class:`StreamFormatError` naming the row (``row``
+    maps the text before the bad bytes to the row they fall in)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = raw[: err.start].decode("utf-8", errors="replace")
+        raise StreamFormatError(row(before), "", f"bytes that are not UTF-8 at byte {err.start} "
+                                f"(the file must be UTF-8 encoded)", path) from None
+
+
+def _jsonl_row_at(before: str) -> int:
+    return sum(1 for line in before.splitlines()[:-1] if line.strip()) if before else 0
+
+
+def _json_row_at(before: str) -> int:
+    try:
+        _json_list_rows(before, Path())
+    except StreamFormatError as err:
+        return err.row
+    return 0
+
+
 def _load_with_json(path: Path, container: str) -> list[Any]:
-    with open(path, encoding="utf-8") as fh:
-        if container == "json":
-            text = fh.read()
+    """Rows with the json module, every value exactly as written. Anything that is not rows (a
+    truncated or corrupt file, bytes that are not UTF-8, a top-level value that is not a list) is a
+    :class:`StreamFormatError` naming the row where it is found."""
+    raw = path.read_bytes()
+    if container == "json":
+        text = _utf8(raw, path, _json_row_at if raw.lstrip().startswith(b"[") else _jsonl_row_at)
+        body = text.lstrip(" \t\n\r")
+        if body.startswith("["):
+            return _json_list_rows(text, path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = _MISSING  # a ".json" file holding JSON lines (datasets accepts those too)
+        if data is not _MISSING:
+            raise StreamFormatError(0, "", f"expected a JSON list of rows, got {_type_name(data)}", path)
+    else:
+        text = _utf8(raw, path, _jsonl_row_at)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                data = json.loads(text)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                # A ".json" file holding JSON lines (datasets accepts those too).
-                try:
-                    return [json.loads(line) for line in text.splitlines() if line.strip()]
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}: not valid JSON (truncated or corrupt?): {err}; expected a "
-                                     f"JSON list of rows, or one JSON object per line") from None
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON list of rows, got {_type_name(data)}")
-            return data
-        rows = []
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {lineno} is not valid JSON: {err}") from err
-        return rows
+                raise StreamFormatError(len(rows), "", f"line {lineno} is not valid JSON (truncated or corrupt?): "
+                                        f"{err}", path) from None
+    return rows
 
 
 def _read_rows(path: Path) -> tuple[list[Any], str]:
@@ -300,11 +364,21 @@ def _read_rows(path: Path) -> tuple[list[Any], str]:
     if not path.is_file():
         raise FileNotFoundError(path)
     if container == "parquet":
-        return _load_with_datasets(path, container)[0], "datasets"
-    try:
-        rows, lossy = _load_with_datasets(path, container)
-    except Exception:  # noqa: BLE001 - any datasets/pyarrow failure -> plain json below
-        lossy = True
+        try:
+            return _load_with_datasets(path, container)[0], "datasets"
+        except Exception as err:  # noqa: BLE001 - pyarrow/datasets errors of a damaged file
+            raise StreamFormatError(0, "", f"not a readable parquet file (truncated or corrupt?): "
+                                    f"{type(err).__name__}: {err}", path) from None
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    lossy = True
+    # Only a list or objects go to datasets: a top-level JSON scalar is not rows (and a file
+    # holding just "null" crashes its JSON reader, datasets 5.2 / pyarrow, with a segfault).
+    if head[:1] in (b"[", b"{"):
+        try:
+            rows, lossy = _load_with_datasets(path, container)
+        except Exception:  # noqa: BLE001 - any datasets/pyarrow failure -> plain json below
+            lossy = True
     if not lossy:
         return rows, "datasets"
     return _load_with_json(path, container), "json"
