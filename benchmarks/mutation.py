@@ -37,12 +37,12 @@ _RUNNER_METRIC_CODE = [
     f"fastpatch.run.evaluation.x_{name}__mutmut_*"
     for name in ("retain_split", "compute_baseline", "_sorted_call", "check_pairs", "token_pairs",
                  "check_and_tokens", "evaluate")
-]
+] + ["fastpatch.run.loop.x__process__mutmut_*"]
 
 GROUPS: dict[str, dict] = {
     "metrics": {"files": ["fastpatch/metrics.py"],
                 "tests": ["tests/test_metrics.py", "tests/test_metric_wiring.py"]},
-    "runner": {"files": ["fastpatch/run/evaluation.py"], "names": _RUNNER_METRIC_CODE,
+    "runner": {"files": ["fastpatch/run/evaluation.py", "fastpatch/run/loop.py"], "names": _RUNNER_METRIC_CODE,
                "tests": ["tests/test_metric_wiring.py", "tests/test_runner.py::test_retain_split_is_stable_and_disjoint"]},
     "bank": {"files": ["fastpatch/bank.py"], "tests": ["tests/test_bank.py", "tests/test_bank_state.py"]},
     # kernels/ is placed at fastpatch/kernels/ in the scratch copy (the wheel's layout), so mutmut's
