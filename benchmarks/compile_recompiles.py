@@ -18,7 +18,6 @@ fraction of the time. Writes ``recompiles.json`` and ``recompiles.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks import env as benv  # noqa: E402
 
 
 def run_stream(n_edits: int, capacity: int | None, seed: int = 0) -> dict:
@@ -108,10 +109,7 @@ def main() -> int:
     md = "\n".join(lines)
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recompiles.json").write_text(json.dumps(res, indent=1))
-        (out / "recompiles.md").write_text(md + "\n")
+        benv.save_results(args.out, "recompiles", res, md)
     return 0
 
 

@@ -7,6 +7,7 @@
 - :func:`measure_copy_bandwidth`: a large tensor copy, timed; the roofline ceiling in GB/s
   (bytes read + bytes written per second, as STREAM's "copy").
 - :func:`peak_rss_bytes` / :func:`rss_bytes`: the process's peak and current resident memory.
+- :func:`save_results`: a result's JSON and its Markdown rendering, written atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def save_results(out: str | os.PathLike[str], stem: str, data: dict, markdown: str) -> None:
+    """Write ``<out>/<stem>.json`` and ``<out>/<stem>.md`` through fastpatch's atomic-write helper."""
+    from fastpatch.atomic import write_atomic, write_json_atomic
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / f"{stem}.json", data)
+    write_atomic(folder / f"{stem}.md", markdown.rstrip("\n") + "\n")
 
 
 def cpu_model() -> str:

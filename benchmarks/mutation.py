@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from fastpatch.atomic import write_atomic, write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation"
 SCRATCH = Path(os.environ.get("MUTATION_SCRATCH", "/tmp/fastpatch-mutation"))
@@ -198,11 +200,11 @@ def main(argv: list[str]) -> int:
     children = int(os.environ.get("MUTATION_CHILDREN", "1"))
     for name in names:
         r = collect(name, GROUPS[name]) if only_collect else run_group(name, GROUPS[name], children)
-        (OUT / f"{name}.json").write_text(json.dumps(r, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(OUT / f"{name}.json", r)
         print(f"{name}: {r['killed']}/{r['mutants']} killed ({r['score']}) in {r['seconds']}s; "
               f"{len(r['survivors'])} survivors", flush=True)
     results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(OUT.glob("*.json"))]
-    (OUT / "summary.md").write_text(summary_md(results), encoding="utf-8")
+    write_atomic(OUT / "summary.md", summary_md(results))
     return 0
 
 

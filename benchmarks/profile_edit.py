@@ -26,7 +26,6 @@ processes' CPU load is recorded beside the timings (``benchmarks/env.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -275,10 +274,7 @@ def main() -> int:
     md = render(res)
     print(md)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "profile.json").write_text(json.dumps(res, indent=1))
-        (out / "profile.md").write_text(md + "\n")
+        benv.save_results(args.out, "profile", res, md)
     return 0
 
 
