@@ -54,10 +54,8 @@ __all__ = [
 
 #: Token count up to which the fully fused kernel is used; above it the pre-activations come from
 #: a cuBLAS GEMM (compute-bound at that size) and a value kernel does the rest.
-#: Measured on an H200 on 2026-11-27 (d = 4096, P = 10,000, bf16, after the cuBLAS base FFN,
-#: CUDA-graph replays; benchmarks/results/nvidia-h200, "crossover"): fused 0.147 / 0.165 /
-#: 0.204 ms against compact 0.146 / 0.151 / 0.161 ms at M = 32 / 64 / 128: a tie at 32, and the
-#: compact path wins from 64 on.
+#: The bound is the measured crossover of the two paths (the "crossover" section of
+#: ``benchmarks/gpu_check.py``; figures in ``benchmarks/results/nvidia-h200/``).
 FUSED_MAX_TOKENS = 32
 #: ``strategy`` values of ``patch_forward``.
 STRATEGIES = ("auto", "fused", "compact", "gemm")
@@ -67,8 +65,8 @@ BLOCK_N = 128
 BLOCK_A = 64
 
 
-#: (BLOCK_P, BLOCK_D, BLOCK_N, warps, stages). The first is what was measured on the H200 in
-#: session 1 (64 patches per tile: a 64 x 128 bf16 key tile is 16 KB).
+#: (BLOCK_P, BLOCK_D, BLOCK_N, warps, stages). The first is the default, the fastest in the GPU
+#: sweeps (``benchmarks/results/nvidia-h200/``): 64 patches per tile, a 64 x 128 bf16 key tile is 16 KB.
 _DOT_TILES = [
     (64, 128, 128, 4, 2),
     (64, 128, 128, 4, 3),

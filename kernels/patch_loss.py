@@ -34,7 +34,7 @@ How (Triton path, one training step)
    chosen before the optional sort of the k results; saves ~20 us); on the CPU ``sorted=True``,
    since there sorted=False switches algorithm (nth_element) and can break ties otherwise.
    Cost: A is only 4*N*n bytes (~1% of the step's traffic), but the multi-block radix select takes
-   ~85-120 us on an H200 at N = 40,000, k = 1000: about as long as pass 1. A fused selection kernel
+   about as long as pass 1 on a GPU at N = 40,000, k = 1000. A fused selection kernel
    is the next speed-up; it would have to reproduce torch's tie-breaking to keep the guarantee.
 3. Losses and the weights ``w`` (n, k) in torch (elementwise on k*n values).
 4. Pass 2 (backward), ``_gather_rows_kernel``: ``dL/dK_j = sum_t w_jt Mem[idx_jt]``, a gather-GEMV
@@ -49,12 +49,9 @@ The PyTorch path (``backend="torch"`` or CPU tensors) computes the same thing: a
 A, ``torch.topk``, and ``index_select`` of the selected rows for the keys' gradient; it never builds
 an autograd graph over the full (N, n) matrix.
 
-Measured on one H200 (N = 40,000, d = 4096, k = 1000, Triton 3.6, torch 2.11), GPU time of a whole
-forward + backward step captured in a CUDA graph: bf16/fp16 ~200 us (n = 1, 5) and ~290 us
-(n = 20), i.e. ~1.7 TB/s of ``memory_loss_bytes``; fp32 320-390 us (2.1-2.5 TB/s). Pass 1 alone
-reads at 2.8-3.3 TB/s, the gather at 0.6-3.2 TB/s (tiny at n = 1). Run eagerly the step is
-CPU-bound on that machine (~1-1.3 ms: ~35 small launches plus autograd), so benchmark with CUDA
-graphs or kernel times, not wall time of single eager steps.
+An eager step is many small launches plus autograd, so it is CPU-bound on a fast GPU: benchmark it
+with CUDA graphs or kernel times, not the wall time of single eager steps. Measured bandwidths are
+in ``benchmarks/results/nvidia-h200/``.
 """
 
 from __future__ import annotations
@@ -77,13 +74,13 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 # Block sizes (why they have their value)
 # ---------------------------------------------------------------------------------------------
-# Measured on one H200 (Triton 3.6, N=40,000, d=4096, k=1000), sweeping BLOCK_N {64, 128},
-# BLOCK_D {64..256}, num_stages {3, 4}, num_warps {4, 8}; the clone bandwidth there was ~4.2 TB/s.
+# Picked by a GPU sweep of BLOCK_N {64, 128}, BLOCK_D {64..256}, num_stages {3, 4}, num_warps {4, 8}
+# (results in benchmarks/results/nvidia-h200/).
 #: Pass 1, fp16/bf16 memory, n <= 16 (BLOCK_J = 16, the common case: 1-5 neurons per edit):
 #: 64 rows x 128 columns = a 16 KB tile, 256 B (two whole cache lines) per row, K = 128 a multiple
 #: of every tensor-core instruction's K; 3 stages of tile + fp32 keys tile fit in shared memory
 #: (4 stages at BLOCK_D = 256 do not). N = 40,000 gives 625 programs, ~4.7 waves on 132 SMs.
-#: Measured ~3.3 TB/s (n = 1, 5); 128 rows / 8 warps gave ~3.05.
+#: The faster of the two at n = 1 and 5 (128 rows / 8 warps read about 8% slower).
 PREACT_BLOCK_N_HALF = 64
 PREACT_BLOCK_D_HALF = 128
 PREACT_WARPS_HALF = 4
