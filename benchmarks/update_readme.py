@@ -319,19 +319,25 @@ def vllm_section() -> list[str]:
            f"the batch runs (load average {d['machine']['load_avg_at_end'][0]:.1f} at the end). Stock vLLM and the "
            f"fastpatch engine with 0 patches do nearly the same work (the latter adds one copy of one layer's MLP "
            f"output): their difference is this machine's noise.", ""]
-    rows = []
+    out += vllm_table(d)
+    return out + [""]
+
+
+def vllm_table(d: dict) -> list[str]:
+    """The throughput table of ``vllm-cpu/throughput.json`` (docs/results.md and the front page)."""
+    w = d["workload"]
 
     def rng(v: dict, nd: int) -> str:
         return f"{v['tokens_per_s_median']:.{nd}f} ({min(v['tokens_per_s_all']):.{nd}f}-{max(v['tokens_per_s_all']):.{nd}f})"
 
+    rows = []
     for c, row in d["summary"].items():
         b, s = row["batch"], row["single"]
         name = "stock vLLM (unpatched)" if c == "unpatched" else f"fastpatch, {int(c.split('_')[1]):,} patches"
         rows.append([name, rng(b, 0), f"{b['relative_to_unpatched']:.2f}", rng(s, 1), f"{s['relative_to_unpatched']:.2f}",
                      f"{b['others_cpu_cores_median']:.2f}"])
-    out += _table(["engine", f"batch of {w['batch']}: tokens/s", "vs stock", "1 sequence: tokens/s", "vs stock",
+    return _table(["engine", f"batch of {w['batch']}: tokens/s", "vs stock", "1 sequence: tokens/s", "vs stock",
                    "others' CPU (cores)"], rows)
-    return out + [""]
 
 
 def results_body() -> list[str]:
@@ -364,8 +370,14 @@ def summary_body() -> list[str]:
         rows.append([what, f"{s.get('edits')} / {s.get('requests')}", *[m.get(k) for k in ("SR", "GR", "Rel", "Gen", "Loc")],
                      t.get("edit_seconds_median"), f"[summary]({path.relative_to(ROOT)})"])
     out = _table(["run", "edits / requests", "SR", "GR", "Rel.", "Gen.", "Loc.", "median s/edit", ""], rows)
-    return out + ["", "CPU (2 cores) for these runs; GPU kernel figures, per-machine tables, plots and the known gaps: "
-                  "[docs/results.md](docs/results.md)."]
+    out += ["", "CPU (2 cores) for these runs; GPU kernel figures, per-machine tables, plots and the known gaps: "
+            "[docs/results.md](docs/results.md)."]
+    vllm = RES / "vllm-cpu" / "throughput.json"
+    if vllm.is_file():
+        out += ["", f"Serving SmolLM2 in vLLM on this CPU, with patches against stock vLLM ([{vllm.name}]"
+                f"({vllm.relative_to(ROOT)}); a loaded shared machine: differences under ~20% are noise):", ""]
+        out += vllm_table(json.loads(vllm.read_text()))
+    return out
 
 
 def _relink(text: str, prefix: str) -> str:
