@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--retain-size", type=int, default=None, metavar="N",
                    help=f"most locality pairs in each of the TrainR/TestR sets (default {DEFAULT_RETAIN_SIZE}; on "
                         "--resume, the run's own: its sets are reused)")
+    r.add_argument("--no-general-ability", dest="general_ability", action="store_false",
+                   help="skip the general-ability scores of a file stream (perplexity on held-out text, "
+                        "accuracy on questions the unedited model answers right)")
+    r.add_argument("--no-generation-metrics", dest="generation_metrics", action="store_false",
+                   help="skip the free-generation Rel/Gen at the end of the run")
     r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
     r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -289,7 +294,7 @@ def _load_editor(args: argparse.Namespace, plan: StartPlan, overrides: dict[str,
 def cmd_run(args: argparse.Namespace) -> int:
     """``fastpatch run``: check every argument, load the data, decide start or resume (before the
     slow model load), load the model and editor, run the stream, print the summary."""
-    from .app.registry import model_identity
+    from .app.registry import default_ability_sets, model_identity
     from .run import RunOptions, data_fingerprint, plan_start, run_stream
 
     out = Path(args.out)
@@ -309,12 +314,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         resumed = plan.existing is not None and "retain_size" in plan.existing
         args.retain_size = plan.existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
     editor = _load_editor(args, plan, overrides, device)
+    ability = default_ability_sets(stream) if args.general_ability else None
     options = RunOptions(
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         limit=args.limit, resume=args.resume, overwrite=args.overwrite,
         memory_texts=memory_corpus(args, stream) if plan.checkpoint is None else None,
         retain_pairs=stream.retain_pairs, retain_sets=stream.retain_sets, retain_size=args.retain_size,
         batch_size=args.batch_size, model_id=model_id, data_id=stream.data_id,
+        ability_texts=ability[0] if ability else None, ability_pairs=ability[1] if ability else None,
+        generation_metrics=args.generation_metrics,
         run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"}, "device": device},
         progress=not args.no_progress and not args.quiet, plots=not args.no_plots,
     )

@@ -64,6 +64,7 @@ __all__ = [
     "locality",
     "mean",
     "percentile",
+    "preference_score",
     "test_retain_rate",
     "token_agreement",
     "train_retain_rate",
@@ -104,26 +105,43 @@ def generalization_rate(per_request: Sequence[Sequence[bool]]) -> float | None:
     return mean(sum(ps) / len(ps) for ps in per_request if len(ps) > 0)
 
 
-def train_retain_rate(pre: Sequence[bool], post: Sequence[bool]) -> float | None:
+def train_retain_rate(pre: Sequence[bool], post: Sequence[bool], min_right: int = 1) -> float | None:
     """TrainR: ``|{j : pre_j and post_j}| / |{j : pre_j}|`` -- of the samples the unedited model
-    got right, the fraction the current model still gets right. None if it got none right."""
+    got right, the fraction the current model still gets right. None (n/a) if it got fewer than
+    ``min_right`` right: a rate over a handful of samples is not reported."""
     if len(pre) != len(post):
         raise ValueError(f"pre and post differ in length ({len(pre)} != {len(post)})")
     kept = [bool(b) for a, b in zip(pre, post) if a]
+    if len(kept) < max(1, min_right):
+        return None
     return exact_match_rate(kept)
 
 
-def test_retain_rate(pre: Sequence[bool], post: Sequence[bool]) -> float | None:
+def test_retain_rate(pre: Sequence[bool], post: Sequence[bool], min_right: int = 1) -> float | None:
     """TestR: ``acc(post) / acc(pre)`` on held-out samples (may exceed 1 when edits fix unrelated
-    samples). None if the unedited model got none right or the set is empty."""
+    samples). None (n/a) if the unedited model got fewer than ``min_right`` right: a ratio over a
+    near-zero denominator is noise, not a rate."""
     if len(pre) != len(post):
         raise ValueError(f"pre and post differ in length ({len(pre)} != {len(post)})")
-    if not pre or not any(pre):
+    if not pre or sum(map(bool, pre)) < max(1, min_right):
         return None
     return (sum(map(bool, post)) / len(post)) / (sum(map(bool, pre)) / len(pre))
 
 
 test_retain_rate.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+def preference_score(preferred: Sequence[float], other: Sequence[float]) -> tuple[float | None, float | None]:
+    """A CounterFact score and its magnitude (ROME/MEMIT): from per-prompt mean token
+    log-probabilities of the answer that should win (``preferred``) and of the other one,
+    ``score = mean(1[lp_pref > lp_other])`` and ``magnitude = mean(exp(lp_pref) - exp(lp_other))``.
+    Efficacy and paraphrase scores prefer ``target_new``; the neighbourhood score prefers
+    ``target_true``. ``(None, None)`` for no prompts."""
+    if len(preferred) != len(other):
+        raise ValueError(f"preferred and other differ in length ({len(preferred)} != {len(other)})")
+    score = mean(1.0 if a > b else 0.0 for a, b in zip(preferred, other))
+    magnitude = mean(math.exp(a) - math.exp(b) for a, b in zip(preferred, other))
+    return score, magnitude
 
 
 def token_agreement(pre: Sequence[int], post: Sequence[int]) -> float:

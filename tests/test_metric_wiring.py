@@ -149,6 +149,7 @@ def _run(tmp_path: Path, protocol: str, eval_every: int, editor: type = TableEdi
     ed = editor()
     out = tmp_path / protocol
     kw.setdefault("retain_sets", (RETAIN_A, RETAIN_B))
+    kw.setdefault("min_retain", 1)  # the hand-built retain sets hold a few pairs
     summary = fastpatch.run_stream(ed, RECORDS, out, protocol=protocol, eval_every=eval_every, progress=False,
                                    plots=False, batch_size=4, **kw)
     lines = [json.loads(x) for x in (out / "edits.jsonl").read_text().splitlines()]
@@ -264,7 +265,19 @@ def test_summary_counts_of_both_protocols(tmp_path: Path) -> None:
     assert ee["editor_success_rate"] == pytest.approx(5 / 6) and ee["neurons_per_edit"] == pytest.approx(5 / 6)
     assert tp["patches"] == ee["patches"] == 4
     assert (tp["requests"], tp["requests_total"], ee["requests"]) == (6, 6, 6)
-    assert tp["retain_sets"] == {"train": 2, "train_candidates": 3, "test": 3, "test_pre_accuracy": pytest.approx(2 / 3)}
+    assert tp["retain_sets"] == {"train": 2, "train_candidates": 3, "test": 3, "test_right_before": 2,
+                                 "test_pre_accuracy": pytest.approx(2 / 3), "min_right": 1}
+
+
+def test_retain_rates_are_na_below_min_retain(tmp_path: Path) -> None:
+    """TrainR/TestR over fewer than ``min_retain`` pairs the unedited model got right are n/a
+    (None), at every evaluation point including the first; the counts stay in the summary."""
+    summary, _, evals, _ = _run(tmp_path / "na", "easyedit", eval_every=2, min_retain=3)
+    assert summary["metrics"]["TrainR"] is None and summary["metrics"]["TestR"] is None
+    assert all(e.get("TrainR") is None and e.get("TestR") is None for e in evals)
+    assert summary["retain_sets"]["train"] == 2 and summary["retain_sets"]["test_right_before"] == 2
+    at_two, *_ = _run(tmp_path / "two", "easyedit", eval_every=2, min_retain=2)
+    assert at_two["metrics"]["TrainR"] is not None and at_two["metrics"]["TestR"] is not None
 
 
 def test_metric_state_counters() -> None:
@@ -400,7 +413,7 @@ def test_classifier_requests_are_edited_by_label(tmp_path: Path) -> None:
     ]
     ed = ClassifierTable()
     summary = fastpatch.run_stream(ed, records, tmp_path / "cls", protocol="tpatcher", eval_every=0, progress=False,
-                                   plots=False, retain_sets=([("y0", "false")], [("x1", "false")]))
+                                   plots=False, retain_sets=([("y0", "false")], [("x1", "false")]), min_retain=1)
     lines = [json.loads(x) for x in (tmp_path / "cls" / "edits.jsonl").read_text().splitlines()]
     assert ed.requests == [("x0", None, 1, "c0", ["x0a"]), ("x1", None, 0, "c1", []), ("x2", None, 1, "c2", [])]
     assert [ln["action"] for ln in lines] == ["edit", "skip", "edit"]

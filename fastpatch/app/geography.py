@@ -387,3 +387,20 @@ def geography_records(**kwargs: Any) -> list[Any]:
     from ..data.formats import parse_rows
 
     return parse_rows(geography_stream(**kwargs), fmt="fastpatch").records
+
+
+def general_ability_sets(text_limit: int = 200) -> tuple[list[str], list[tuple[str, str]]]:
+    """Held-out texts and questions for the general-ability scores of a file stream
+    (:mod:`fastpatch.run.scores`), disjoint from the memory corpus of
+    :func:`split_memory_and_locality` (FanOutQA's top-level questions and the currency prompts):
+
+    * texts: the first ``text_limit`` FanOutQA dev sub-questions (the decompositions) that are not
+      top-level questions;
+    * questions: the capital of every country (:func:`capital_prompt`) and its continent
+      (:func:`region_prompts`); the run keeps those the unedited model answers right.
+    """
+    facts = load_country_facts()
+    top = set(load_fanoutqa_questions())
+    subs = [q for q in load_fanoutqa_questions(splits=("dev",), subquestions=True) if q not in top]
+    pairs = [(capital_prompt(f), f" {f.capital}") for f in facts] + region_prompts(facts)
+    return subs[:text_limit], pairs

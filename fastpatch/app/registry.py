@@ -264,3 +264,19 @@ def default_memory_corpus() -> list[str] | None:
     except ImportError as err:
         log.warning("no memory corpus (%s); T-Patcher's memory loss is off. Pass --memory FILE", err)
         return None
+
+
+def default_ability_sets(stream: Stream) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """The general-ability texts and questions of a run (see :mod:`fastpatch.run.scores`): for a
+    generative file stream, the built-in geography/FanOutQA sets
+    (:func:`fastpatch.app.geography.general_ability_sets`); None for the built-in streams (their
+    own retain sets already are such questions) and classifiers, or when the packages are missing."""
+    if stream.memory is not None or stream.task == CLASSIFICATION:
+        return None
+    try:
+        from .geography import general_ability_sets
+
+        return general_ability_sets()
+    except ImportError as err:
+        log.warning("no general-ability sets (%s): PPL and Ability are not reported", err)
+        return None

@@ -31,6 +31,19 @@ class EditBatch:
     cand: torch.Tensor | None = None
     #: set by each loss evaluation: every neuron fires on every view (not only its request's own)
     variants_fire: bool = True
+    #: hard negatives of this edit (``EditorConfig.negatives``): FFN inputs (n, d) its neurons
+    #: must stay silent on, beside the memory set's; None: none
+    negatives: torch.Tensor | None = None
+    _mem: torch.Tensor | None = None
+
+    def memory_rows(self, memory: torch.Tensor) -> torch.Tensor:
+        """The rows the memory losses read: the memory set's, then this edit's negatives
+        (concatenated once per edit)."""
+        if self.negatives is None or not len(self.negatives):
+            return memory
+        if self._mem is None or self._mem.shape[0] != memory.shape[0] + self.negatives.shape[0]:
+            self._mem = torch.cat([memory, self.negatives.to(memory.device, memory.dtype)])
+        return self._mem
 
     def set_candidates(self, tokens: torch.Tensor) -> None:
         """Use ``tokens`` (plus every label) as the candidate vocabulary."""

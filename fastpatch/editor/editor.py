@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ffn import resolve_module
@@ -46,6 +46,7 @@ from .init import init_params
 from .memory import CORPUS, MemorySet
 from .objective import Params, final
 from .persistence import load_editor, save_editor
+from .scoring import answer_starts, batched_rows, chunks_by_length, mean_logprobs, perplexity
 from .training import train
 from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest, EditResult
 
@@ -93,6 +94,7 @@ class Editor:
         self.edits: dict[str, dict[str, Any]] = {}  # edit_id -> {"code", "patch_ids", "time"}
         self.next_code = 0
         self.prefixes: list[str] | None = None  # generated once, on the first augmented edit
+        self.subjects: list[str] = []  # subjects of the requests so far: the hard negatives' pool
         self.capturer = Capturer(self.handle, self.context_prefixes)
         self._warned_empty = False
         if self.config.value_init == "gradient" and not self.handle.fast and self.handle.encoder.has_vocab:
@@ -234,7 +236,7 @@ class Editor:
                     self.next_code += 1
                     self.edits[ids[ri]] = {"code": code, "patch_ids": pids, "time": time.time()}
                     committed.append(ids[ri])
-                    self.memory.add(cap[groups[ri][0]]["x"], owner=code)
+                    self.memory.add(self._memory_rows(batch, ri), owner=code)
                 results.append(EditResult(ids[ri], success, steps, dt, pids, losses, len(mine),
                                           kept_failed=(not success and cfg.keep_failed)))
         except BaseException:
@@ -261,9 +263,47 @@ class Editor:
         cap = self.capturer.capture_all(views, self.config.loss_vocab)
         neurons = pick_neurons(encs, cap, groups, self.config.max_neurons)
         batch = EditBatch(views, cap, groups, neurons)
+        if neurons:
+            batch.negatives = self._negatives(reqs)
+        for r in reqs:  # the pool grows with every request that names its subject
+            if r.subject and r.subject.strip() and r.subject not in self.subjects:
+                self.subjects.append(r.subject)
         if neurons and all("top" in c for c in cap):
             batch.set_candidates(torch.cat([c["top"].reshape(-1) for c in cap]))
         return batch
+
+    def _memory_rows(self, batch: EditBatch, ri: int) -> torch.Tensor:
+        """The FFN inputs of request ``ri`` that join the memory set (``config.memory_growth``)."""
+        view = batch.groups[ri][0]
+        x = batch.cap[view]["x"]
+        growth = self.config.memory_growth
+        if growth == "labels":
+            return x[batch.views[view].label_pos.to(x.device)]
+        return x if growth == "all" else x[:0]
+
+    def _negatives(self, reqs: Sequence[EditRequest]) -> torch.Tensor | None:
+        """FFN inputs of the requests' hard negatives (``config.negatives``), from the last prompt
+        token on: each prompt with up to that many other subjects of the pool in place of its own
+        (a fixed random draw per edit), read with its ground truth (else its target)."""
+        k = self.config.negatives
+        if k <= 0 or not self.handle.encoder.augments or not self.subjects:
+            return None
+        texts, starts = [], []
+        rng = random.Random(self.config.seed * 1_000_003 + self.next_code)
+        for r in reqs:
+            subj = (r.subject or "").strip()
+            if not subj or subj not in r.prompt:
+                continue
+            pool = [s for s in self.subjects if s.strip() != subj and s not in r.prompt]
+            answer = r.ground_truth if r.ground_truth and r.ground_truth.strip() else r.target
+            for other in rng.sample(pool, min(k, len(pool))):
+                prompt = r.prompt.replace(subj, other.strip())
+                texts.append(prompt + self.handle.encoder.target_text(prompt, answer))
+                starts.append(len(self.tokenizer(prompt)["input_ids"]) - 1)
+        if not texts:
+            return None
+        rows = [x[s:] for x, s in zip(self.ffn_inputs(texts), starts)]
+        return torch.cat(rows).float()
 
     # ------------------------------------------------------------ augmentation
     def context_prefixes(self) -> list[str]:
@@ -322,25 +362,32 @@ class Editor:
         """Teacher-forced argmax token ids at each target position (class id for classifiers)."""
         return self._predict(self._pairs(prompts, targets), batch_size)
 
-    @torch.no_grad()
     def _predict(self, encs: list[Encoded], batch_size: int) -> list[list[int]]:
-        out: list[list[int]] = []
-        pad = self.tokenizer.pad_token_id or 0
-        for i in range(0, len(encs), batch_size):
-            chunk = encs[i : i + batch_size]
-            keys = list(chunk[0].inputs)
-            batch: dict[str, torch.Tensor] = {}
-            for k in keys:
-                seqs = [e.inputs[k][0] for e in chunk]
-                L = max(s.shape[0] for s in seqs)
-                fill = pad if k in ("input_ids", "decoder_input_ids") else 0
-                batch[k] = torch.stack([F.pad(s, (0, L - s.shape[0]), value=fill) for s in seqs])
-                if k in ("input_ids", "decoder_input_ids"):
-                    m = torch.stack([F.pad(torch.ones_like(s), (0, L - s.shape[0])) for s in seqs])
-                    batch["attention_mask" if k == "input_ids" else "decoder_attention_mask"] = m
-            logits = self.handle.forward(batch).logits
-            for bi, e in enumerate(chunk):
-                out.append(self.handle.encoder.rows(logits[bi], e).argmax(-1).tolist())
+        return batched_rows(self.handle, encs, batch_size, lambda rows, e: rows.argmax(-1).tolist())
+
+    def target_logprobs(self, prompts: Sequence[str], targets: Sequence[Any], batch_size: int = 32) -> list[float]:
+        """Mean log-probability of each target's tokens after its prompt, teacher-forced (what
+        the CounterFact scores compare: ``target_new`` against ``target_true``)."""
+        return mean_logprobs(self.handle, self._pairs(prompts, targets), batch_size)
+
+    def perplexity(self, texts: Sequence[str], batch_size: int = 16) -> float | None:
+        """Token-level perplexity of a generative model on ``texts`` (None for classifiers)."""
+        if not self.handle.encoder.generative or self.task != "causal":
+            return None
+        return perplexity(self.handle, [t for t in texts if isinstance(t, str) and t.strip()], batch_size)
+
+    def generates(self, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[bool]:
+        """Free greedy generation: whether each prompt's continuation starts with its target
+        (:func:`~.scoring.answer_starts`). Generates as many tokens as the target has, plus two."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        lengths = [len(ids) for ids in self.target_ids(prompts, targets)]
+        out = [False] * len(prompts)
+        for idx in chunks_by_length(len(prompts), lambda k: lengths[k], batch_size):
+            gen = self.greedy([prompts[k] for k in idx], max_new_tokens=max(lengths[k] for k in idx) + 2,
+                              batch_size=batch_size)
+            for k, ids in zip(idx, gen):
+                out[k] = answer_starts(self.tokenizer.decode(ids, skip_special_tokens=True), targets[k])
         return out
 
     def target_ids(self, prompts: Sequence[str], targets: Sequence[Any]) -> list[list[int]]:

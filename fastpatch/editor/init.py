@@ -62,7 +62,8 @@ def authors_key_init(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], keys: torch.Tensor,
-                    bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    bias: torch.Tensor, negatives: torch.Tensor | None = None,
+                    negative_whiten: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Key along the memory-whitened direction of the edit, bias between edit and memory.
 
     ``u = (C + lam I)^-1 (q - mu)`` (the linear discriminant of the edit vector against the
@@ -72,14 +73,19 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
     set so that the patch starts at pre-activation at least +1 on every view of its edit and
     at most -1 on every memory vector; where the memory does not separate from the edit
     along ``u``, the authors' init is kept.
+
+    ``negatives`` (the edit's hard negatives) count as memory vectors for the margin; with
+    ``negative_whiten`` their scatter around ``mu`` joins ``C`` (Woodbury on the shared
+    factorisation), so ``u`` turns away from the directions the edit shares with them.
     """
-    mem = memory.vectors
+    mem = memory.vectors if negatives is None else torch.cat([memory.vectors, negatives.to(memory.vectors.dtype)])
     mu, cov = memory.moments()
     lam = 1e-2 * float(cov.diagonal().mean()) + 1e-8
     eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
     chol = torch.linalg.cholesky(cov + lam * eye)  # one factorisation, shared by every neuron
+    solve = _woodbury_solver(chol, negatives, mu, negative_whiten)
     rhs = (q.double() - mu).t()  # (d, n)
-    u = torch.cholesky_solve(rhs, chol).t()  # (n, d)
+    u = solve(rhs).t()  # (n, d)
     if any(x.shape[0] > 1 for x in qs):
         # The views' own scatter S = U U^T (rank < views) joins the covariance, so the patch
         # fires about equally on every view: Woodbury on the shared factorisation,
@@ -89,7 +95,7 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
                 continue
             dx = x.double() - x.double().mean(0)
             U = dx.t() * math.sqrt(_VIEW_SCATTER / x.shape[0])  # (d, views)
-            AiU = torch.cholesky_solve(U, chol)
+            AiU = solve(U)
             small = torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ AiU
             u[n] = u[n] - AiU @ torch.linalg.solve(small, U.t() @ u[n])
     u = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
@@ -104,6 +110,22 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
     keys = torch.where(good[:, None], k_new, keys)
     bias = torch.where(good, b_new, bias)
     return keys, bias
+
+
+def _woodbury_solver(chol: torch.Tensor, negatives: torch.Tensor | None, mu: torch.Tensor, weight: float):
+    """``r -> (A + N N^T)^-1 r`` for ``A = chol chol^T`` and ``N`` the negatives' deviations from
+    ``mu`` scaled by ``sqrt(weight / count)`` (just ``A^-1 r`` without negatives or weight)."""
+    if negatives is None or not len(negatives) or weight <= 0:
+        return lambda r: torch.cholesky_solve(r, chol)
+    N = (negatives.double() - mu).t() * math.sqrt(weight / negatives.shape[0])  # (d, m)
+    AiN = torch.cholesky_solve(N, chol)
+    small = torch.eye(N.shape[1], dtype=N.dtype, device=N.device) + N.t() @ AiN
+
+    def solve(r: torch.Tensor) -> torch.Tensor:
+        Air = torch.cholesky_solve(r, chol)
+        return Air - AiN @ torch.linalg.solve(small, N.t() @ Air)
+
+    return solve
 
 
 # ------------------------------------------------------------------------------------- values
@@ -223,7 +245,7 @@ def init_params(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edi
     q = torch.stack([x.mean(0) for x in qs])  # (n, d)
     keys, bias = authors_key_init(q)
     if cfg.init == "memory" and len(memory) > 0:
-        keys, bias = memory_key_init(memory, q, qs, keys, bias)
+        keys, bias = memory_key_init(memory, q, qs, keys, bias, batch.negatives, cfg.negative_whiten)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + n_edits)
     v_dir = (torch.randn(len(qs), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
     value = value_init_for(h, cfg)

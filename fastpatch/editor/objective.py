@@ -72,8 +72,8 @@ def losses(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatc
     a_edit = torch.stack([a.min() for a in a_views])  # each neuron's weakest view
     l_act = torch.exp(-a_all).topk(min(cfg.act_topk, a_all.numel())).values.mean()
     stats: dict[str, torch.Tensor] = {}
-    if len(memory) and with_memory:
-        mem = memory.vectors
+    mem = batch.memory_rows(memory.vectors)
+    if mem.shape[0] and with_memory:
         m1, m2 = patch_memory_loss(mem, K.to(mem.dtype), b.to(mem.dtype), a_edit, cfg.mem_topk, cfg.margin,
                                    stats=stats)
         l_m1, l_m2 = m1.mean(), m2.mean()

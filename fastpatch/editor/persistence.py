@@ -43,6 +43,7 @@ def save_editor(ed: Any, directory: str | os.PathLike[str]) -> None:
             "edits": ed.edits,
             "next_code": ed.next_code,
             "context_prefixes": ed.prefixes,
+            "subjects": ed.subjects,
         })
 
 
@@ -71,4 +72,5 @@ def load_editor(cls: type, directory: str | os.PathLike[str], model: Any, tokeni
     ed.next_code = int(state["next_code"])
     prefixes = state.get("context_prefixes")
     ed.prefixes = list(prefixes) if prefixes is not None else None
+    ed.subjects = [str(x) for x in state.get("subjects", [])]
     return ed

@@ -20,6 +20,9 @@ class EditRequest:
     Generative models: ``prompt`` and ``target`` (the continuation, or for seq2seq models the
     output). Classifiers: ``prompt`` (the input) and ``label`` (class index).
     ``rephrases`` are optional paraphrases (used by the runner's GR metric, not by training).
+    ``subject`` (the entity the fact is about, as it appears in the prompt) lets the editor build
+    hard negatives (``EditorConfig.negatives``): the prompt about other subjects; ``ground_truth``
+    (the old answer) is what those negatives are read with.
     """
 
     prompt: str
@@ -27,6 +30,8 @@ class EditRequest:
     label: int | None = None
     edit_id: str | None = None
     rephrases: list[str] = field(default_factory=list)
+    subject: str | None = None
+    ground_truth: str | None = None
 
 
 @dataclass
@@ -101,6 +106,18 @@ class MethodSettings:
         augment_tokens: length, in tokens, of each generated context prefix.
         augment_patience: once every request is right as given and the memory margins hold, at
             most this many more steps are spent making every context variant right.
+        negatives: causal LMs: per edit, this many hard negatives, the edit prompt with another
+            subject in place of its own (subjects of earlier requests that named theirs), read
+            with the request's ``ground_truth`` (else its target). Their FFN inputs from the last
+            prompt token on join the memory loss, the key init's memory margin and (with
+            ``negative_whiten``) its whitening for that edit only, so the patch must stay silent
+            on the same question about other subjects. 0: off (the authors').
+        negative_whiten: weight of the negatives' scatter (around the memory mean) added to the
+            memory covariance that whitens the key: the key then turns away from what the edit
+            shares with its negatives (the relation, the template) towards what is its own.
+        memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
+            position, the authors'), ``"labels"`` (only the positions its neurons read) or
+            ``"none"`` (the memory stays the corpus).
         activation: patch activation, ``"relu"`` or ``"host"``.
         seed: seed of the random value init.
     """
@@ -123,6 +140,9 @@ class MethodSettings:
     augment: int = 4
     augment_tokens: int = 5
     augment_patience: int = 10
+    negatives: int = 0
+    negative_whiten: float = 0.0
+    memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0
 
@@ -148,6 +168,9 @@ class RuntimeOptions:
     memory_cap: int = 40_000
     keep_failed: bool = False
 
+
+#: Values of ``MethodSettings.memory_growth``.
+MEMORY_GROWTH: tuple[str, ...] = ("all", "labels", "none")
 
 #: Fields of earlier versions that nothing reads any more; dropped when a saved config is loaded.
 REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
@@ -190,6 +213,8 @@ class EditorConfig(RuntimeOptions, MethodSettings):
             raise EditError(f"config.init must be 'authors' or 'memory', got {self.init!r}")
         if self.value_init not in ("random", "unembed", "gradient"):
             raise EditError(f"config.value_init must be 'random', 'unembed' or 'gradient', got {self.value_init!r}")
+        if self.memory_growth not in MEMORY_GROWTH:
+            raise EditError(f"config.memory_growth must be one of {MEMORY_GROWTH}, got {self.memory_growth!r}")
         if self.activation not in ("relu", "host"):
             raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
         if not 0 <= self.label_smoothing < 1:

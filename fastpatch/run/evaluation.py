@@ -23,6 +23,8 @@ from ..metrics import (
     train_retain_rate,
 )
 from .errors import RunError
+from .scores import (ability_baseline, ability_scores, counterfact_baseline, counterfact_scores, generation_scores,
+                     is_counterfact)
 from .session import RunSession, fmt
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -160,8 +162,10 @@ def compute_baseline(
         "test": test,  # B: every pair of its half + whether the unedited model got it right
         "test_accuracy": exact_match_rate([c for *_, c in test]),
         "train_accuracy": (len(train) / len(a)) if a else None,
-        "seconds": round(time.perf_counter() - t0, 3),
     }
+    base["counterfact"] = counterfact_baseline(run)
+    base["ability"] = ability_baseline(run, check_pairs)
+    base["seconds"] = round(time.perf_counter() - t0, 3)
     log.info(
         "baseline: %d locality pairs; TrainR set %d/%d right before editing; TestR set %d (pre-edit accuracy %s) in %.1fs",
         len(loc_pairs), len(train), len(a), len(test), fmt(base["test_accuracy"]), base["seconds"],
@@ -280,8 +284,9 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
     ]
     values = {
         "ER": edit_retain_rate([ok[own[i]] for i in st.edited]),
-        "TrainR": train_retain_rate([True] * len(train), [ok[k] for k in train]),
-        "TestR": test_retain_rate([bool(c) for *_, c in run.baseline["test"]], [ok[k] for k in test]),
+        "TrainR": train_retain_rate([True] * len(train), [ok[k] for k in train], run.options.min_retain),
+        "TestR": test_retain_rate([bool(c) for *_, c in run.baseline["test"]], [ok[k] for k in test],
+                                  run.options.min_retain),
         "Rel": exact_match_rate([ok[k] for k in own]),
         "Gen": generalization_rate([[ok[k] for k in ks] for ks in para]) if with_gen else None,
         "Loc": locality(loc_pairs),
@@ -289,6 +294,11 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
     }
     if not with_gen:
         del values["Gen"]  # not measured here (the previous value stays current)
+    if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs[:pos]):
+        values.update(counterfact_scores(run, recs[:pos]))
+    if final and run.options.generation_metrics:
+        values.update(generation_scores(run, recs[:pos]))
+    values.update(ability_scores(run, check_pairs))
     seconds = time.perf_counter() - t0
     values["eval_seconds"] = round(seconds, 3)
     st.eval_seconds += seconds

@@ -168,9 +168,10 @@ def _edit_all(run: RunSession, info: dict[str, Any], fresh: bool) -> bool:
     try:
         st = run.state
         if fresh and st.n_edits == 0 and not st.evals:
+            need = max(1, run.options.min_retain)
             zero = st.record_eval({
-                "TrainR": 1.0 if run.baseline["train"] else None,
-                "TestR": 1.0 if run.baseline.get("test_accuracy") else None,
+                "TrainR": 1.0 if len(run.baseline["train"]) >= need else None,
+                "TestR": 1.0 if sum(bool(c) for *_, c in run.baseline["test"]) >= need else None,
             })
             run.write_line(run.evals_fh, {**zero, "SR": None, "GR": None, "patches": run.num_patches()})
         _loop(run, info)
@@ -236,9 +237,11 @@ def _process(run: RunSession, i: int, r: EditRecord) -> dict[str, Any]:
 
     ed, st = run.ed, run.state
     if run.labels is not None:  # a classifier: the label the target names (validated up front)
-        req = EditRequest(prompt=r.prompt, label=run.labels[r.target], edit_id=str(r.id), rephrases=list(r.rephrases))
+        req = EditRequest(prompt=r.prompt, label=run.labels[r.target], edit_id=str(r.id), rephrases=list(r.rephrases),
+                          subject=r.subject)
     else:
-        req = EditRequest(prompt=r.prompt, target=r.target, edit_id=str(r.id), rephrases=list(r.rephrases))
+        req = EditRequest(prompt=r.prompt, target=r.target, edit_id=str(r.id), rephrases=list(r.rephrases),
+                          subject=r.subject, ground_truth=r.ground_truth)
     t0 = time.perf_counter()
     error = None
     try:

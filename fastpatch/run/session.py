@@ -46,6 +46,15 @@ class RunOptions:
         retain_sets: ``(A, B)`` given explicitly instead of splitting ``retain_pairs``; each keeps
             its first ``retain_size`` distinct pairs.
         retain_size: most pairs per TrainR/TestR set.
+        min_retain: TrainR and TestR are reported (not n/a) only when the unedited model got at
+            least this many pairs of their set right: a rate over a handful of samples, or a ratio
+            over a near-zero pre-edit accuracy, is noise.
+        ability_texts: held-out texts whose perplexity (``PPL``) is measured before the stream
+            and at every evaluation point (:mod:`fastpatch.run.scores`).
+        ability_pairs: ``(question, answer)`` pairs unrelated to the stream; those the unedited
+            model answers right are the set ``Ability`` is measured on.
+        generation_metrics: at the end, also score every prompt and paraphrase by free greedy
+            generation (``Rel_gen``, ``Gen_gen``).
         batch_size: evaluation batch size.
         model_id: what identifies the model for resume (see
             :func:`fastpatch.run.identity.model_fingerprint`; default: derived from ``editor.model``).
@@ -68,6 +77,10 @@ class RunOptions:
     retain_pairs: Sequence[tuple[str, str]] | None = None
     retain_sets: RetainSets | None = None
     retain_size: int | None = 200
+    min_retain: int = 20
+    ability_texts: Sequence[str] | None = None
+    ability_pairs: Sequence[tuple[str, str]] | None = None
+    generation_metrics: bool = True
     batch_size: int = 32
     model_id: dict[str, Any] | str | None = None
     data_id: dict[str, Any] | None = None

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..atomic import atomic_file
 from ..metrics import percentile
+from .scores import SCORE_NAMES
 from .session import RunSession
 
 __all__ = ["build_summary", "peak_memory", "save_activations", "versions"]
@@ -89,6 +90,7 @@ def build_summary(run: RunSession, info: dict[str, Any], complete: bool) -> dict
         "skipped_correct": st.n_skipped,
         "successes": st.n_success,
         "metrics": st.current(),
+        "scores": _scores(run),
         "editor_success_rate": (st.n_editor_success / st.n_edits) if st.n_edits else None,
         "patches": run.num_patches(),
         "neurons_per_edit": (st.n_neurons / st.n_edits) if st.n_edits else None,
@@ -109,12 +111,30 @@ def build_summary(run: RunSession, info: dict[str, Any], complete: bool) -> dict
         "retain_sets": {"train": len(run.baseline.get("train", [])),
                         "train_candidates": run.baseline.get("train_candidates"),
                         "test": len(run.baseline.get("test", [])),
-                        "test_pre_accuracy": run.baseline.get("test_accuracy")},
+                        "test_right_before": sum(bool(c) for *_, c in run.baseline.get("test", [])),
+                        "test_pre_accuracy": run.baseline.get("test_accuracy"),
+                        "min_right": run.options.min_retain},
         "skipped_rows": info.get("skipped_rows", []),
         "versions": versions(),
         "editor_config": _editor_config(run.ed),
         "run": {k: v for k, v in info.items() if k not in ("skipped_rows",)},
     }
+
+
+def _scores(run: RunSession) -> dict[str, Any]:
+    """The latest CounterFact, free-generation and general-ability scores, with the unedited
+    model's values beside them (``pre``) and the sizes of the sets they are measured on."""
+    last = run.state.last_eval
+    out: dict[str, Any] = {k: last[k] for k in SCORE_NAMES if k in last}
+    pre: dict[str, Any] = dict(run.baseline.get("counterfact") or {})
+    ability = run.baseline.get("ability") or {}
+    if ability:
+        pre["PPL"] = ability.get("PPL_0")
+        out["ability_set"] = {"questions_right_before": len(ability.get("questions", [])),
+                              "candidates": ability.get("candidates"), "texts": ability.get("texts")}
+    if pre:
+        out["pre"] = pre
+    return out
 
 
 def _editor_config(ed: Any) -> dict[str, Any] | None:

@@ -1,0 +1,87 @@
+"""CounterFact scores, free-generation Rel/Gen and the general-ability scores with hand-computed
+answers (issue 14), on the lookup-table editor of ``test_metric_wiring``.
+
+Two CounterFact-style requests (true object ``T``, new target ``N``, one paraphrase and one
+neighbourhood prompt each): c0's edit holds on its prompt only and breaks its neighbour; c1's
+edit holds on its prompt and paraphrase, and breaks a general-ability question. Log-probabilities
+are -0.1 for the table's answer and -2 for anything else, so every score is computable by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+import fastpatch
+from fastpatch.data.formats import EditRecord
+from fastpatch.editor import EditRequest, EditResult
+from fastpatch.run.scores import is_counterfact, neighbourhood
+
+from .test_metric_wiring import TableEditor
+
+WORLD = {"c0": "T0", "c0p": "T0", "n0": "T0", "c1": "T1", "c1p": "T1", "n1": "T1",
+         "q1": "Q1", "q2": "Q2", "q3": "Q3"}
+SCRIPT = {"c0": {"c0": "N0", "n0": "N0"}, "c1": {"c1": "N1", "c1p": "N1", "q2": "broken"}}
+RECORDS = [
+    EditRecord("c0", "c0", "N0", "T0", ["c0p"], [("n0", "T0")], subject="s0", source_row=0),
+    EditRecord("c1", "c1", "N1", "T1", ["c1p"], [("n1", "T1")], subject="s1", source_row=1),
+]
+RIGHT, WRONG = -0.1, -2.0
+
+
+class ScoringTable(TableEditor):
+    """The table editor plus the scoring methods the CounterFact, generation and ability scores use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.world = dict(WORLD)
+        self.subjects_seen: list[str | None] = []
+
+    def edit(self, req: EditRequest) -> EditResult:
+        self.subjects_seen.append(req.subject)
+        self.world.update(SCRIPT[req.prompt])
+        pid = self.num_patches
+        self.num_patches += 1
+        self.edits[req.edit_id] = {"patch_ids": [pid]}
+        return EditResult(req.edit_id, True, 1, 0.0, [pid], {}, 1)
+
+    def target_logprobs(self, prompts, targets, batch_size: int = 32):
+        return [RIGHT if self.world[p] == t else WRONG for p, t in zip(prompts, targets)]
+
+    def generates(self, prompts, targets, batch_size: int = 32):
+        return [self.world[p] == t for p, t in zip(prompts, targets)]
+
+    def perplexity(self, texts, batch_size: int = 16):
+        return 10.0 + self.num_patches
+
+
+def test_counterfact_generation_and_ability_scores_have_known_values(tmp_path: Path) -> None:
+    ed = ScoringTable()
+    summary = fastpatch.run_stream(
+        ed, RECORDS, tmp_path / "cf", protocol="easyedit", eval_every=0, progress=False, plots=False,
+        retain_sets=([], []), ability_texts=["some text"], ability_pairs=[("q1", "Q1"), ("q2", "Q2"), ("q3", "no")])
+    s = summary["scores"]
+    e = math.exp
+    assert s["pre"] == pytest.approx({"ES": 0.0, "PS": 0.0, "NS": 1.0, "EM": e(WRONG) - e(RIGHT),
+                                      "PM": e(WRONG) - e(RIGHT), "NM": e(RIGHT) - e(WRONG), "PPL": 10.0})
+    assert s["ES"] == 1.0 and s["EM"] == pytest.approx(e(RIGHT) - e(WRONG))
+    assert s["PS"] == 0.5 and s["PM"] == pytest.approx(0.0, abs=1e-12)  # c0p still prefers T0
+    assert s["NS"] == 0.5 and s["NM"] == pytest.approx(0.0, abs=1e-12)  # n0 now prefers N0
+    assert s["Rel_gen"] == 1.0 and s["Gen_gen"] == 0.5
+    assert s["PPL"] == 12.0  # 10 + two patches
+    assert s["Ability"] == 0.5  # q1, q2 right before (q3 never was); c1 broke q2
+    assert s["ability_set"] == {"questions_right_before": 2, "candidates": 3, "texts": 1}
+    assert ed.subjects_seen == ["s0", "s1"]  # the runner hands each request its subject
+
+
+def test_scores_are_absent_where_they_do_not_apply(tmp_path: Path) -> None:
+    # no neighbourhood prompts (locality answers are not the true object): no CounterFact scores
+    recs = [EditRecord("c0", "c0", "N0", "T0", ["c0p"], [("q1", "Q1")], source_row=0)]
+    assert not is_counterfact(recs) and neighbourhood(recs[0]) == []
+    summary = fastpatch.run_stream(ScoringTable(), recs, tmp_path / "z", protocol="easyedit", eval_every=0,
+                                   progress=False, plots=False, retain_sets=([], []), generation_metrics=False)
+    assert summary["scores"] == {}
+    # a record whose true object is its new target has no neighbourhood either
+    assert neighbourhood(EditRecord("x", "c0", "T0", "T0", [], [("n0", "T0")])) == []
