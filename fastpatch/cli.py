@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the free-generation Rel/Gen at the end of the run")
     r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
     r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
+    r.add_argument("--module-path", default=None, metavar="PATH",
+                   help="the FFN to patch, e.g. model.layers.27.mlp (default: the family's last FFN; another "
+                        "layer trains through a full forward per step)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="EditorConfig override, e.g. --set max_steps=100 (repeatable)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -274,7 +277,7 @@ def _load_editor(args: argparse.Namespace, plan: StartPlan, overrides: dict[str,
     log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
     ckpt = plan.checkpoint
     if ckpt is None:
-        return Editor(model, tokenizer, config=EditorConfig(**overrides))
+        return Editor(model, tokenizer, config=EditorConfig(**overrides), module_path=args.module_path)
     from safetensors import SafetensorError
 
     try:
@@ -282,6 +285,9 @@ def _load_editor(args: argparse.Namespace, plan: StartPlan, overrides: dict[str,
     except (OSError, ValueError, KeyError, SafetensorError) as err:  # an unreadable part of the checkpoint
         raise CLIError(f"cannot resume from checkpoint {ckpt}: {err}; start over with --overwrite "
                        f"(or another --out)") from err
+    if args.module_path is not None and args.module_path != editor.module_path_arg:
+        raise CLIError(f"cannot resume: the run patches {editor.module_path_arg or 'the last FFN'!s}, not "
+                       f"--module-path {args.module_path}; drop --module-path, or start over with --overwrite")
     changed = {k: (getattr(editor.config, k), v) for k, v in overrides.items() if getattr(editor.config, k) != v}
     if changed:
         raise CLIError("cannot resume: the run was made with " + ", ".join(

@@ -32,6 +32,16 @@ before editing": only the pairs of its half that the unedited model answers corr
 ``B`` stands in for the held-out test data: its half is kept whole (right and wrong), and the
 accuracy ratio to the unedited model is reported. Neither half is ever in the editor's memory set.
 
+TrainR and TestR are n/a (``None``) when the unedited model got fewer than ``min_right`` pairs of
+their set right (the runner's ``RunOptions.min_retain``, default 20): on CounterFact a 135M model
+knows few neighbourhood facts, and a rate over six samples or a ratio over a pre-edit accuracy of
+0.01 is noise. The summary reports the counts instead.
+
+Beside these, :mod:`fastpatch.run.scores` reports CounterFact's scores (efficacy, paraphrase and
+neighbourhood scores and magnitudes, :func:`preference_score`), Rel./Gen. by free greedy generation,
+and the model's general ability (perplexity on held-out text, accuracy on questions it answered
+right before the stream).
+
 Rel./Gen./Loc. evaluated with the final model over the whole stream are EasyEdit's sequential
 editing numbers (WISE's "T = 1000" columns). EasyEdit averages Rel./Gen. per *token*; here they are
 exact-match per prompt (all target tokens right), which is stricter. SR equals Rel. measured right

@@ -146,12 +146,41 @@ def _f(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+#: Labels of the scores beside the headline metrics (:mod:`fastpatch.run.scores`).
+_SCORE_LABELS: dict[str, str] = {
+    "ES": "Efficacy score (CounterFact)", "PS": "Paraphrase score", "NS": "Neighbourhood score",
+    "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighbourhood magnitude",
+    "Rel_gen": "Rel. by free generation", "Gen_gen": "Gen. by free generation",
+    "PPL": "Perplexity, held-out text", "Ability": "Accuracy, questions right before",
+}
+
+
+def _scores_table(scores: dict[str, Any], retain: dict[str, Any]) -> list[str]:
+    """The scores beside the headline metrics, each with the unedited model's value, and why
+    TrainR/TestR are n/a when their sets are too small."""
+    pre = scores.get("pre") or {}
+    rows = [f"| {label} | {_f(scores.get(k))} | {_f(pre.get(k)) if k in pre else ('1 (by construction)' if k == 'Ability' else '')} |"
+            for k, label in _SCORE_LABELS.items() if scores.get(k) is not None]
+    out = ["", "| Score | Now | Unedited |", "|---|---|---|", *rows] if rows else []
+    need = retain.get("min_right")
+    notes = []
+    if need and retain.get("train", 0) < need:
+        notes.append(f"TrainR n/a: the unedited model got {retain.get('train')} of {retain.get('train_candidates')} "
+                     f"retain pairs right (fewer than {need}).")
+    if need and retain.get("test_right_before") is not None and retain["test_right_before"] < need:
+        notes.append(f"TestR n/a: the unedited model got {retain['test_right_before']} of {retain.get('test')} "
+                     f"held-out pairs right (fewer than {need}).")
+    return out + ([""] + notes if notes else [])
+    return out
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as Markdown: a metrics table, then a run table."""
     m = summary.get("metrics", {}) or {}
     lines = ["| Metric | Value |", "|---|---|"]
     for name in METRIC_NAMES:
         lines.append(f"| {_METRIC_LABELS[name]} | {_f(m.get(name))} |")
+    lines += _scores_table(summary.get("scores") or {}, summary.get("retain_sets") or {})
     t = summary.get("time", {}) or {}
     mem = summary.get("peak_memory", {}) or {}
     status = "complete" if summary.get("complete") else "INTERRUPTED (resume with --resume)"

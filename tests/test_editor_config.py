@@ -33,10 +33,11 @@ def test_old_saved_configs_load() -> None:
         EditorConfig.from_dict({**saved, "no_such_field": 1})
 
 
-def test_authors_turns_five_defaults_off() -> None:
+def test_authors_turns_six_defaults_off() -> None:
     ours, theirs = EditorConfig(), EditorConfig.authors()
     changed = {f.name for f in dataclasses.fields(EditorConfig) if getattr(ours, f.name) != getattr(theirs, f.name)}
-    assert changed == {"init", "value_init", "augment", "loss_vocab", "max_neurons"}
+    assert changed == {"init", "value_init", "augment", "loss_vocab", "max_neurons", "negatives", "negative_whiten"}
+    assert (theirs.negatives, theirs.negative_whiten, theirs.memory_growth) == (0, 0.0, "all")
 
 
 def test_gradient_value_init_off_the_fast_path_is_unembed_and_said(caplog) -> None:

@@ -42,8 +42,10 @@ def test_negatives_join_the_memory_loss_and_the_patch_stays_silent_on_them() -> 
     before = ed.activations(["the capital of norway is oslo"]).shape[1]
     res = ed.edit(_req("peru"))
     assert res.success and before == 0
-    act = ed.activations([f"the capital of {s} is oslo" for s in ("norway", "italy", "france")])
-    assert act.shape[1] == res.n_neurons and float(act.max()) <= 0.0
+    # silent where the negatives were read: from the last prompt token on
+    rows = torch.cat([x[-2:] for x in ed.ffn_inputs([f"the capital of {s} is oslo" for s in ("norway", "italy", "france")])])
+    act = ed.ffn.patch_activations(rows)
+    assert act.shape == (6, res.n_neurons) and float(act.max()) <= 0.0
     assert ed.subjects[-1] == "peru"  # the pool grows with every request naming its subject
     # without negatives the same edit's patch is not asked to stay silent there (memory only)
     plain = _editor("llama", negatives=0, augment=0)

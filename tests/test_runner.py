@@ -109,16 +109,33 @@ def test_crash_then_resume_edits_each_request_once(tiny: Path, tmp_path: Path) -
     assert summary["run"]["sessions"] == 2
 
 
-def test_limit_then_extend_within_baseline(tiny: Path, tmp_path: Path) -> None:
+def test_limit_then_extend_computes_the_baseline_with_patches_disabled(tiny: Path, tmp_path: Path,
+                                                                       monkeypatch) -> None:
     records = _records(tmp_path, 5)
     out = tmp_path / "run"
     s = run_stream(_editor(tiny), records, out, protocol="easyedit", eval_every=0, limit=2, progress=False,
                    plots=False)
     assert s["complete"] and s["requests"] == 2 and s["requests_total"] == 2
-    # the pre-edit baseline only covers 2 requests: extending needs the unedited model
-    with pytest.raises(RunError, match="baseline covers 2"):
-        run_stream(_editor(tiny, latest_checkpoint(out)), records, out, protocol="easyedit", eval_every=0,
+    # an editor that cannot run the unedited model cannot extend the baseline
+    import fastpatch.run.loop as loop
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "_unedited", lambda editor: None)
+        with pytest.raises(RunError, match="baseline covers 2"):
+            run_stream(_editor(tiny, latest_checkpoint(out)), records, out, protocol="easyedit", eval_every=0,
+                       limit=5, resume=True, progress=False, plots=False)
+    # the editor's patches switched off give the unedited model: the extended baseline is the one a
+    # fresh run over all five requests computes
+    s = run_stream(_editor(tiny, latest_checkpoint(out)), records, out, protocol="easyedit", eval_every=0,
                    limit=5, resume=True, progress=False, plots=False)
+    assert s["complete"] and s["requests"] == 5 and s["edits"] == 5
+    fresh = tmp_path / "fresh"
+    run_stream(_editor(tiny), records, fresh, protocol="easyedit", eval_every=0, limit=5, progress=False, plots=False)
+    got, want = (json.loads((d / "baseline.json").read_text()) for d in (out, fresh))
+    assert got["n_records"] == 5
+    for key in ("loc_tokens", "train", "test", "train_candidates", "counterfact", "ability"):
+        assert got[key] == want[key], key
+    assert [ln["id"] for ln in read_lines(out / "edits.jsonl")] == [r.id for r in records]
 
 
 def test_tpatcher_protocol_counts_only_edits(tiny: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Every metric formula is in :mod:`fastpatch.metrics`; this module decides which p
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -292,6 +293,8 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
         "Loc": locality(loc_pairs),
         "n_eval_prompts": len(keys) + len(loc_keys),
     }
+    if final:
+        _write_per_request(run, [ok[k] for k in own], [[ok[k] for k in ks] for ks in para], loc_pairs)
     if not with_gen:
         del values["Gen"]  # not measured here (the previous value stays current)
     if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs[:pos]):
@@ -309,6 +312,19 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
              " ".join(f"{k}={fmt(v)}" for k, v in shown.items() if k in point or k in ("SR", "GR")),
              seconds, values["n_eval_prompts"])
     return point
+
+
+def _write_per_request(run: RunSession, rel: list[bool], gen: list[list[bool]],
+                       loc: list[list[tuple[list[int], list[int]]]]) -> None:
+    """per_request.jsonl: each request's prompt, paraphrase and locality results at the end."""
+    from ..atomic import write_atomic
+    from ..metrics import token_agreement
+
+    lines = []
+    for i, r in enumerate(run.records[: len(rel)]):
+        lines.append(json.dumps({"i": i, "id": r.id, "rel": rel[i], "gen": gen[i] if gen else None,
+                                 "loc": [round(token_agreement(a, b), 4) for a, b in loc[i]]}))
+    write_atomic(run.paths.per_request, "\n".join(lines) + "\n")
 
 
 def check_stream(run: RunSession) -> None:

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +136,16 @@ def _baseline(run: RunSession, existing: dict[str, Any] | None, resumed: bool) -
             f"not {opts.retain_size}; resume with the same value (the CLI's default on --resume), or start over "
             f"with --overwrite (or another --out)")
     if base is not None and base.get("n_records", -1) < run.n_total:
+        unedited = _unedited(run.ed)
+        if resumed and unedited is not None:
+            # T-Patcher never changes a base weight: with the patches switched off the model is
+            # the unedited one, so the baseline of a longer stream can be computed now
+            log.info("extending the pre-edit baseline from %d to %d requests with the patches disabled",
+                     base["n_records"], run.n_total)
+            with unedited():
+                base = compute_baseline(run, _retain_pairs(run), opts.retain_size, opts.retain_sets)
+            write_json_atomic(paths.baseline, base, indent=None)
+            return base
         if resumed:
             raise RunError(
                 f"the run's pre-edit baseline covers {base['n_records']} requests, fewer than the "
@@ -144,12 +154,22 @@ def _baseline(run: RunSession, existing: dict[str, Any] | None, resumed: bool) -
             )
         base = None
     if base is None:
-        retain_pairs = opts.retain_pairs
-        if retain_pairs is None:
-            retain_pairs = [p for r in run.records for p in r.locality]
-        base = compute_baseline(run, retain_pairs, opts.retain_size, opts.retain_sets)
+        base = compute_baseline(run, _retain_pairs(run), opts.retain_size, opts.retain_sets)
         write_json_atomic(paths.baseline, base, indent=None)
     return base
+
+
+def _retain_pairs(run: RunSession) -> Sequence[tuple[str, str]]:
+    """The pairs the TrainR/TestR sets are drawn from: the options', else every locality pair."""
+    pairs = run.options.retain_pairs
+    return pairs if pairs is not None else [p for r in run.records for p in r.locality]
+
+
+def _unedited(editor: Any) -> Callable[[], Any] | None:
+    """A context manager factory that runs the editor's model unedited (its patches disabled), or
+    None when the editor cannot (then a longer stream needs a new run)."""
+    ffn = getattr(editor, "ffn", None)
+    return getattr(ffn, "patches_disabled", None)
 
 
 def _build_memory(run: RunSession, texts: list[str]) -> None:

@@ -86,9 +86,14 @@ class RunPaths:
     def activations(self) -> Path:
         return self.root / "activations.npz"
 
+    @property
+    def per_request(self) -> Path:
+        """The final evaluation per request (which records fail, and where)."""
+        return self.root / "per_request.jsonl"
+
     def outputs(self) -> tuple[Path, ...]:
         """The files a fresh start removes (run.json and the checkpoints aside)."""
-        return (self.edits, self.evals, self.summary_json, self.summary_csv, self.activations)
+        return (self.edits, self.evals, self.summary_json, self.summary_csv, self.activations, self.per_request)
 
 
 def read_json(path: Path) -> Any:

@@ -1,0 +1,139 @@
+"""Which editor settings make edits general and local: one ``fastpatch run`` per (stream, variant)
+on the first edits of the shared zsRE and CounterFact streams, collected into one table.
+
+    python benchmarks/ablations.py --shared ../shared/data --out runs/ablations           # run all
+    python benchmarks/ablations.py --shared ../shared/data --out runs/ablations --only cf-neg8
+    python benchmarks/ablations.py --collect runs/ablations                                # table only
+
+Every run is ``fastpatch run --model smollm2 --protocol easyedit --limit 200 --eval-every 0`` with
+the variant's ``--set``/``--module-path`` arguments, its directory ``<out>/<stream>-<variant>``
+(a finished run is not run again). The table (Rel/Gen/Loc, the CounterFact scores and the median
+seconds per edit of every run) goes to ``benchmarks/results/cpu/ablations.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from env import RESULTS_DIR, environment, save_results
+
+#: The streams: name -> file under the shared data folder.
+STREAMS = {
+    "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
+    "cf": "counterfact/easyedit_format/counterfact-edit.json",
+}
+#: The variants: name -> (what it tests, extra CLI arguments). ``base`` is the default config.
+#: The variants: name -> (what it tests, extra CLI arguments). Each single idea is tried on top of
+#: ``prev`` (the default before the hard negatives), so its row differs from ``prev`` by that idea
+#: alone; ``neg16w4`` is the default now.
+PREV = ["--set", "negatives=0", "--set", "negative_whiten=0"]
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "prev": ("the previous default (no hard negatives)", PREV),
+    "authors": ("the authors' T-Patcher (EditorConfig.authors())",
+                ["--set", "init=authors", "--set", "value_init=random", "--set", "augment=0",
+                 "--set", "loss_vocab=0", "--set", "max_neurons=5", *PREV]),
+    "neg8": ("hard negatives: 8 subject-swapped prompts per edit in its memory loss",
+             ["--set", "negatives=8", "--set", "negative_whiten=0"]),
+    "neg8w": ("hard negatives (8), also whitening the key init (weight 1)",
+              ["--set", "negatives=8", "--set", "negative_whiten=1.0"]),
+    "neg16w4": ("hard negatives (16), whitening weight 4: **the default now**",
+                ["--set", "negatives=16", "--set", "negative_whiten=4.0"]),
+    "neg32w8": ("hard negatives (32), whitening weight 8", ["--set", "negatives=32", "--set", "negative_whiten=8.0"]),
+    "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
+    "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
+    "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),
+    "L26aug0": ("patch layer 26 of 30 instead of the last (augment=0, full-forward training)",
+                [*PREV, "--set", "augment=0", "--module-path", "model.layers.26.mlp"]),
+}
+RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
+            "--no-general-ability", "--no-generation-metrics"]
+COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "sec/edit")
+
+
+def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> Path:
+    """Run one (stream, variant) unless its directory already holds a finished run; its directory."""
+    d = out / f"{stream}-{variant}"
+    if (d / "summary.json").is_file() and json.loads((d / "summary.json").read_text()).get("complete"):
+        return d
+    cmd = [sys.executable, "-m", "fastpatch.cli", "run", "--data", str(shared / STREAMS[stream]), "--out", str(d),
+           "--limit", str(limit), "--overwrite", *RUN_ARGS, *VARIANTS[variant][1]]
+    subprocess.run(cmd, check=True)
+    return d
+
+
+def row(d: Path) -> dict[str, float | None] | None:
+    """The table row of one run directory (None when it has no finished summary)."""
+    p = d / "summary.json"
+    if not p.is_file():
+        return None
+    s = json.loads(p.read_text())
+    m, sc = s.get("metrics") or {}, s.get("scores") or {}
+    return {"Rel": m.get("Rel"), "Gen": m.get("Gen"), "Loc": m.get("Loc"), "NS": sc.get("NS"), "ES": sc.get("ES"),
+            "PS": sc.get("PS"), "NS_pre": (sc.get("pre") or {}).get("NS"),
+            "sec/edit": (s.get("time") or {}).get("edit_seconds_median"), "edits": s.get("edits"),
+            "patches": s.get("patches")}
+
+
+def collect(out: Path) -> dict[str, dict[str, dict]]:
+    """``{stream: {variant: row}}`` of every finished run under ``out``."""
+    table: dict[str, dict[str, dict]] = {}
+    for stream in STREAMS:
+        for variant in VARIANTS:
+            r = row(out / f"{stream}-{variant}")
+            if r is not None:
+                table.setdefault(stream, {})[variant] = r
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict]], note: str = "") -> str:
+    """One table per stream: a row per variant."""
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["# Ablations: first 200 edits of the shared streams (SmolLM2-135M, CPU, EasyEdit protocol)", ""]
+    if note:
+        lines += [note, ""]
+    for stream, rows in table.items():
+        pre = next((r["NS_pre"] for r in rows.values() if r.get("NS_pre") is not None), None)
+        lines += [f"## {stream}" + (f" (unedited NS {pre:.3f})" if pre is not None else ""), "",
+                  "| variant | what | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {VARIANTS[name][0]} | " + " | ".join(f(r.get(c)) for c in COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or only collect) the ablation grid and save its table."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", type=Path, default=None, help="the shared data folder (holds zsre/ and counterfact/)")
+    ap.add_argument("--out", type=Path, default=Path("runs/ablations"), help="where the runs go")
+    ap.add_argument("--collect", type=Path, default=None, help="only collect the runs in this folder")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these <stream>-<variant> names")
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--note", default="", help="a line printed above the tables (e.g. how the machine was loaded)")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR / "cpu", help="where ablations.{json,md} go")
+    args = ap.parse_args(argv)
+    out = args.collect or args.out
+    if args.collect is None:
+        if args.shared is None:
+            ap.error("--shared is needed to run the grid (or --collect DIR)")
+        for stream in STREAMS:
+            for variant in VARIANTS:
+                if args.only is None or f"{stream}-{variant}" in args.only:
+                    run_one(args.shared, out, stream, variant, args.limit)
+    table = collect(out)
+    md = markdown(table, args.note)
+    save_results(args.results, "ablations", {"environment": environment(), "limit": args.limit,
+                                             "variants": {k: {"what": w, "args": a} for k, (w, a) in VARIANTS.items()},
+                                             "table": table}, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
