@@ -56,8 +56,9 @@ GROUPS: dict[str, dict] = {
                 "tests": ["tests/test_kernel_reference.py", "tests/test_sparsity.py", "tests/test_patch_loss.py",
                           "tests/test_kernels.py::test_patch_forward_host_activations"]},
     "formats": {"files": ["fastpatch/data/formats.py", "fastpatch/data/records.py"],
-                "tests": ["tests/test_formats.py", "tests/test_formats_synthetic.py"]},
-    "ffn": {"files": ["fastpatch/ffn.py"], "tests": ["tests/test_patched_ffn.py"]},
+                "tests": ["tests/test_formats_errors.py", "tests/test_formats_files.py", "tests/test_formats.py",
+                          "tests/test_formats_synthetic.py"]},
+    "ffn": {"files": ["fastpatch/ffn.py"], "tests": ["tests/test_ffn_layouts.py", "tests/test_patched_ffn.py"]},
 }
 
 #: Statements mutmut leaves alone: log calls (their text and arguments only reach a log).

@@ -194,3 +194,28 @@ def test_has_json_feature() -> None:
     assert not _has_json_feature([value]) and not _has_json_feature(())
     assert _has_json_feature(Holder(Holder(json_type))) and not _has_json_feature(Holder(value))
     assert not _has_json_feature(Holder(None))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_reading_leaves_the_progress_bar_setting_alone(tmp_path: Path, enabled: bool) -> None:
+    """datasets' progress bars are off while a stream is read, then as the caller had them."""
+    import datasets
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(ROW) + "\n", encoding="utf-8")
+    seen = []
+    real_load = datasets.load_dataset
+
+    def load_dataset(*args: Any, **kwargs: Any) -> Any:
+        seen.append(datasets.is_progress_bar_enabled())
+        return real_load(*args, **kwargs)
+
+    was = datasets.is_progress_bar_enabled()
+    try:
+        (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(datasets, "load_dataset", load_dataset)
+            assert load_stream(path).loader == "datasets"
+        assert seen == [False] and datasets.is_progress_bar_enabled() is enabled
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
