@@ -267,6 +267,11 @@ def test_ids_and_optional_fields() -> None:
     got = parse_rows([{"input": "a", "target": "t"}, {"input": "b", "target": "t", "id": -3},
                       {"input": "c", "target": "t", "id": 3.0}, {"input": "d", "target": "t"}], skip_bad=True)
     assert [r.id for r in got.records] == ["0", "-3", "3"] and got.skipped[0][:2] == (3, "id")
+    # CounterFact and EasyEdit rows without case_id: the row index too
+    cf = {k: v for k, v in CF_ROME_ROW.items() if k != "case_id"}
+    assert [r.id for r in parse_rows([cf, _with(cf, "requested_rewrite.subject", "Peru")]).records] == ["0", "1"]
+    easy = {k: v for k, v in CF_EASY_ROW.items() if k != "case_id"}
+    assert [r.id for r in parse_rows([easy, _with(easy, "prompt", "q")]).records] == ["0", "1"]
     # null optional fields are as absent
     rec = parse_rows([{"input": "a", "target": "t", "locality": None, "ground_truth": None, "subject": None,
                        "rephrases": None, "label": None, "id": None}]).records[0]

@@ -127,8 +127,9 @@ def test_bytes_that_are_not_utf8_name_row_and_byte(tmp_path: Path) -> None:
     assert err.row == 0 and err.reason == "bytes that are not UTF-8 at byte 0 (the file must be UTF-8 encoded)"
     err = _bad_utf8(tmp_path / "third.jsonl", rows[0] + b"\n\n" + rows[1] + b"\n" + bad + b"\n")
     assert err.row == 2
-    err = _bad_utf8(tmp_path / "lines.json", rows[0] + b"\n" + bad + b"\n")  # JSON lines in a .json file
-    assert err.row == 1
+    # JSON lines in a .json file: counted as lines (parsed as a list, the rows would be misnamed)
+    err = _bad_utf8(tmp_path / "lines.json", rows[0] + b"\n" + rows[1] + b"\n" + bad + b"\n")
+    assert err.row == 2
 
 
 def test_damaged_parquet(tmp_path: Path) -> None:
@@ -160,8 +161,9 @@ def test_reader_of_each_file(tmp_path: Path) -> None:
     for name in ("empty.jsonl", "empty.json"):
         (tmp_path / name).write_text("[]" if name.endswith(".json") else "", encoding="utf-8")
         assert _read_rows(tmp_path / name) == ([], "json")
-    with pytest.raises(FileNotFoundError):
-        _read_rows(tmp_path / "absent.json")
+    with pytest.raises(FileNotFoundError) as missing:
+        load_stream(tmp_path / "absent.json")
+    assert missing.value.args == (tmp_path / "absent.json",)
     with pytest.raises(ValueError) as err:
         load_stream(tmp_path / "s.csv")
     assert str(err.value) == f"{tmp_path / 's.csv'}: unsupported file type '.csv'; expected .json, .jsonl or .parquet"
@@ -219,3 +221,20 @@ def test_reading_leaves_the_progress_bar_setting_alone(tmp_path: Path, enabled: 
         assert seen == [False] and datasets.is_progress_bar_enabled() is enabled
     finally:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def test_reading_writes_nothing_to_the_datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``datasets`` gets a throw-away cache: neither the user's datasets cache nor the temporary
+    directory keeps anything once the rows are read."""
+    import tempfile
+
+    import datasets
+
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(ROW) + "\n", encoding="utf-8")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert load_stream(path).loader == "datasets"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl", "tmp"]
+    assert list((tmp_path / "tmp").iterdir()) == []
