@@ -200,6 +200,8 @@ def test_stream_format_error_message_and_path() -> None:
 
 @pytest.mark.parametrize("row, fmt", [
     ({"requested_rewrite": {}, "src": "s", "alt": "a"}, "counterfact"),  # requested_rewrite first
+    ({"src": "s", "alt": "a"}, "zsre"),  # exactly the keys a format needs
+    ({"prompt": "p", "target_new": "t"}, "easyedit"),
     ({"src": "s", "alt": "a", "prompt": "p", "target_new": "t"}, "zsre"),
     ({"src": "s"}, None),
     ({"alt": "a"}, None),
@@ -234,9 +236,10 @@ def test_undetectable_first_row() -> None:
     assert (err.value.row, err.value.field, err.value.path) == (0, "", "p.json")
     assert err.value.reason == ("cannot detect the stream format from the first row's keys ['a', 'q']; "
                                 "pass fmt= one of ('zsre', 'counterfact', 'easyedit', 'fastpatch')")
-    with pytest.raises(StreamFormatError) as err:
-        parse_rows(["text"], skip_bad=True)
-    assert err.value.reason.startswith("cannot detect the stream format from the first row's keys str;")
+    for first, name in (("text", "str"), (5, "int"), (["input", "target"], "list")):
+        with pytest.raises(StreamFormatError) as err:
+            parse_rows([first], skip_bad=True)
+        assert err.value.reason.startswith(f"cannot detect the stream format from the first row's keys {name};")
     empty = parse_rows([])
     assert (empty.records, empty.skipped, empty.format, empty.loader) == ([], [], "unknown", "datasets")
     assert StreamLoad([]).format == "unknown" and StreamLoad([]).skipped == []

@@ -136,7 +136,8 @@ def test_damaged_parquet(tmp_path: Path) -> None:
     path = tmp_path / "cut.parquet"
     path.write_bytes(b"PAR1 not really parquet")
     err = _load_error(path)
-    assert err.row == 0 and err.reason.startswith("not a readable parquet file (truncated or corrupt?): ")
+    # the reader's own error follows, with its type
+    assert err.row == 0 and err.reason.startswith("not a readable parquet file (truncated or corrupt?): ArrowInvalid: ")
 
 
 # ---------------------------------------------------------------------------------------------
