@@ -76,7 +76,8 @@ def prepare(name: str, spec: dict) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     inside = spec.get("kernels_inside", False)
-    for item in ("fastpatch", "kernels", "tests", "README.md", "pyproject.toml"):
+    # docs/: tests compare the manual's tables with the code (tests/test_metrics.py)
+    for item in ("fastpatch", "kernels", "tests", "docs", "README.md", "pyproject.toml"):
         src = ROOT / item
         dst = work / "fastpatch" / "kernels" if (item == "kernels" and inside) else work / item
         if src.is_dir():
@@ -90,7 +91,7 @@ def prepare(name: str, spec: dict) -> Path:
         fh.write(
             "\n[tool.mutmut]\n"
             f"source_paths = {_toml_list(['fastpatch'] if inside else ['fastpatch', 'kernels'])}\n"
-            f"also_copy = {_toml_list(['README.md'])}\n"
+            f"also_copy = {_toml_list(['README.md', 'docs'])}\n"
             f"only_mutate = {_toml_list(spec['files'])}\n"
             f"pytest_add_cli_args_test_selection = {_toml_list(spec['tests'])}\n"
             f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider', '-p', 'no:randomly'])}\n"
