@@ -171,7 +171,7 @@ def summary_md(results: list[dict]) -> str:
     lines = ["# Mutation score (mutmut 3, `make mutation`)", "",
              "| group | files | mutants | killed | score | survivors |", "|---|---|---|---|---|---|"]
     for r in results:
-        score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        score = "-" if not r["mutants"] else f"{100 * r['killed'] / r['mutants']:.1f}%"  # not the rounded score
         if r.get("not_run"):
             score += f" ({r['not_run']} not run)"
         lines.append(f"| {r['group']} | {', '.join(r['files'])} | {r['mutants']} | {r['killed']} | {score} | "
