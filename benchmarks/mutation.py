@@ -56,8 +56,9 @@ GROUPS: dict[str, dict] = {
                 "tests": ["tests/test_kernel_reference.py", "tests/test_sparsity.py", "tests/test_patch_loss.py",
                           "tests/test_kernels.py::test_patch_forward_host_activations"]},
     "formats": {"files": ["fastpatch/data/formats.py", "fastpatch/data/records.py"],
-                "tests": ["tests/test_formats.py", "tests/test_formats_synthetic.py"]},
-    "ffn": {"files": ["fastpatch/ffn.py"], "tests": ["tests/test_patched_ffn.py"]},
+                "tests": ["tests/test_formats_errors.py", "tests/test_formats_files.py", "tests/test_formats.py",
+                          "tests/test_formats_synthetic.py"]},
+    "ffn": {"files": ["fastpatch/ffn.py"], "tests": ["tests/test_ffn_layouts.py", "tests/test_patched_ffn.py"]},
 }
 
 #: Statements mutmut leaves alone: log calls (their text and arguments only reach a log).
@@ -75,7 +76,8 @@ def prepare(name: str, spec: dict) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     inside = spec.get("kernels_inside", False)
-    for item in ("fastpatch", "kernels", "tests", "README.md", "pyproject.toml"):
+    # docs/: tests compare the manual's tables with the code (tests/test_metrics.py)
+    for item in ("fastpatch", "kernels", "tests", "docs", "README.md", "pyproject.toml"):
         src = ROOT / item
         dst = work / "fastpatch" / "kernels" if (item == "kernels" and inside) else work / item
         if src.is_dir():
@@ -89,7 +91,7 @@ def prepare(name: str, spec: dict) -> Path:
         fh.write(
             "\n[tool.mutmut]\n"
             f"source_paths = {_toml_list(['fastpatch'] if inside else ['fastpatch', 'kernels'])}\n"
-            f"also_copy = {_toml_list(['README.md'])}\n"
+            f"also_copy = {_toml_list(['README.md', 'docs'])}\n"
             f"only_mutate = {_toml_list(spec['files'])}\n"
             f"pytest_add_cli_args_test_selection = {_toml_list(spec['tests'])}\n"
             f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider', '-p', 'no:randomly'])}\n"
@@ -169,7 +171,7 @@ def summary_md(results: list[dict]) -> str:
     lines = ["# Mutation score (mutmut 3, `make mutation`)", "",
              "| group | files | mutants | killed | score | survivors |", "|---|---|---|---|---|---|"]
     for r in results:
-        score = "-" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        score = "-" if not r["mutants"] else f"{100 * r['killed'] / r['mutants']:.1f}%"  # not the rounded score
         if r.get("not_run"):
             score += f" ({r['not_run']} not run)"
         lines.append(f"| {r['group']} | {', '.join(r['files'])} | {r['mutants']} | {r['killed']} | {score} | "

@@ -5,7 +5,8 @@ CounterFact in the ROME format and in EasyEdit's format, EasyEdit with nested an
 fastpatch JSONL) is checked on rows written here, through every container (.json, .jsonl,
 .parquet). The fuzz then breaks rows (missing fields, wrong types, empty strings, unicode) and
 files (truncated JSON / JSONL / parquet, bytes that are not UTF-8): the only outcomes allowed are
-records or a :class:`StreamFormatError` naming the row, never another exception.
+records or a :class:`StreamFormatError` naming the row and a field broken in it, never another
+exception.
 """
 
 from __future__ import annotations
@@ -236,11 +237,20 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
+def _dotted(path: tuple) -> str:
+    """A key path as the errors spell a field: ``locality[0].prompt``, ``requested_rewrite.subject``."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
 @st.composite
-def broken_row(draw: st.DrawFn, row: dict) -> dict:
+def broken_row(draw: st.DrawFn, row: dict) -> tuple[dict, set[str]]:
     """``row`` with a few fields deleted or replaced by any JSON value (wrong types, empty or
-    unicode strings, nested junk)."""
+    unicode strings, nested junk), and the fields broken (dotted, as errors name them)."""
     r = json.loads(json.dumps(row))
+    broken: set[str] = set()
     for _ in range(draw(st.integers(1, 3))):
         paths = _paths(r)
         if not paths:
@@ -253,16 +263,42 @@ def broken_row(draw: st.DrawFn, row: dict) -> dict:
             del parent[path[-1]]
         else:
             parent[path[-1]] = draw(_json)
-    return r
+        broken.add(_dotted(path))
+    return r, broken
 
 
-def _check_outcome(rows: list[Any], fmt: str, bad: set[int]) -> None:
-    """Records, or a StreamFormatError naming a broken row; skip_bad skips broken rows only."""
+#: Fields an error may name for a break in the other one: a locality prompt and its answer(s)
+#: are checked against each other (a list of prompts needs a parallel list of answers).
+_PAIRED = {"prompt": "ground_truth", "ground_truth": "prompt", "locality_prompt": "locality_ground_truth",
+           "locality_ground_truth": "locality_prompt"}
+
+
+def _names_a_broken_field(field: str, broken: set[str]) -> bool:
+    """Whether an error's ``field`` is a broken field, inside one, or holds one (a broken value
+    inside a list or object is reported at that list or object, or at the item within it)."""
+
+    def within(inner: str, outer: str) -> bool:
+        return outer == "" or inner == outer or inner.startswith((outer + ".", outer + "["))
+
+    for b in broken:
+        if within(field, b) or within(b, field):
+            return True
+        head, _, last = b.rpartition(".")
+        if last in _PAIRED and within(field, f"{head}.{_PAIRED[last]}" if head else _PAIRED[last]):
+            return True
+    return False
+
+
+def _check_outcome(rows: list[Any], fmt: str, bad: dict[int, set[str]]) -> None:
+    """Records, or a StreamFormatError naming a broken row and a field broken in it; skip_bad
+    skips broken rows only, each with such a field."""
     try:
         load = parse_rows(rows, fmt=fmt)
     except StreamFormatError as err:
         assert err.row in bad, (err.row, bad, str(err))
         assert f"row {err.row} (0-based)" in str(err)
+        assert _names_a_broken_field(err.field, bad[err.row]), (err.field, bad[err.row], str(err))
+        assert (f", field {err.field!r}: " if err.field else " (0-based): ") in str(err)
     else:
         assert len(load.records) == len(rows)
         for r in load.records:
@@ -271,7 +307,8 @@ def _check_outcome(rows: list[Any], fmt: str, bad: set[int]) -> None:
             assert all(isinstance(p, str) and isinstance(a, str) for p, a in r.locality)
             assert isinstance(r.id, str) and r.id
     load = parse_rows(rows, fmt=fmt, skip_bad=True)
-    assert {row for row, _, _ in load.skipped} <= bad
+    assert {row for row, _, _ in load.skipped} <= set(bad)
+    assert all(_names_a_broken_field(field, bad[row]) for row, field, _ in load.skipped), load.skipped
     assert sorted([r.source_row for r in load.records] + [row for row, _, _ in load.skipped]) == list(range(len(rows)))
 
 
@@ -281,9 +318,12 @@ def _check_outcome(rows: list[Any], fmt: str, bad: set[int]) -> None:
 def test_fuzz_rows(fmt: str, aliases: tuple, row: dict, rec: EditRecord, data: st.DataObject) -> None:
     n = data.draw(st.integers(1, 4))
     rows: list[Any] = [_numbered(row, i, fmt) for i in range(n)]
-    bad = set(data.draw(st.lists(st.integers(0, n - 1), max_size=2, unique=True)))
-    for i in bad:
-        rows[i] = data.draw(st.one_of(broken_row(rows[i]), _json))  # a broken row, or not a row at all
+    bad: dict[int, set[str]] = {}
+    for i in data.draw(st.lists(st.integers(0, n - 1), max_size=2, unique=True)):
+        if data.draw(st.booleans()):
+            rows[i], bad[i] = data.draw(broken_row(rows[i]))
+        else:  # not a row at all (or a row of junk): any field may be named
+            rows[i], bad[i] = data.draw(_json), {""}
     _check_outcome(rows, fmt, bad)
     if 0 not in bad:  # auto-detection reads row 0
         _check_outcome(rows, "auto", bad)

@@ -312,11 +312,12 @@ def _jsonl_row_at(before: str) -> int:
 
 
 def _json_row_at(before: str) -> int:
+    """The row of a JSON list that the text ``before`` ends in (after a complete list: the row
+    after its last one, as the parser names data after the list)."""
     try:
-        _json_list_rows(before, Path())
+        return len(_json_list_rows(before, Path()))
     except StreamFormatError as err:
         return err.row
-    return 0
 
 
 def _load_with_json(path: Path, container: str) -> list[Any]:
