@@ -124,7 +124,7 @@ def split_tuning(g: ModuleType, hbm_gbs: float) -> list[dict]:
                                       w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
                                       values=values.double())
         call = lambda c: g.fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
-                                             keys=keys, bias=biases, values=values, config=c, schedule="split")
+                                             keys=keys, bias=biases, values=values, config=c)
         default = g._cfg_name(g.default_split_config(M, dtype))
         timed = []
         with torch.no_grad():
