@@ -39,6 +39,7 @@ checked against the reference first: a fast wrong kernel fails the check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -126,6 +127,40 @@ def fused_ffn_at(config, *args, **kwargs) -> torch.Tensor:
     configurations (and ``None``), the atomic schedule (``kernels_atomic.py``) for its."""
     run = atomic_patched_ffn if config is not None and "ROTATE_N" in config.kwargs else fused_patched_ffn
     return run(*args, config=config, **kwargs)
+
+
+def gated_reference(x: torch.Tensor, layout, keys=None, biases=None, values=None) -> torch.Tensor:
+    """The float64 reference of a gated (SiLU) FFN ``layout`` (``detect_layout``) plus patches."""
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    return R.patched_ffn_reference(D(x), D(layout.w_up), D(layout.w_down), R.ACT_SILU, w_gate=D(layout.w_gate),
+                                   keys=D(keys), bias=D(biases), values=D(values))
+
+
+def smollm2_config(**overrides):
+    """SmolLM2-135M's architecture as a ``LlamaConfig`` (random weights: latency does not depend on
+    them); 2 layers and 1,000 words in the dry run."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, **overrides)
+    if DRY:
+        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
+    return cfg
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the old value (or none) after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> float:
@@ -356,27 +391,25 @@ def config_correctness() -> list[dict]:
         for gated in (True, False):
             x, args, ref = _ffn_case(M, d, Fdim, d_out, P, gated, dtype)
             for c in [*atomic_configs_for(M), *split_configs_for(M)]:
-                try:
-                    out = fused_ffn_at(c, x, **args)
-                except OutOfResources as e:  # the autotuner skips such a candidate too
-                    rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
-                    continue
-                err = close(out, ref, dtype, f"fused_ffn config [{_cfg_name(c)}] gated={gated} M={M} {dtype}")
-                rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
-                             "max_err": err})
+                rows.append(_config_row(f"fused_ffn[{_cfg_name(c)}]", lambda c=c: fused_ffn_at(c, x, **args), ref,
+                                        f" gated={gated}", M, P, d))
         keys, bias, values = args["keys"], args["bias"], args["values"]
         base = torch.randn(M, d_out, device=DEV, dtype=dtype)
         ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
         for c in patch_configs_for(M):
-            try:
-                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)
-            except OutOfResources as e:
-                rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
-                continue
-            err = close(out, ref, dtype, f"patch_forward config [{_cfg_name(c)}] M={M} {dtype}")
-            rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
-                         "max_err": err})
+            run = lambda c=c: patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)  # noqa: E731
+            rows.append(_config_row(f"patch_forward[{_cfg_name(c)}]", run, ref, "", M, P, d))
     return rows
+
+
+def _config_row(kernel: str, run, ref: torch.Tensor, what: str, M: int, P: int, d: int) -> dict:
+    """One candidate configuration checked against ``ref`` in the low-precision dtype: its row."""
+    try:
+        out = run()
+    except OutOfResources as e:  # the autotuner skips such a candidate too
+        return {"kernel": kernel, "M": M, "max_err": f"skipped: {e}"[:120]}
+    err = close(out, ref, LOW, f"{kernel} config{what} M={M} {LOW}")
+    return {"kernel": kernel, "dtype": str(LOW), "M": M, "P": P, "d": d, "max_err": err}
 
 
 def loss_correctness() -> list[dict]:
@@ -430,16 +463,10 @@ def ffn_latency(hbm_gbs: float) -> list[dict]:
                     methods["concat (authors)"] = ConcatPatcher(layout, keys, biases, values)
                     methods["grace codebook"] = GraceCodebook(ffn_mod, keys, values, radius=1e-3)
                 with torch.no_grad():
-                    ref = R.patched_ffn_reference(
-                        x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
-                        w_gate=layout.w_gate.double(),
-                        keys=keys.double() if P else None, bias=biases.double() if P else None,
-                        values=values.double() if P else None)
+                    ref = gated_reference(x, layout, *((keys, biases, values) if P else ()))
                     for name, fn in methods.items():
                         if name != "grace codebook":  # GRACE computes a different function
-                            want = ref if name != "unpatched" else R.patched_ffn_reference(
-                                x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
-                                w_gate=layout.w_gate.double())
+                            want = ref if name != "unpatched" else gated_reference(x, layout)
                             close(fn(x), want, dtype, f"latency check {name} {shape} M={M} P={P}")
                         t = bench(lambda fn=fn: fn(x))
                         w_bytes = 3 * d * Fdim * 2
@@ -505,9 +532,7 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
                                                        + 2 * (Fdim + P) * d * 2 + io),
             }
             with torch.no_grad():
-                ref = R.patched_ffn_reference(
-                    x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU, w_gate=layout.w_gate.double(),
-                    keys=keys.double(), bias=biases.double(), values=values.double())
+                ref = gated_reference(x, layout, keys, biases, values)
                 times = {}
                 for name, (fn, nbytes) in methods.items():
                     call = (lambda fn=fn: fn(x)) if isinstance(fn, torch.nn.Module) else fn
@@ -590,9 +615,7 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
         nbytes = 3 * d * Fdim * 2 + P * (d + 1) * 2 + n_active * d * 2 + 2 * M * d * 2
         call = lambda c: fused_ffn_at(c, x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
                                       keys=keys, bias=biases, values=values)
-        ref = R.patched_ffn_reference(x.double(), lay.w_up.double(), lay.w_down.double(), R.ACT_SILU,
-                                      w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
-                                      values=values.double())
+        ref = gated_reference(x, lay, keys, biases, values)
         with torch.no_grad():
             for c in [None, *atomic_configs_for(M), *_sweep_extras(M), *split_configs_for(M), *_split_extras(M)]:
                 try:
@@ -670,14 +693,10 @@ def loss_kernel(hbm_gbs: float) -> list[dict]:
 
 # --------------------------------------------------------------------- 6. whole model
 def whole_model() -> list[dict]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    cfg = smollm2_config(rms_norm_eps=1e-5)
     rows = []
-    if DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
     for dtype in (LOW if not DRY else torch.float32,):
         model = LlamaForCausalLM(cfg).to(DEV, dtype).eval()
         ids = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
@@ -720,30 +739,19 @@ def editing() -> list[dict]:
     authors' init, same requests. Kernels run at their default launch configurations
     (``FASTPATCH_AUTOTUNE=0``): tuning every fp32 candidate would cost more lease time than the
     edits themselves."""
-    old = os.environ.get("FASTPATCH_AUTOTUNE")
-    os.environ["FASTPATCH_AUTOTUNE"] = "0"
-    try:
+    with env_var("FASTPATCH_AUTOTUNE", "0"):
         return _editing()
-    finally:
-        if old is None:
-            os.environ.pop("FASTPATCH_AUTOTUNE")
-        else:
-            os.environ["FASTPATCH_AUTOTUNE"] = old
 
 
 def _editing() -> list[dict]:
     import statistics
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from fastpatch.editor import Editor, EditorConfig, EditRequest
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = smollm2_config()
     n_mem, n_edits = (2000, 3) if DRY else (40000, 20)
-    if DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
 
     tok = _id_tokenizer(cfg.vocab_size)
     torch.manual_seed(0)
