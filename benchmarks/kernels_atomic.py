@@ -119,7 +119,7 @@ def _fused_ffn_atomic_kernel(
         h = tl.where(m_mask[:, None] & f_mask[None, :], h, 0.0)
         accumulate_rows(h, wd_ptr, offs_f, f_mask, ws_ptr, offs_m, m_mask, D_OUT, rot,
                         stride_df, stride_dn, stride_sm, stride_sn, BLOCK_M, BLOCK_N, INPUT_PRECISION)
-    _, _, p_lo, p_hi = work_ranges(start, end, F, P, cost_b, GRAN)  # after the loop: fewer live registers in it
+    _, _, p_lo, p_hi = work_ranges(start, end, F, P, cost_b, GRAN)  # after the loop: fewer live registers
     for p0 in range(p_lo, p_hi, BLOCK_F):
         offs_p = p0 + tl.arange(0, BLOCK_F).to(tl.int64)
         p_mask = offs_p < p_hi

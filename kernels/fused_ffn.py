@@ -162,6 +162,7 @@ def work_ranges(start, end, F, P, cost_b, GRAN: tl.constexpr):
     p_hi = tl.minimum(tl.maximum(end - base_cost, 0) * GRAN, P)
     return f_lo, f_hi, p_lo, p_hi
 
+
 # ----------------------------------------------------------------------------- the schedule
 #: One launch, two phases. A program's queue of tasks holds
 #:
@@ -221,6 +222,18 @@ def split_configs_for(M: int) -> list:
     return configs_for(SPLIT_CONFIGS, M)
 
 
+@triton.jit
+def release_granules(done_ptr, lo, hi, GROUP_F: tl.constexpr, GRAN: tl.constexpr):
+    """Add the granules of neurons ``[lo, hi)`` to the ``done`` counters of the groups of
+    ``GROUP_F`` neurons they fall in (release: the activations stored before are visible to a
+    down task that reads the count with acquire)."""
+    if hi > lo:
+        for g in range(lo // GROUP_F, tl.cdiv(hi, GROUP_F)):
+            g_lo = tl.maximum(lo, g * GROUP_F)
+            g_hi = tl.minimum(hi, (g + 1) * GROUP_F)
+            tl.atomic_add(done_ptr + g, tl.cdiv(g_hi - g_lo, GRAN).to(tl.int32), sem="release")
+
+
 @autotune(
     configs=SPLIT_CONFIGS,
     key=["M_BUCKET", "P_BUCKET", "D", "D_OUT", "F"],
@@ -264,7 +277,7 @@ def _fused_ffn_split_kernel(
             # ---- up share t: activations of its neurons into the scratch buffer
             start = t * total // n_shares
             end = (t + 1) * total // n_shares
-            f_lo, f_hi, p_lo, p_hi = work_ranges(start, end, F, P, cost_b, GRAN)
+            f_lo, f_hi, _, _ = work_ranges(start, end, F, P, cost_b, GRAN)
             for f0 in range(f_lo, f_hi, BLOCK_F):
                 offs_f = f0 + tl.arange(0, BLOCK_F).to(tl.int64)
                 f_mask = offs_f < f_hi
@@ -273,6 +286,7 @@ def _fused_ffn_split_kernel(
                                        GATED, HAS_BG, HAS_BU, ACT, BLOCK_M, BLOCK_F, BLOCK_D, INPUT_PRECISION)
                 tl.store(h_ptr + offs_m[:, None] * stride_hm + offs_f[None, :] * stride_hf,
                          h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & f_mask[None, :])
+            _, _, p_lo, p_hi = work_ranges(start, end, F, P, cost_b, GRAN)  # after the loop: fewer live registers
             for p0 in range(p_lo, p_hi, BLOCK_F):
                 offs_p = p0 + tl.arange(0, BLOCK_F).to(tl.int64)
                 p_mask = offs_p < p_hi
@@ -283,16 +297,8 @@ def _fused_ffn_split_kernel(
                          h.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & p_mask[None, :])
             # Every thread's stores are issued before the counts are released.
             tl.debug_barrier()
-            if f_hi > f_lo:
-                for g in range(f_lo // GROUP_F, tl.cdiv(f_hi, GROUP_F)):
-                    lo = tl.maximum(f_lo, g * GROUP_F)
-                    hi = tl.minimum(f_hi, (g + 1) * GROUP_F)
-                    tl.atomic_add(done_ptr + g, tl.cdiv(hi - lo, GRAN).to(tl.int32), sem="release")
-            if p_hi > p_lo:
-                for g in range(p_lo // GROUP_F, tl.cdiv(p_hi, GROUP_F)):
-                    lo = tl.maximum(p_lo, g * GROUP_F)
-                    hi = tl.minimum(p_hi, (g + 1) * GROUP_F)
-                    tl.atomic_add(done_ptr + ngb + g, tl.cdiv(hi - lo, GRAN).to(tl.int32), sem="release")
+            release_granules(done_ptr, f_lo, f_hi, GROUP_F, GRAN)
+            release_granules(done_ptr + ngb, p_lo, p_hi, GROUP_F, GRAN)  # patch groups follow the FFN's
         else:
             # ---- down task: (neuron group g, output slice c)
             j = t - n_shares
