@@ -154,9 +154,11 @@ def atomic_patched_ffn(
     Fdim, D_OUT = w_down.shape
     P = 0 if keys is None else keys.shape[0]
     gated = w_gate is not None
-    ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)  # the kernel adds into it
-    if b_down is not None:
-        ws += b_down.float()
+    if b_down is not None:  # the kernel adds into ws, which starts from the output bias (one copy)
+        ws = torch.empty(M, D_OUT, device=x.device, dtype=torch.float32)
+        ws.copy_(b_down.float().expand(M, D_OUT))
+    else:
+        ws = torch.zeros(M, D_OUT, device=x.device, dtype=torch.float32)
     if M == 0:
         return ws.to(x.dtype)
     if config is None and not autotune_enabled():
