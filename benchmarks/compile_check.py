@@ -28,7 +28,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# This folder on the path: the atomic schedule (``kernels_atomic.py``) is compiled beside the library's.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the real JIT is needed, not the interpreter
     raise SystemExit("compile_check needs TRITON_INTERPRET unset")
@@ -141,7 +145,7 @@ def compile_launch(call: Launch, arch: int = 90) -> dict[str, Any]:
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     row["shared_kb"] = round(k.metadata.shared / 1024, 1)
     est = call.extra.get("smem_estimate")
-    if est:  # the launchers plan with this estimate (fused_ffn.default_config / the tuner's prune)
+    if est:  # the launchers plan with this estimate (fused_ffn.first_fitting / the tuner's prune)
         row["estimate_kb"] = round(est / 1024, 1)
         if abs(est - k.metadata.shared) > SMEM_ESTIMATE_TOL * k.metadata.shared:
             row["error"] = f"shared-memory estimate {row['estimate_kb']} KB is off the compiler's {row['shared_kb']} KB"
@@ -162,17 +166,20 @@ def _label(cfg: Any) -> str:
 
 
 def fused_ffn_launches(which: str = "all") -> list[Launch]:
-    """Fused-FFN launches (gated and two-matrix, bf16 and fp32, 1, 5 and 33 tokens), for both
-    schedules (atomic and split).
+    """Fused-FFN launches (gated and two-matrix, bf16 and fp32, 1, 5 and 33 tokens): the library's
+    split schedule and the atomic one it is benchmarked against (``kernels_atomic.py``).
 
     ``which``: ``all`` candidates, each bucket's ``default`` (what runs where tuning is off), or
     ``quick``: one launch per code path (padded ``tl.dot`` and GEMV tiles, both FFN forms, fp32,
-    the split schedule)."""
-    from fastpatch.kernels import reference as R
-    from fastpatch.kernels.fused_ffn import (
-        default_config, default_split_config, ffn_configs_for, fused_patched_ffn, smem_estimate, split_configs_for,
-    )
+    both schedules)."""
+    from kernels_atomic import atomic_configs_for, atomic_patched_ffn, default_atomic_config
 
+    from fastpatch.kernels import reference as R
+    from fastpatch.kernels.fused_ffn import default_split_config, fused_patched_ffn, smem_estimate, split_configs_for
+
+    # schedule -> (launcher, candidates of M, default of (M, dtype, gated))
+    schedules = {"split": (fused_patched_ffn, split_configs_for, default_split_config),
+                 "atomic": (atomic_patched_ffn, atomic_configs_for, default_atomic_config)}
     out = []
     d, Fdim, P = 64, 80, 48
     for dtype in (torch.bfloat16, torch.float32):
@@ -185,18 +192,16 @@ def fused_ffn_launches(which: str = "all") -> list[Launch]:
                 args = dict(w_gate=w if gated else None, b_up=None if gated else torch.zeros(Fdim, dtype=dtype),
                             keys=torch.randn(P, d, dtype=dtype), bias=torch.zeros(P, dtype=dtype),
                             values=torch.randn(P, d, dtype=dtype))
-                for schedule in ("atomic", "split"):
-                    split = schedule == "split"
-                    if which == "quick" and split and (M == 1 or dtype == torch.float32):
+                for schedule, (run, candidates, default_of) in schedules.items():
+                    if which == "quick" and schedule == "split" and (M == 1 or dtype == torch.float32):
                         continue
-                    default = (default_split_config if split else default_config)(M, dtype, gated)
-                    configs = [default] if which != "all" else (split_configs_for if split else ffn_configs_for)(M)
-                    if which == "quick" and not split and M == 1 and gated and dtype == torch.bfloat16:
-                        configs.append(next(c for c in ffn_configs_for(M) if c.kwargs["BLOCK_M"] == 1))
+                    default = default_of(M, dtype, gated)
+                    configs = [default] if which != "all" else candidates(M)
+                    if which == "quick" and schedule == "atomic" and M == 1 and gated and dtype == torch.bfloat16:
+                        configs.append(next(c for c in candidates(M) if c.kwargs["BLOCK_M"] == 1))
                     for c in configs:
                         with recording() as calls:
-                            fused_patched_ffn(x, w, w, R.ACT_SILU if gated else R.ACT_GELU, config=c, schedule=schedule,
-                                              **args)
+                            run(x, w, w, R.ACT_SILU if gated else R.ACT_GELU, config=c, **args)
                         for call in calls:
                             call.label = (f"{'gated' if gated else 'dense'} {str(dtype)[6:]} M={M} {schedule} "
                                           f"{_label(c)}")

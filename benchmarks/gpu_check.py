@@ -39,6 +39,7 @@ checked against the reference first: a fast wrong kernel fails the check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -69,8 +70,10 @@ from fastpatch.ffn import detect_layout  # noqa: E402
 from fastpatch.kernels import reference as R  # noqa: E402
 from fastpatch.kernels import fused_ffn as FF  # noqa: E402
 from fastpatch.kernels.fused_ffn import (  # noqa: E402
-    _fused_ffn_kernel, _fused_ffn_split_kernel, default_config, default_split_config, ffn_configs_for, fused_patched_ffn,
-    split_configs_for,
+    _fused_ffn_split_kernel, default_split_config, fused_patched_ffn, split_configs_for,
+)
+from kernels_atomic import (  # noqa: E402
+    _fused_ffn_atomic_kernel, atomic_configs_for, atomic_patched_ffn, default_atomic_config,
 )
 from fastpatch.kernels.patch_forward import _patch_fused_kernel, patch_configs_for, patch_forward  # noqa: E402
 from fastpatch.kernels.testing import TOLERANCES  # noqa: E402
@@ -119,6 +122,47 @@ def bench_graph(fn, rep: int = 50) -> dict:
     return {"ms": med, "p20_ms": lo, "p80_ms": hi}
 
 
+def fused_ffn_at(config, *args, **kwargs) -> torch.Tensor:
+    """The fused FFN at launch configuration ``config``: the library's kernel for its own
+    configurations (and ``None``), the atomic schedule (``kernels_atomic.py``) for its."""
+    run = atomic_patched_ffn if config is not None and "ROTATE_N" in config.kwargs else fused_patched_ffn
+    return run(*args, config=config, **kwargs)
+
+
+def gated_reference(x: torch.Tensor, layout, keys=None, biases=None, values=None) -> torch.Tensor:
+    """The float64 reference of a gated (SiLU) FFN ``layout`` (``detect_layout``) plus patches."""
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    return R.patched_ffn_reference(D(x), D(layout.w_up), D(layout.w_down), R.ACT_SILU, w_gate=D(layout.w_gate),
+                                   keys=D(keys), bias=D(biases), values=D(values))
+
+
+def smollm2_config(**overrides):
+    """SmolLM2-135M's architecture as a ``LlamaConfig`` (random weights: latency does not depend on
+    them); 2 layers and 1,000 words in the dry run."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, **overrides)
+    if DRY:
+        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
+    return cfg
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """``os.environ[name] = value`` inside the block, the old value (or none) after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> float:
     atol, rtol = TOLERANCES[dtype]
     out, ref = out.detach(), ref.detach()
@@ -145,10 +189,10 @@ def _split_extras(M: int) -> list:
 
 
 
-#: Experimental launch configurations timed in the sweep beside the autotune candidates (not
-#: candidates themselves): the same tiles without the rotated column order, session 1's 2-stage
-#: pipeline, other output tiles, deeper pipelines and a 128-register cap.
 def _sweep_extras(M: int) -> list:
+    """Atomic-schedule configurations timed in the sweep beside its candidates (not candidates
+    themselves): the same tiles without the rotated column order, a 2-stage pipeline, other output
+    tiles, deeper pipelines and a 128-register cap."""
     if DRY:
         return []
     bm = 1 if M == 1 else 16
@@ -171,7 +215,8 @@ def _precompile_one(job: tuple) -> str:
     (dtype, flags, which integers are 1 or divisible by 16) matches a case of the main process,
     so that Triton's on-disk cache holds the compiled kernel when the main process asks for it.
 
-    ``job``: (kind, M, P, which, odd, gated, dtype name); ``which`` is a candidate's index,
+    ``job``: (kind, M, P, which, odd, gated, dtype name); kind ``split`` (the library's fused
+    FFN), ``atomic`` (its comparison schedule) or ``patch``; ``which`` is a candidate's index,
     ``("extra", i)`` for a sweep extra, or ``"default"``; ``odd``: sizes not divisible by 16 (the
     correctness cases), else divisible (the timed Llama/SmolLM2/BERT shapes)."""
     kind, M, P, which, odd, gated, dname = job
@@ -183,18 +228,18 @@ def _precompile_one(job: tuple) -> str:
         down = torch.randn(d, Fdim, device=DEV, dtype=dtype)
         keys, bias, values = (torch.randn(P, d, device=DEV, dtype=dtype), torch.zeros(P, device=DEV, dtype=dtype),
                               torch.randn(P, d, device=DEV, dtype=dtype))
-        if kind in ("ffn", "split"):
+        if kind in ("atomic", "split"):
             if which == "default":
-                c = (default_split_config if kind == "split" else default_config)(M, dtype, gated)
+                c = (default_split_config if kind == "split" else default_atomic_config)(M, dtype, gated)
             elif isinstance(which, tuple):
                 c = (_split_extras if kind == "split" else _sweep_extras)(M)[which[1]]
             else:
-                c = (split_configs_for if kind == "split" else ffn_configs_for)(M)[which]
+                c = (split_configs_for if kind == "split" else atomic_configs_for)(M)[which]
             # the flags of _ffn_case: gated = SiLU without biases, two-matrix = tanh-GELU with biases
             extra_args = {"w_gate": w} if gated else {"b_up": torch.zeros(Fdim, device=DEV, dtype=dtype),
                                                     "b_down": torch.zeros(d, device=DEV, dtype=dtype)}
-            fused_patched_ffn(x, w, down.t(), R.ACT_SILU if gated else R.ACT_GELU_TANH, keys=keys, bias=bias,
-                              values=values, config=c, **extra_args)
+            fused_ffn_at(c, x, w, down.t(), R.ACT_SILU if gated else R.ACT_GELU_TANH, keys=keys, bias=bias,
+                         values=values, **extra_args)
         else:
             c = patch_configs_for(M)[0 if which == "default" else which]
             patch_forward(x, keys, bias, values, torch.randn(M, d, device=DEV, dtype=dtype), backend="triton",
@@ -227,21 +272,21 @@ def precompile(p_sizes: tuple[int, ...] = (48, 40), correctness_cases: bool = Tr
     # 32 and 64 for the larger buckets.
     for M in (1, 5, 16, 32, 64):
         for P in p_sizes:
-            jobs += [("ffn", M, P, i, False, True, low) for i in range(len(ffn_configs_for(M)))]
+            jobs += [("atomic", M, P, i, False, True, low) for i in range(len(atomic_configs_for(M)))]
             jobs += [("split", M, P, i, False, True, low) for i in range(len(split_configs_for(M)))]
             jobs += [("patch", M, P, i, False, True, low) for i in range(len(patch_configs_for(M)))]
             if M in (1, 16):
-                jobs += [("ffn", M, P, ("extra", i), False, True, low) for i in range(len(_sweep_extras(M)))]
+                jobs += [("atomic", M, P, ("extra", i), False, True, low) for i in range(len(_sweep_extras(M)))]
                 jobs += [("split", M, P, ("extra", i), False, True, low) for i in range(len(_split_extras(M)))]
     if correctness_cases:
         for M in (1, 5, 33):  # config_correctness: odd sizes, every candidate, both FFN forms
             for gated in (True, False):
-                jobs += [("ffn", M, 41, i, True, gated, low) for i in range(len(ffn_configs_for(M)))]
+                jobs += [("atomic", M, 41, i, True, gated, low) for i in range(len(atomic_configs_for(M)))]
                 jobs += [("split", M, 41, i, True, gated, low) for i in range(len(split_configs_for(M)))]
             jobs += [("patch", M, 41, i, True, True, low) for i in range(len(patch_configs_for(M)))]
         for dname in ("float32", low):  # correctness(): each dtype's defaults at its cases' sizes
             for gated in (True, False):
-                for kind in ("ffn", "split"):
+                for kind in ("atomic", "split"):
                     jobs += [(kind, 1, 7, "default", True, gated, dname), (kind, 16, 40, "default", False, gated, dname),
                              (kind, 5, 41, "default", False, gated, dname)]
             jobs += [("patch", M, P, "default", odd, True, dname)
@@ -292,9 +337,9 @@ def correctness() -> list[dict]:
         for gated in (True, False):
             for (M, d, Fdim, P) in [(1, 113, 96 + 17, 7), (16, 576, 1536, 1000), (5, 4096, 11008, 10017)][: 1 if DRY else 3]:
                 x, args, ref = _ffn_case(M, d, Fdim, d, P, gated, dtype)
-                for sched, cfg in (("atomic", default_config(M, dtype, gated)),
+                for sched, cfg in (("atomic", default_atomic_config(M, dtype, gated)),
                                    ("split", default_split_config(M, dtype, gated))):
-                    out = fused_patched_ffn(x, **args, config=cfg)
+                    out = fused_ffn_at(cfg, x, **args)
                     err = close(out, ref, dtype, f"fused_ffn/{sched} gated={gated} M={M} d={d} P={P} {dtype}")
                     rows.append({"kernel": f"fused_ffn/{sched}/{'gated' if gated else 'dense'}", "dtype": str(dtype),
                                  "M": M, "P": P, "d": d, "max_err": err})
@@ -345,28 +390,26 @@ def config_correctness() -> list[dict]:
     for M in (1, 5, 17) if DRY else (1, 5, 33):
         for gated in (True, False):
             x, args, ref = _ffn_case(M, d, Fdim, d_out, P, gated, dtype)
-            for c in [*ffn_configs_for(M), *split_configs_for(M)]:
-                try:
-                    out = fused_patched_ffn(x, **args, config=c)
-                except OutOfResources as e:  # the autotuner skips such a candidate too
-                    rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
-                    continue
-                err = close(out, ref, dtype, f"fused_ffn config [{_cfg_name(c)}] gated={gated} M={M} {dtype}")
-                rows.append({"kernel": f"fused_ffn[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
-                             "max_err": err})
+            for c in [*atomic_configs_for(M), *split_configs_for(M)]:
+                rows.append(_config_row(f"fused_ffn[{_cfg_name(c)}]", lambda c=c: fused_ffn_at(c, x, **args), ref,
+                                        f" gated={gated}", M, P, d))
         keys, bias, values = args["keys"], args["bias"], args["values"]
         base = torch.randn(M, d_out, device=DEV, dtype=dtype)
         ref = R.patch_forward_reference(x.double(), keys.double(), bias.double(), values.double(), base.double())
         for c in patch_configs_for(M):
-            try:
-                out = patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)
-            except OutOfResources as e:
-                rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "M": M, "max_err": f"skipped: {e}"[:120]})
-                continue
-            err = close(out, ref, dtype, f"patch_forward config [{_cfg_name(c)}] M={M} {dtype}")
-            rows.append({"kernel": f"patch_forward[{_cfg_name(c)}]", "dtype": str(dtype), "M": M, "P": P, "d": d,
-                         "max_err": err})
+            run = lambda c=c: patch_forward(x, keys, bias, values, base, backend="triton", strategy="fused", config=c)  # noqa: E731
+            rows.append(_config_row(f"patch_forward[{_cfg_name(c)}]", run, ref, "", M, P, d))
     return rows
+
+
+def _config_row(kernel: str, run, ref: torch.Tensor, what: str, M: int, P: int, d: int) -> dict:
+    """One candidate configuration checked against ``ref`` in the low-precision dtype: its row."""
+    try:
+        out = run()
+    except OutOfResources as e:  # the autotuner skips such a candidate too
+        return {"kernel": kernel, "M": M, "max_err": f"skipped: {e}"[:120]}
+    err = close(out, ref, LOW, f"{kernel} config{what} M={M} {LOW}")
+    return {"kernel": kernel, "dtype": str(LOW), "M": M, "P": P, "d": d, "max_err": err}
 
 
 def loss_correctness() -> list[dict]:
@@ -420,16 +463,10 @@ def ffn_latency(hbm_gbs: float) -> list[dict]:
                     methods["concat (authors)"] = ConcatPatcher(layout, keys, biases, values)
                     methods["grace codebook"] = GraceCodebook(ffn_mod, keys, values, radius=1e-3)
                 with torch.no_grad():
-                    ref = R.patched_ffn_reference(
-                        x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
-                        w_gate=layout.w_gate.double(),
-                        keys=keys.double() if P else None, bias=biases.double() if P else None,
-                        values=values.double() if P else None)
+                    ref = gated_reference(x, layout, *((keys, biases, values) if P else ()))
                     for name, fn in methods.items():
                         if name != "grace codebook":  # GRACE computes a different function
-                            want = ref if name != "unpatched" else R.patched_ffn_reference(
-                                x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
-                                w_gate=layout.w_gate.double())
+                            want = ref if name != "unpatched" else gated_reference(x, layout)
                             close(fn(x), want, dtype, f"latency check {name} {shape} M={M} P={P}")
                         t = bench(lambda fn=fn: fn(x))
                         w_bytes = 3 * d * Fdim * 2
@@ -479,16 +516,15 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
             pffn.add_patches(keys, biases, values)
             concat = ConcatPatcher(layout, keys, biases, values)
             concat_each = ConcatPatcher(layout, keys, biases, values, cat_every_forward=True)
-            kernel = lambda sched="auto": fused_patched_ffn(  # noqa: E731
-                x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate, keys=keys, bias=biases, values=values,
-                schedule=sched)
+            kernel = lambda run=fused_patched_ffn: run(  # noqa: E731
+                x, layout.w_up, layout.w_down, R.ACT_SILU, w_gate=layout.w_gate, keys=keys, bias=biases, values=values)
             unfused = lambda: patch_forward(x, keys, biases, values, pffn.ffn(x), backend="triton")  # noqa: E731
             io = 2 * M * d * 2
             methods = {
                 "unpatched": (pffn.ffn, w_bytes + io),
                 "fastpatch (PatchedFFN)": (pffn, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "fused kernel alone": (kernel, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
-                "fused kernel, atomic schedule": (lambda: kernel("atomic"), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
+                "fused kernel, atomic schedule": (lambda: kernel(atomic_patched_ffn), w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "cuBLAS FFN + patch kernel": (unfused, w_bytes + P * (d + 1) * 2 + n_active * d * 2 + io),
                 "concat (authors)": (concat, w_bytes + P * (2 * d + 1) * 2 + io),
                 # the authors' code re-concatenates on every forward: read F + P rows, write them
@@ -496,9 +532,7 @@ def decode_roofline(hbm_gbs: float) -> list[dict]:
                                                        + 2 * (Fdim + P) * d * 2 + io),
             }
             with torch.no_grad():
-                ref = R.patched_ffn_reference(
-                    x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU, w_gate=layout.w_gate.double(),
-                    keys=keys.double(), bias=biases.double(), values=values.double())
+                ref = gated_reference(x, layout, keys, biases, values)
                 times = {}
                 for name, (fn, nbytes) in methods.items():
                     call = (lambda fn=fn: fn(x)) if isinstance(fn, torch.nn.Module) else fn
@@ -547,8 +581,8 @@ def crossover() -> list[dict]:
                 "unpatched": lambda: ffn(x),
                 "fused_ffn": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
                                                         keys=keys, bias=biases, values=values)) if M <= 64 else None,
-                "fused_atomic": (lambda: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
-                                                           keys=keys, bias=biases, values=values, schedule="atomic"))
+                "fused_atomic": (lambda: atomic_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,
+                                                            keys=keys, bias=biases, values=values))
                 if M <= 64 else None,
                 "cublas+patch_fused": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="fused"),
                 "cublas+patch_compact": lambda: patch_forward(x, keys, biases, values, ffn(x), backend="triton", strategy="compact"),
@@ -579,13 +613,11 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
         x = torch.randn(M, d, device=DEV, dtype=dtype)
         keys, biases, values, n_active = make_patches(x, P, d)
         nbytes = 3 * d * Fdim * 2 + P * (d + 1) * 2 + n_active * d * 2 + 2 * M * d * 2
-        call = lambda c: fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
-                                           keys=keys, bias=biases, values=values, config=c)
-        ref = R.patched_ffn_reference(x.double(), lay.w_up.double(), lay.w_down.double(), R.ACT_SILU,
-                                      w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
-                                      values=values.double())
+        call = lambda c: fused_ffn_at(c, x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
+                                      keys=keys, bias=biases, values=values)
+        ref = gated_reference(x, lay, keys, biases, values)
         with torch.no_grad():
-            for c in [None, *ffn_configs_for(M), *_sweep_extras(M), *split_configs_for(M), *_split_extras(M)]:
+            for c in [None, *atomic_configs_for(M), *_sweep_extras(M), *split_configs_for(M), *_split_extras(M)]:
                 try:
                     if c is not None:
                         close(call(c), ref, dtype, f"config sweep [{_cfg_name(c)}] M={M}")
@@ -594,10 +626,10 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
                     rows.append({"M": M, "config": "autotuned" if c is None else _cfg_name(c),
                                  "error": f"{type(e).__name__}: {e}"[:200]})
                     continue
-                tuned = _fused_ffn_split_kernel if FF.resolve_schedule("auto", M, Fdim) == "split" else _fused_ffn_kernel
+                tuned = _fused_ffn_split_kernel
                 name = "autotuned: " + _cfg_name(tuned.best_config) if c is None and hasattr(
                     tuned, "best_config") else ("default" if c is None else _cfg_name(c))
-                if c is not None and all(c is not q for q in [*ffn_configs_for(M), *split_configs_for(M)]):
+                if c is not None and all(c is not q for q in [*atomic_configs_for(M), *split_configs_for(M)]):
                     name = "extra: " + name
                 gbs = nbytes / (t["ms"] * 1e-3) / 1e9
                 rows.append({"M": M, "config": name, **t, "GB/s": gbs, "pct_hbm": 100 * gbs / hbm_gbs})
@@ -608,7 +640,7 @@ def config_sweep(hbm_gbs: float) -> list[dict]:
 def autotune_choices() -> dict:
     """What the autotuner picked for each key it saw in this run."""
     out = {}
-    for name, k in (("fused_ffn", _fused_ffn_kernel), ("fused_ffn_split", _fused_ffn_split_kernel),
+    for name, k in (("fused_ffn_atomic", _fused_ffn_atomic_kernel), ("fused_ffn_split", _fused_ffn_split_kernel),
                     ("patch_fused", _patch_fused_kernel)):
         cache = getattr(k, "cache", {}) or {}
         out[name] = {str(key): _cfg_name(c) for key, c in cache.items()}
@@ -661,14 +693,10 @@ def loss_kernel(hbm_gbs: float) -> list[dict]:
 
 # --------------------------------------------------------------------- 6. whole model
 def whole_model() -> list[dict]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    cfg = smollm2_config(rms_norm_eps=1e-5)
     rows = []
-    if DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
     for dtype in (LOW if not DRY else torch.float32,):
         model = LlamaForCausalLM(cfg).to(DEV, dtype).eval()
         ids = torch.randint(0, cfg.vocab_size, (1, 128), device=DEV)
@@ -711,30 +739,19 @@ def editing() -> list[dict]:
     authors' init, same requests. Kernels run at their default launch configurations
     (``FASTPATCH_AUTOTUNE=0``): tuning every fp32 candidate would cost more lease time than the
     edits themselves."""
-    old = os.environ.get("FASTPATCH_AUTOTUNE")
-    os.environ["FASTPATCH_AUTOTUNE"] = "0"
-    try:
+    with env_var("FASTPATCH_AUTOTUNE", "0"):
         return _editing()
-    finally:
-        if old is None:
-            os.environ.pop("FASTPATCH_AUTOTUNE")
-        else:
-            os.environ["FASTPATCH_AUTOTUNE"] = old
 
 
 def _editing() -> list[dict]:
     import statistics
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from fastpatch.editor import Editor, EditorConfig, EditRequest
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = smollm2_config()
     n_mem, n_edits = (2000, 3) if DRY else (40000, 20)
-    if DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
 
     tok = _id_tokenizer(cfg.vocab_size)
     torch.manual_seed(0)
@@ -814,8 +831,6 @@ def section(name: str, fn, *args):
         out = None
     RESULTS["sections"][name] = out
     if OUT_DIR is not None:  # after every section: a run cut short by the lease keeps what it measured
-        write_atomic(OUT_DIR / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
-    if OUT_DIR is not None:  # partial results survive a lease that runs out
         RESULTS["wall_s"] = time.time() - T0
         write_atomic(OUT_DIR / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
     return out
@@ -831,8 +846,41 @@ def md_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    global OUT_DIR, DECODE_P
+#: Columns of each section's table in ``gpu_check.md``, in the order the tables appear.
+REPORT_COLUMNS = [
+    ("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
+    ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat", "speedup_vs_concat_each"]),
+    ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
+    ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "fused_atomic_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
+    ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
+    ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
+    ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),
+    ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"]),
+    ("prefill", ["shape", "M", "P", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "vs_unpatched"]),
+    ("scale", ["P", "M", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "patch_overhead_ms", "key_scan_floor_ms", "bytes_per_key_element", "pct_hbm"]),
+    ("split_tuning", ["M", "default_config", "default_ms", "best_config", "best_ms", "default_vs_best", "candidates", "patchedffn_default_ms", "config", "error"]),
+    ("gpu_editing", ["edits", "memory_vectors", "first_edit_s", "median_ms_per_edit", "p90_ms_per_edit", "max_ms_per_edit", "median_steps", "success_rate", "compilations_first_edit", "compilations_after_first_edit", "tuned_keys_after_first_edit"]),
+    ("compiled", ["mode", "dtype", "first_call_s", "max_abs_err", "compiled_ms", "eager_ms", "speedup", "frames_compiled", "dynamo_unique_graphs", "graph_breaks"]),
+]
+
+
+def timed_sections() -> list[tuple]:
+    """(name, function, whether it takes the measured HBM bandwidth) of every timed section, in
+    the order they run. Issue 16's (``gpu_issue16.py``) take this module as their first argument."""
+    me = sys.modules[__name__]
+    return [("decode_roofline", decode_roofline, True), ("config_sweep", config_sweep, True),
+            ("ffn_latency", ffn_latency, True), ("loss_kernel", loss_kernel, True),
+            ("crossover", crossover, False), ("whole_model", whole_model, False), ("memory", memory, False),
+            ("editing", editing, False),
+            ("prefill", lambda *a: I16.prefill(me, *a), True),
+            ("scale", lambda *a: I16.scale(me, *a), True),
+            ("split_tuning", lambda *a: I16.split_tuning(me, *a), True),
+            ("gpu_editing", lambda: I16.gpu_editing(me), False),
+            ("compiled", lambda: I16.compiled(me), False)]
+
+
+def parse_args(names: list[str]) -> argparse.Namespace:
+    """The command line; ``names``: the timed sections ``--sections`` may choose from."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/gpu"))
     ap.add_argument("--quick", action="store_true", help="correctness only")
@@ -844,54 +892,29 @@ def main() -> int:
                          "decode_roofline,config_sweep; default all")
     ap.add_argument("--decode-p", default=",".join(map(str, DECODE_P)), help="bank sizes of the decode roofline")
     args = ap.parse_args()
-    DECODE_P = tuple(int(v) for v in args.decode_p.split(","))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    OUT_DIR = out
+    args.wanted = set(names) if args.sections == "all" else set(args.sections.split(","))
+    unknown = args.wanted - set(names)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from {names}")
+    return args
+
+
+def environment() -> dict:
+    """The card, its multiprocessors and the versions this run measured with."""
     if DRY:
         os.environ.setdefault("FASTPATCH_BACKEND", "triton")
         name, sms = "dry-run (CPU, TRITON_INTERPRET=1)", 0
     else:
         props = torch.cuda.get_device_properties(0)
         name, sms = props.name, props.multi_processor_count
-    RESULTS["env"] = {"gpu": name, "sms": sms, "torch": torch.__version__,
-                      "triton": triton.__version__, "fastpatch": fastpatch.__version__, "python": platform.python_version(),
-                      "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                      "cpu_threads": torch.get_num_threads()}
-    log(RESULTS["env"])
-    # (name, function, whether it takes the measured HBM bandwidth), in the order they run
-    timed = [("decode_roofline", decode_roofline, True), ("config_sweep", config_sweep, True),
-             ("ffn_latency", ffn_latency, True), ("loss_kernel", loss_kernel, True),
-             ("crossover", crossover, False), ("whole_model", whole_model, False), ("memory", memory, False),
-             ("editing", editing, False),
-             # issue 16 (gpu_issue16.py): each takes this module as its first argument
-             ("prefill", lambda *a: I16.prefill(sys.modules[__name__], *a), True),
-             ("scale", lambda *a: I16.scale(sys.modules[__name__], *a), True),
-             ("split_tuning", lambda *a: I16.split_tuning(sys.modules[__name__], *a), True),
-             ("gpu_editing", lambda: I16.gpu_editing(sys.modules[__name__]), False),
-             ("compiled", lambda: I16.compiled(sys.modules[__name__]), False)]
-    wanted = {n for n, _, _ in timed} if args.sections == "all" else set(args.sections.split(","))
-    unknown = wanted - {n for n, _, _ in timed}
-    if unknown:
-        ap.error(f"unknown sections {sorted(unknown)}; choose from {[n for n, _, _ in timed]}")
-    fast = {"decode_roofline", "config_sweep", "crossover"}
-    p_sizes = (48,) if (args.skip_correctness and wanted <= fast and all(p % 16 == 0 for p in DECODE_P)) else (48, 40)
-    if not args.no_precompile:  # in the dry run: checks the worker processes' plumbing
-        section("precompile", precompile, p_sizes, not args.skip_correctness)
-        log(f"precompiled: {RESULTS['sections']['precompile']}")
-    hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
-    log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
-    if not args.skip_correctness:
-        FF.CHECK_SPLIT_FLAGS = True  # the split kernel's error flags, read after every launch
-        section("correctness", correctness)
-        FF.CHECK_SPLIT_FLAGS = False
-    log(f"correctness failures so far: {len(RESULTS['failures'])}")
-    if not args.quick:
-        for name, fn, takes_hbm in timed:
-            if name in wanted:
-                section(name, fn, *((hbm,) if takes_hbm else ()))
-        RESULTS["autotune"] = autotune_choices()
-    RESULTS["wall_s"] = time.time() - T0
+    return {"gpu": name, "sms": sms, "torch": torch.__version__, "triton": triton.__version__,
+            "fastpatch": fastpatch.__version__, "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "cpu_threads": torch.get_num_threads()}
+
+
+def write_report(out: Path, hbm: float) -> None:
+    """``gpu_check.json``, ``ffn_latency.csv`` and ``gpu_check.md`` (also printed)."""
     write_atomic(out / "gpu_check.json", json.dumps(RESULTS, indent=1, default=str))
     lat = RESULTS["sections"].get("ffn_latency") or []
     if lat:
@@ -900,19 +923,7 @@ def main() -> int:
             w.writeheader()
             w.writerows(lat)
     report = [f"# GPU check on {RESULTS['env']['gpu']}", f"HBM copy bandwidth: {hbm:.0f} GB/s", ""]
-    for name, cols in [("correctness", ["kernel", "dtype", "M", "N", "P", "d", "n", "max_err"]),
-                       ("decode_roofline", ["M", "P", "active", "method", "timing", "ms", "p20_ms", "p80_ms", "must_read_MB", "GB/s", "pct_hbm", "speedup_vs_concat", "speedup_vs_concat_each"]),
-                       ("ffn_latency", ["shape", "M", "P", "active", "method", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "vs_unpatched"]),
-                       ("crossover", ["M", "unpatched_ms", "fused_ffn_ms", "fused_atomic_ms", "cublas+patch_fused_ms", "cublas+patch_compact_ms", "cublas+patch_gemm_ms", "eager"]),
-                       ("config_sweep", ["M", "config", "ms", "p20_ms", "p80_ms", "GB/s", "pct_hbm", "error"]),
-                       ("loss_kernel", ["dtype", "N", "d", "n", "preact_ms", "preact_pct_hbm", "fwd_ms", "step_ms", "naive_torch_step_ms", "step_GB/s", "step_pct_hbm"]),
-                       ("whole_model", ["model", "dtype", "P", "prefill128_ms", "decode_ms", "prefill_vs_unpatched", "decode_vs_unpatched"]),
-                       ("editing", ["method", "edits", "memory_vectors", "median_ms_per_edit", "p90_ms_per_edit", "median_steps"]),
-                       ("prefill", ["shape", "M", "P", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "vs_unpatched"]),
-                       ("scale", ["P", "M", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "patch_overhead_ms", "key_scan_floor_ms", "bytes_per_key_element", "pct_hbm"]),
-                       ("split_tuning", ["M", "default_config", "default_ms", "best_config", "best_ms", "default_vs_best", "candidates", "patchedffn_default_ms", "config", "error"]),
-                       ("gpu_editing", ["edits", "memory_vectors", "first_edit_s", "median_ms_per_edit", "p90_ms_per_edit", "max_ms_per_edit", "median_steps", "success_rate", "compilations_first_edit", "compilations_after_first_edit", "tuned_keys_after_first_edit"]),
-                       ("compiled", ["mode", "dtype", "first_call_s", "max_abs_err", "compiled_ms", "eager_ms", "speedup", "frames_compiled", "dynamo_unique_graphs", "graph_breaks"])]:
+    for name, cols in REPORT_COLUMNS:
         rows = RESULTS["sections"].get(name) or []
         if rows:
             report += [f"## {name}", md_table(rows, [c for c in cols if any(c in r for r in rows)]), ""]
@@ -923,6 +934,37 @@ def main() -> int:
     report += ["## failures", *(f"- {f}" for f in RESULTS["failures"] or ["none"])]
     write_atomic(out / "gpu_check.md", "\n".join(report))
     print("\n".join(report))
+
+
+def main() -> int:
+    global OUT_DIR, DECODE_P
+    timed = timed_sections()
+    args = parse_args([n for n, _, _ in timed])
+    DECODE_P = tuple(int(v) for v in args.decode_p.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    OUT_DIR = out
+    RESULTS["env"] = environment()
+    log(RESULTS["env"])
+    fast = {"decode_roofline", "config_sweep", "crossover"}
+    p_sizes = (48,) if (args.skip_correctness and args.wanted <= fast and all(p % 16 == 0 for p in DECODE_P)) else (48, 40)
+    if not args.no_precompile:  # in the dry run: checks the worker processes' plumbing
+        section("precompile", precompile, p_sizes, not args.skip_correctness)
+        log(f"precompiled: {RESULTS['sections']['precompile']}")
+    hbm = section("hbm_bandwidth_GBps", measure_bandwidth)
+    log(f"HBM copy bandwidth: {hbm:.0f} GB/s")
+    if not args.skip_correctness:
+        FF.CHECK_SPLIT_FLAGS = True  # the kernel's error flags, read after every launch
+        section("correctness", correctness)
+        FF.CHECK_SPLIT_FLAGS = False
+    log(f"correctness failures so far: {len(RESULTS['failures'])}")
+    if not args.quick:
+        for name, fn, takes_hbm in timed:
+            if name in args.wanted:
+                section(name, fn, *((hbm,) if takes_hbm else ()))
+        RESULTS["autotune"] = autotune_choices()
+    RESULTS["wall_s"] = time.time() - T0
+    write_report(out, hbm)
     log(f"done in {time.time() - T0:.0f}s; failures: {len(RESULTS['failures'])}")
     return 1 if RESULTS["failures"] else 0
 

@@ -20,7 +20,6 @@ helpers, sizes and ``RESULTS``), so the script stays one run that writes one JSO
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from types import ModuleType
@@ -37,10 +36,7 @@ def _methods(g: ModuleType, d: int, Fdim: int, x: torch.Tensor, P: int, dtype: t
     pffn = g.PatchedFFN.wrap(holder, "mlp")
     pffn.add_patches(keys, biases, values)
     concat = g.ConcatPatcher(layout, keys, biases, values)
-    R = g.R
-    ref = R.patched_ffn_reference(x.double(), layout.w_up.double(), layout.w_down.double(), R.ACT_SILU,
-                                  w_gate=layout.w_gate.double(), keys=keys.double(), bias=biases.double(),
-                                  values=values.double())
+    ref = g.gated_reference(x, layout, keys, biases, values)
     return pffn.ffn, pffn, concat, n_active, ref
 
 
@@ -111,7 +107,7 @@ def scale(g: ModuleType, hbm_gbs: float) -> list[dict]:
 
 def split_tuning(g: ModuleType, hbm_gbs: float) -> list[dict]:
     """The split schedule's default configuration against every candidate, CUDA-graph timing."""
-    FF, R = g.FF, g.R
+    R = g.R
     rows = []
     dtype = g.LOW
     d, Fdim, P = g.BIG
@@ -120,11 +116,9 @@ def split_tuning(g: ModuleType, hbm_gbs: float) -> list[dict]:
     for M in ((1, 5) if g.DRY else (1, 2, 4, 8, 16)):
         x = torch.randn(M, d, device=g.DEV, dtype=dtype)
         keys, biases, values, _ = g.make_patches(x, P, d)
-        ref = R.patched_ffn_reference(x.double(), lay.w_up.double(), lay.w_down.double(), R.ACT_SILU,
-                                      w_gate=lay.w_gate.double(), keys=keys.double(), bias=biases.double(),
-                                      values=values.double())
+        ref = g.gated_reference(x, lay, keys, biases, values)
         call = lambda c: g.fused_patched_ffn(x, lay.w_up, lay.w_down, R.ACT_SILU, w_gate=lay.w_gate,  # noqa: E731
-                                             keys=keys, bias=biases, values=values, config=c, schedule="split")
+                                             keys=keys, bias=biases, values=values, config=c)
         default = g._cfg_name(g.default_split_config(M, dtype))
         timed = []
         with torch.no_grad():
@@ -138,13 +132,9 @@ def split_tuning(g: ModuleType, hbm_gbs: float) -> list[dict]:
             holder.mlp = ffn
             pffn = g.PatchedFFN.wrap(holder, "mlp")
             pffn.add_patches(keys, biases, values)
-            old = os.environ.get("FASTPATCH_AUTOTUNE")
-            os.environ["FASTPATCH_AUTOTUNE"] = "0"  # PatchedFFN at the default configuration
-            try:
+            with g.env_var("FASTPATCH_AUTOTUNE", "0"):  # PatchedFFN at the default configuration
                 g.close(pffn(x), ref, dtype, f"split tuning PatchedFFN M={M}")
                 pffn_ms = g.bench_graph(lambda: pffn(x))["ms"]
-            finally:
-                os.environ.pop("FASTPATCH_AUTOTUNE") if old is None else os.environ.__setitem__("FASTPATCH_AUTOTUNE", old)
             pffn.unwrap()
         if timed:
             best = min(timed)
@@ -181,16 +171,12 @@ def _triton_counts() -> dict:
 
 def gpu_editing(g: ModuleType) -> list[dict]:
     """200 edits with the tuner as shipped: per-edit time, compilations after the first edit."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from fastpatch.editor import Editor, EditorConfig, EditRequest
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = g.smollm2_config()
     n_mem, n_edits = (2000, 3) if g.DRY else (40000, 200)
-    if g.DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
     tok = g._id_tokenizer(cfg.vocab_size)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(g.DEV).eval()
@@ -227,14 +213,10 @@ def gpu_editing(g: ModuleType) -> list[dict]:
 def compiled(g: ModuleType) -> list[dict]:
     """torch.compile (fullgraph, CUDA graphs) of a patched model: logits, decode ms, recompiles."""
     from torch._dynamo.testing import CompileCounterWithBackend
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = g.smollm2_config()
     dtype = torch.float32 if g.DRY else g.LOW
-    if g.DRY:
-        cfg.num_hidden_layers, cfg.vocab_size = 2, 1000
     torch.manual_seed(0)
     torch._dynamo.reset()
     model = LlamaForCausalLM(cfg).to(g.DEV, dtype).eval()

@@ -269,6 +269,19 @@ def ffn_pivot(rows: list[dict], paired: bool) -> list[str]:
 
 
 def cpu_readme(res: dict, folder: Path, has_ffn_png: bool, has_model_png: bool) -> str:
+    """The README of a CPU results folder: its environment, then a section per kind of result."""
+    rows = res["rows"]
+    L = _cpu_header(res, folder)
+    L += _cpu_acceptance((res["fastpatch"] or {}).get("acceptance_issue2_cpu") or [])
+    if any(r.get("kind") == "ffn" for r in rows):
+        L += _cpu_ffn(rows, has_ffn_png)
+    L += _cpu_model([r for r in rows if r.get("kind") == "model"], has_model_png)
+    L += _cpu_storage([r for r in rows if r.get("kind") == "storage"])
+    return "\n".join(L) + "\n"
+
+
+def _cpu_header(res: dict, folder: Path) -> list[str]:
+    """Title, what the numbers are, and the environment table."""
     env, bw, rows = res["env"], res["bandwidth"], res["rows"]
     mi = res["machine_info"]
     src = res["path"].name
@@ -293,63 +306,73 @@ def cpu_readme(res: dict, folder: Path, has_ffn_png: bool, has_model_png: bool) 
     timing = (res["fastpatch"] or {}).get("timing")
     if timing:
         extra["timing"] = f"pytest-benchmark, max_time {timing['max_time_s']} s, min_rounds {timing['min_rounds']}"
-    L += ["## Environment", "", env_table(env, extra), ""]
-    acc = (res["fastpatch"] or {}).get("acceptance_issue2_cpu") or []
-    if acc:
-        L += ["## Issue 2, CPU criterion", "",
-              "SmolLM2 FFN shapes (d=576, F=1536), P = 10,000 patches of which a few fire: fastpatch's "
-              "patched/unpatched latency ratio must be below the concatenated-Linear baseline's. The ratio of "
-              "medians compares against an unpatched FFN timed in a loop, whose weights stay cache-hot; in the "
-              "interleaved pairs the patch bank evicts them, as the other layers of a real model do, so the "
-              "paired ratio is closer to what a patched model sees.", ""]
-        body = []
-        for a in acc:
-            body.append([a["M"], ms(a["unpatched_ms"]), ms(a["fastpatch_ms"]), ms(a["concat_ms"]),
-                         f"x{a['fastpatch_ratio']:.2f}", f"x{a['concat_ratio']:.2f}",
-                         f"x{a['fastpatch_ratio_paired']:.2f}" if "fastpatch_ratio_paired" in a else "–",
-                         f"x{a['concat_ratio_paired']:.2f}" if "concat_ratio_paired" in a else "–",
-                         "pass" if a["passes"] and a.get("passes_paired", True) else "FAIL"])
-        L += [table(["M", "unpatched ms", "fastpatch ms", "concat ms", "fastpatch ratio", "concat ratio",
-                     "fastpatch ratio (paired)", "concat ratio (paired)", "criterion"], body), ""]
-    if any(r.get("kind") == "ffn" for r in rows):
-        L += ["## Patched FFN forward", "",
-              "Median latency in ms (ratio against the unpatched FFN). `firing`: patches that fire on at "
-              "least one token (`make_patches`: 2 per edited token; all tokens up to 8, then one in 8). The "
-              "GRACE codebook holds one key per edit (P keys), a few tokens within the radius. The FFN weights "
-              "alone (SmolLM2 10.6 MB, BERT-base 18.9 MB in fp32) can stay in the CPU's last-level cache between "
-              "calls, so at M=1 the unpatched FFN may exceed 100% of the DRAM copy bandwidth (see table.md).", ""]
-        if has_ffn_png:
-            L += ["![latency against P](ffn_latency.png)", ""]
-        L += ffn_pivot(rows, paired=True)
-    mod = [r for r in rows if r.get("kind") == "model"]
-    if mod:
-        r0 = mod[0]
-        L += ["## Whole model: SmolLM2-135M architecture", "",
-              f"`LlamaForCausalLM` with SmolLM2-135M's shapes ({r0.get('layers')} layers, vocab {r0.get('vocab')}) and "
-              "**random weights** (latency does not depend on the weight values); patches at the last MLP, "
-              "built with `make_patches` from the MLP's captured inputs so only a few fire.", ""]
-        if has_model_png:
-            L += ["![whole-model latency](model_latency.png)", ""]
-        body = []
-        for r in sorted(mod, key=lambda r: (r["phase"] != "prefill", method_key(r["method"]), r["P"])):
-            body.append([r["phase"], r["method"], f"{r['P']:,}", ms(r["median_ms"]), ms(r["iqr_ms"]),
-                         f"x{r['vs_unpatched']:.3f}" if r.get("vs_unpatched") else "–",
-                         f"x{r['vs_unpatched_paired']:.3f}" if r.get("vs_unpatched_paired") else "–",
-                         fmt(r.get("firing_patches")), fmt(r.get("firing_pairs")), fmt(r.get("other_cpu_pct")), r["rounds"]])
-        L += [table(["phase", "method", "P", "median ms", "IQR ms", "vs unpatched", "vs unpatched (paired)",
-                     "firing patches", "firing (token, patch) pairs", "other CPU %", "rounds"], body), ""]
-    st = [r for r in rows if r.get("kind") == "storage"]
-    if st:
-        L += ["## Patch storage", "",
-              "A bank grown from empty to P patches by appends of 5 (an edit stream); storage against the "
-              "formula P*(2d+1)*4 bytes (fp32); growth slack must stay within 2x; the base FFN weights are "
-              "never copied.", ""]
-        body = [[r["shape"], f"{r['P']:,}", f"{r['storage_bytes']:,}", f"{r['formula_bytes']:,}",
-                 f"{r['bytes_per_patch']:,.0f}", f"{r['formula_bytes_per_patch']:,}", f"{r['slack_ratio']:.2f}",
-                 fmt(r.get("per_add_us")), "no" if not r.get("base_weights_copied") else "YES"] for r in st]
-        L += [table(["shape", "P", "storage bytes", "formula bytes", "bytes/patch", "formula bytes/patch",
-                     "slack", "us per append", "base weights copied"], body), ""]
-    return "\n".join(L) + "\n"
+    return L + ["## Environment", "", env_table(env, extra), ""]
+
+
+def _cpu_acceptance(acc: list[dict]) -> list[str]:
+    if not acc:
+        return []
+    L = ["## Issue 2, CPU criterion", "",
+         "SmolLM2 FFN shapes (d=576, F=1536), P = 10,000 patches of which a few fire: fastpatch's "
+         "patched/unpatched latency ratio must be below the concatenated-Linear baseline's. The ratio of "
+         "medians compares against an unpatched FFN timed in a loop, whose weights stay cache-hot; in the "
+         "interleaved pairs the patch bank evicts them, as the other layers of a real model do, so the "
+         "paired ratio is closer to what a patched model sees.", ""]
+    body = []
+    for a in acc:
+        body.append([a["M"], ms(a["unpatched_ms"]), ms(a["fastpatch_ms"]), ms(a["concat_ms"]),
+                     f"x{a['fastpatch_ratio']:.2f}", f"x{a['concat_ratio']:.2f}",
+                     f"x{a['fastpatch_ratio_paired']:.2f}" if "fastpatch_ratio_paired" in a else "–",
+                     f"x{a['concat_ratio_paired']:.2f}" if "concat_ratio_paired" in a else "–",
+                     "pass" if a["passes"] and a.get("passes_paired", True) else "FAIL"])
+    return L + [table(["M", "unpatched ms", "fastpatch ms", "concat ms", "fastpatch ratio", "concat ratio",
+                       "fastpatch ratio (paired)", "concat ratio (paired)", "criterion"], body), ""]
+
+
+def _cpu_ffn(rows: list[dict], has_png: bool) -> list[str]:
+    L = ["## Patched FFN forward", "",
+         "Median latency in ms (ratio against the unpatched FFN). `firing`: patches that fire on at "
+         "least one token (`make_patches`: 2 per edited token; all tokens up to 8, then one in 8). The "
+         "GRACE codebook holds one key per edit (P keys), a few tokens within the radius. The FFN weights "
+         "alone (SmolLM2 10.6 MB, BERT-base 18.9 MB in fp32) can stay in the CPU's last-level cache between "
+         "calls, so at M=1 the unpatched FFN may exceed 100% of the DRAM copy bandwidth (see table.md).", ""]
+    if has_png:
+        L += ["![latency against P](ffn_latency.png)", ""]
+    return L + ffn_pivot(rows, paired=True)
+
+
+def _cpu_model(mod: list[dict], has_png: bool) -> list[str]:
+    if not mod:
+        return []
+    r0 = mod[0]
+    L = ["## Whole model: SmolLM2-135M architecture", "",
+         f"`LlamaForCausalLM` with SmolLM2-135M's shapes ({r0.get('layers')} layers, vocab {r0.get('vocab')}) and "
+         "**random weights** (latency does not depend on the weight values); patches at the last MLP, "
+         "built with `make_patches` from the MLP's captured inputs so only a few fire.", ""]
+    if has_png:
+        L += ["![whole-model latency](model_latency.png)", ""]
+    body = []
+    for r in sorted(mod, key=lambda r: (r["phase"] != "prefill", method_key(r["method"]), r["P"])):
+        body.append([r["phase"], r["method"], f"{r['P']:,}", ms(r["median_ms"]), ms(r["iqr_ms"]),
+                     f"x{r['vs_unpatched']:.3f}" if r.get("vs_unpatched") else "–",
+                     f"x{r['vs_unpatched_paired']:.3f}" if r.get("vs_unpatched_paired") else "–",
+                     fmt(r.get("firing_patches")), fmt(r.get("firing_pairs")), fmt(r.get("other_cpu_pct")), r["rounds"]])
+    return L + [table(["phase", "method", "P", "median ms", "IQR ms", "vs unpatched", "vs unpatched (paired)",
+                       "firing patches", "firing (token, patch) pairs", "other CPU %", "rounds"], body), ""]
+
+
+def _cpu_storage(st: list[dict]) -> list[str]:
+    if not st:
+        return []
+    L = ["## Patch storage", "",
+         "A bank grown from empty to P patches by appends of 5 (an edit stream); storage against the "
+         "formula P*(2d+1)*4 bytes (fp32); growth slack must stay within 2x; the base FFN weights are "
+         "never copied.", ""]
+    body = [[r["shape"], f"{r['P']:,}", f"{r['storage_bytes']:,}", f"{r['formula_bytes']:,}",
+             f"{r['bytes_per_patch']:,.0f}", f"{r['formula_bytes_per_patch']:,}", f"{r['slack_ratio']:.2f}",
+             fmt(r.get("per_add_us")), "no" if not r.get("base_weights_copied") else "YES"] for r in st]
+    return L + [table(["shape", "P", "storage bytes", "formula bytes", "bytes/patch", "formula bytes/patch",
+                       "slack", "us per append", "base weights copied"], body), ""]
 
 
 def cpu_table(res: dict) -> str:

@@ -41,6 +41,7 @@ def test_every_code_path_compiles_for_sm90() -> None:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok", "FAIL"))]
     kernels = {ln.split()[1] for ln in lines}
     # every kernel module's kernels were reached, and the fused FFN through both tile kinds
-    assert {"_fused_ffn_kernel", "_patch_fused_kernel", "_compact_value_kernel", "_preact_kernel"} <= kernels
+    assert {"_fused_ffn_split_kernel", "_fused_ffn_atomic_kernel", "_patch_fused_kernel", "_compact_value_kernel",
+            "_preact_kernel"} <= kernels
     assert any(" M1 " in ln for ln in lines) and any(" M16 " in ln for ln in lines)
     assert "0 of" in proc.stdout

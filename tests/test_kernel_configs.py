@@ -1,8 +1,9 @@
 """Every launch configuration a kernel may be tuned to, and the compact large-batch path.
 
-On a GPU ``triton.autotune`` picks among ``FFN_CONFIGS`` / ``PATCH_FUSED_CONFIGS`` by measurement,
-so each candidate must compute the same function: they are checked here one by one against the
-float64 reference under TRITON_INTERPRET=1, at odd shapes.
+On a GPU ``triton.autotune`` may pick among ``SPLIT_CONFIGS`` / ``PATCH_FUSED_CONFIGS`` by
+measurement, so each candidate must compute the same function: they are checked here one by one
+against the float64 reference under TRITON_INTERPRET=1, at odd shapes. (The benchmarks' atomic
+schedule has its own file, ``test_fused_ffn_atomic.py``.)
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from fastpatch.kernels import _triton
+from fastpatch.kernels._triton import triton
 from fastpatch.kernels import reference as R
 from fastpatch.kernels._blocks import configs_for, token_bucket
-from fastpatch.kernels.fused_ffn import FFN_CONFIGS, SPLIT_CONFIGS, ffn_configs_for, fused_patched_ffn, split_configs_for
+from fastpatch.kernels.fused_ffn import SPLIT_CONFIGS, fused_patched_ffn, split_configs_for
 from fastpatch.kernels.patch_forward import (
     PATCH_FUSED_CONFIGS,
     active_patch_list,
@@ -38,13 +40,14 @@ def _label(c) -> str:
 
 def test_token_buckets_and_candidates() -> None:
     assert [token_bucket(m) for m in (1, 2, 16, 17, 32, 33, 64, 65, 500)] == [1, 16, 16, 32, 32, 64, 64, 64, 64]
-    for configs in (FFN_CONFIGS, PATCH_FUSED_CONFIGS):
+    for configs in (SPLIT_CONFIGS, PATCH_FUSED_CONFIGS):
         one = configs_for(configs, 1)
-        # a single token: the padded tl.dot tile first (the measured default), then the GEMVs
-        assert one[0].kwargs["BLOCK_M"] == 16 and any(c.kwargs["BLOCK_M"] == 1 for c in one)
+        # a single token: the padded tl.dot tile first (the measured default), then any GEMVs
+        assert one[0].kwargs["BLOCK_M"] == 16
         for M in (2, 16, 17, 40, 130):
             assert {c.kwargs["BLOCK_M"] for c in configs_for(configs, M)} == {token_bucket(M)}
         assert len({_label(c) for c in configs}) == len(configs), "duplicate candidates"
+    assert any(c.kwargs["BLOCK_M"] == 1 for c in configs_for(PATCH_FUSED_CONFIGS, 1))
 
 
 def test_interpreter_never_autotunes(monkeypatch) -> None:
@@ -84,57 +87,6 @@ def _ffn_case(M: int, gated: bool, sizes: tuple[int, int, int, int] = SPLIT_SIZE
 @requires_triton
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("M", [1, 5, 17, 33])
-def test_every_fused_ffn_config_matches_reference(M: int, gated: bool) -> None:
-    torch.manual_seed(M)
-    x, w_up, w_down, act, args, ref = _ffn_case(M, gated, (96 + 17, 2 * 64 + 17, 77, 2 * 64 + 17))
-    configs = ffn_configs_for(M)
-    assert configs
-    for c in configs:
-        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)
-        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
-
-
-@requires_triton
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("sms", [1, 4, 97])
-def test_every_neuron_is_computed_once_under_every_schedule(monkeypatch, sms: int, gated: bool) -> None:
-    """The persistent schedule splits the original and patch neurons over ``k * SMs`` programs by
-    cost; the unit schedule gives each program one block. A granule dropped or done twice would
-    change the output: every patch fires here, so each value row counts. With 97 "SMs" most
-    programs get an empty range, with 1 a program spans both kinds of neurons. Three output
-    column blocks (of 128): programs start their pass at different blocks (``ROTATE_N``)."""
-    from fastpatch.kernels import fused_ffn as FF
-
-    monkeypatch.setattr(FF, "INTERPRETER_SMS", sms)
-    torch.manual_seed(sms)
-    M, d, Fdim, d_out, P = 3, 33, 5 * 16 + 7, 2 * 128 + 19, 7 * 16 + 3
-    act = R.ACT_SILU if gated else R.ACT_GELU_TANH
-    x = torch.randn(M, d)
-    w_up = torch.randn(Fdim, d) / d**0.5
-    w_gate = torch.randn(Fdim, d) / d**0.5 if gated else None
-    down = torch.randn(d_out, Fdim) / Fdim**0.5
-    keys, _, values = _bank(P, d, d_out, torch.float32)
-    bias = torch.full((P,), 50.0)  # every patch fires for every token
-    D = lambda t: None if t is None else t.double()  # noqa: E731
-    ref = R.patched_ffn_reference(D(x), D(w_up), D(down).t(), act, w_gate=D(w_gate),
-                                  keys=D(keys), bias=D(bias), values=D(values))
-    schedules = set()
-    for c in ffn_configs_for(M):
-        grid = FF.ffn_grid_size(c.kwargs, Fdim, P, gated, sms)
-        if c.kwargs["PROGRAMS_PER_SM"]:
-            cost = FF.triton.cdiv(Fdim, FF.GRANULE) * (3 if gated else 2) + FF.triton.cdiv(P, FF.GRANULE)
-            assert grid == min(c.kwargs["PROGRAMS_PER_SM"] * sms, cost)
-        schedules.add(c.kwargs["PROGRAMS_PER_SM"])
-        out = fused_patched_ffn(x, w_up, down.t(), act, w_gate=w_gate, keys=keys, bias=bias, values=values, config=c)
-        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
-    assert 0 in schedules and len(schedules) > 1  # both schedules were exercised
-    rotated = [c for c in ffn_configs_for(M) if c.kwargs["ROTATE_N"] and c.kwargs["BLOCK_N"] < d_out]
-    assert rotated  # and the rotated column order, over more than one block
-
-
-@requires_triton
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("M", [1, 5, 17, 33])
 def test_every_split_config_matches_reference(M: int, gated: bool) -> None:
     """The split schedule (up shares, then down tasks per neuron group and output slice, in one
     launch): every candidate, including the output bias that only group 0's down tasks add."""
@@ -143,7 +95,7 @@ def test_every_split_config_matches_reference(M: int, gated: bool) -> None:
     configs = split_configs_for(M)
     assert configs and all("GROUP_F" in c.kwargs for c in configs)
     for c in configs:
-        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)  # the config names its schedule
+        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)
         assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
 
 
@@ -165,7 +117,7 @@ def test_split_schedule_counts_every_granule(monkeypatch, sms: int, gated: bool)
         cost = FF.triton.cdiv(w_up.shape[0], FF.GRANULE) * (2 if gated else 1) + FF.triton.cdiv(
             args["keys"].shape[0], FF.GRANULE)
         assert grid == min(c.kwargs["PROGRAMS_PER_SM"] * sms, cost)
-        out = fused_patched_ffn(x, w_up, w_down, act, schedule="split", config=c, **args)
+        out = fused_patched_ffn(x, w_up, w_down, act, config=c, **args)
         assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
 
 
@@ -187,26 +139,23 @@ def test_split_kernel_launches_its_measured_default_unless_tuning_is_asked(monke
 
 
 @requires_triton
-def test_auto_schedule_and_bad_schedules() -> None:
-    """``auto`` takes the split schedule from ``SPLIT_MIN_TOKENS`` tokens, and both schedules agree;
-    an unknown schedule or a configuration of the other schedule is refused by name."""
-    from fastpatch.kernels import fused_ffn as FF
-
-    assert FF.resolve_schedule("auto", FF.SPLIT_MIN_TOKENS, 8) == "split"
-    assert FF.resolve_schedule("auto", FF.SPLIT_MIN_TOKENS - 1, 8) == "atomic"
-    assert FF.resolve_schedule("auto", 16, 0) == "atomic"  # no neurons to group
-    x, w_up, w_down, act, args, ref = _ffn_case(5, True)
-    outs = [fused_patched_ffn(x, w_up, w_down, act, schedule=s, **args) for s in FF.SCHEDULES]
-    for out in outs:
-        assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
-    with pytest.raises(ValueError, match="schedule='fast' is not one of"):
-        fused_patched_ffn(x, w_up, w_down, act, schedule="fast", **args)
-    with pytest.raises(ValueError, match="GROUP_F"):
-        fused_patched_ffn(x, w_up, w_down, act, schedule="split", config=ffn_configs_for(5)[0], **args)
-    with pytest.raises(ValueError, match="ROTATE_N"):
-        fused_patched_ffn(x, w_up, w_down, act, schedule="atomic", config=split_configs_for(5)[0], **args)
-    with pytest.raises(ValueError, match="BLOCK_M must be one of"):
-        fused_patched_ffn(x, w_up, w_down, act, config=split_configs_for(40)[0], **args)
+@pytest.mark.parametrize("P", [0, 7, 300])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_an_ffn_without_neurons_is_its_bias_plus_its_patches(P: int, with_bias: bool) -> None:
+    """F == 0: no neuron group of the FFN exists to add the output bias, so the launcher starts
+    the workspace from it; the patches' groups still run (none at all when P == 0)."""
+    torch.manual_seed(P)
+    d, d_out = 33, 21
+    x = torch.randn(5, d)
+    w_up, w_gate, w_down = torch.randn(0, d), torch.randn(0, d), torch.randn(0, d_out)
+    b_down = torch.randn(d_out) if with_bias else None
+    keys, bias, values = _bank(P, d, d_out, torch.float32, fire=0.5)
+    out = fused_patched_ffn(x, w_up, w_down, R.ACT_SILU, w_gate=w_gate, b_down=b_down, keys=keys, bias=bias,
+                            values=values)
+    D = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = R.patched_ffn_reference(D(x), D(w_up), D(w_down), R.ACT_SILU, w_gate=D(w_gate), b_down=D(b_down),
+                                  keys=D(keys), bias=D(bias), values=D(values))
+    assert_close_to_ref(out, ref, torch.float32, max(1.0, float(ref.abs().max())))
 
 
 @requires_triton
@@ -230,9 +179,12 @@ def test_a_config_from_another_bucket_is_refused() -> None:
     gemv = next(c for c in PATCH_FUSED_CONFIGS if c.kwargs["BLOCK_M"] == 1)
     with pytest.raises(ValueError, match="not a candidate for M=5"):
         patch_forward(x, keys, bias, values, backend="triton", strategy="fused", config=gemv)
-    with pytest.raises(ValueError, match="not a candidate for M=5"):
-        fused_patched_ffn(x, torch.randn(9, 64), torch.randn(9, 8), R.ACT_SILU,
-                          config=next(c for c in FFN_CONFIGS if c.kwargs["BLOCK_M"] == 1))
+    w_up, w_down = torch.randn(9, 64), torch.randn(9, 8)
+    with pytest.raises(ValueError, match="not a candidate for M=5: BLOCK_M must be one of"):
+        fused_patched_ffn(x, w_up, w_down, R.ACT_SILU, config=split_configs_for(40)[0])
+    other = triton.Config({k: v for k, v in split_configs_for(5)[0].kwargs.items() if k != "GROUP_F"})
+    with pytest.raises(ValueError, match="GROUP_F"):  # a configuration of another schedule
+        fused_patched_ffn(x, w_up, w_down, R.ACT_SILU, config=other)
 
 
 @pytest.mark.parametrize("M,P", [(1, 1), (7, 113), (130, 1000)])
@@ -273,25 +225,27 @@ def test_auto_strategy_picks_compact_for_large_relu_batches(monkeypatch) -> None
     assert calls == ["_patch_forward_compact", "_patch_forward_gemm", "_patch_forward_fused"]
 
 
+def assert_tuner_names_real_arguments(kernel, configs: list, restore: list[str]) -> None:
+    """A misspelt key or restore name only fails at the first tuned call on a GPU: check here."""
+    assert set(kernel.keys) <= set(kernel.arg_names)
+    assert kernel.restore_value == restore  # what the kernel accumulates or counts into
+    assert kernel.configs == configs
+    for c in configs:
+        assert set(c.kwargs) <= set(kernel.arg_names)
+    # the prune hook sees the positional arguments by name, as the autotuner passes them
+    named = dict(zip(kernel.arg_names, range(len(kernel.arg_names))))
+    named["M"] = 5
+    pruned = kernel.early_config_prune(configs, named)
+    assert pruned and {c.kwargs["BLOCK_M"] for c in pruned} == {16}
+
+
 @requires_triton
 def test_autotuners_name_real_kernel_arguments() -> None:
-    """A misspelt key or restore name only fails at the first tuned call on a GPU: check here."""
-    from fastpatch.kernels.fused_ffn import _fused_ffn_kernel, _fused_ffn_split_kernel
+    from fastpatch.kernels.fused_ffn import _fused_ffn_split_kernel
     from fastpatch.kernels.patch_forward import _patch_fused_kernel
 
-    for kernel, configs in ((_fused_ffn_kernel, FFN_CONFIGS), (_patch_fused_kernel, PATCH_FUSED_CONFIGS),
-                            (_fused_ffn_split_kernel, SPLIT_CONFIGS)):
-        assert set(kernel.keys) <= set(kernel.arg_names)
-        # it accumulates with atomics into ws (and the split kernel counts in sync)
-        assert kernel.restore_value == (["ws_ptr", "sync_ptr"] if kernel is _fused_ffn_split_kernel else ["ws_ptr"])
-        assert kernel.configs == configs
-        for c in configs:
-            assert set(c.kwargs) <= set(kernel.arg_names)
-        # the prune hook sees the positional arguments by name, as the autotuner passes them
-        named = dict(zip(kernel.arg_names, range(len(kernel.arg_names))))
-        named["M"] = 5
-        pruned = kernel.early_config_prune(configs, named)
-        assert pruned and {c.kwargs["BLOCK_M"] for c in pruned} == {16}
+    assert_tuner_names_real_arguments(_patch_fused_kernel, PATCH_FUSED_CONFIGS, ["ws_ptr"])
+    assert_tuner_names_real_arguments(_fused_ffn_split_kernel, SPLIT_CONFIGS, ["ws_ptr", "sync_ptr"])
 
 
 def test_launch_remembers_the_tuners_choice_per_key() -> None:
@@ -325,17 +279,17 @@ def test_launch_remembers_the_tuners_choice_per_key() -> None:
 def test_defaults_and_tuning_skip_tiles_that_do_not_fit_shared_memory() -> None:
     """The 4-stage bf16 default would need ~216 KB of shared memory in fp32: where tuning is off,
     fp32 falls back to the next candidate that fits; the tuner never compiles one that cannot."""
-    from fastpatch.kernels.fused_ffn import SMEM_BUDGET, _prune, default_config, smem_estimate
+    from fastpatch.kernels.fused_ffn import SMEM_BUDGET, _prune, default_split_config, smem_estimate
 
     for M in (1, 5, 16):
-        first = ffn_configs_for(M)[0]
-        assert default_config(M, torch.bfloat16) is first
+        first = split_configs_for(M)[0]
+        assert default_split_config(M, torch.bfloat16) is first
         assert smem_estimate(first, 4) > SMEM_BUDGET  # the premise: deep bf16 pipelines do not fit fp32
-        fp32 = default_config(M, torch.float32)
+        fp32 = default_split_config(M, torch.float32)
         assert fp32 is not first and smem_estimate(fp32, 4) <= SMEM_BUDGET
         named = {"M": M, "x_ptr": torch.empty(1, dtype=torch.float32)}
-        kept = _prune(FFN_CONFIGS, named, GATED=True)
+        kept = _prune(SPLIT_CONFIGS, named, GATED=True)
         assert kept and all(smem_estimate(c, 4) <= SMEM_BUDGET for c in kept)
         assert first not in kept and fp32 in kept
         named["x_ptr"] = torch.empty(1, dtype=torch.bfloat16)
-        assert _prune(FFN_CONFIGS, named, GATED=True) == ffn_configs_for(M)  # all fit in bf16
+        assert _prune(SPLIT_CONFIGS, named, GATED=True) == split_configs_for(M)  # all fit in bf16
