@@ -4,6 +4,7 @@ on the first edits of the shared zsRE and CounterFact streams, collected into on
     python benchmarks/ablations.py --shared ../shared/data --out runs/ablations           # run all
     python benchmarks/ablations.py --shared ../shared/data --out runs/ablations --only cf-neg8
     python benchmarks/ablations.py --collect runs/ablations                                # table only
+    python benchmarks/ablations.py --collect benchmarks/results/ablations                  # the committed runs
 
 Every run is ``fastpatch run --model smollm2 --protocol easyedit --limit 200 --eval-every 0`` with
 the variant's ``--set``/``--module-path`` arguments, its directory ``<out>/<stream>-<variant>``
@@ -29,18 +30,18 @@ STREAMS = {
 #: The variants: name -> (what it tests, extra CLI arguments). ``base`` is the default config.
 #: The variants: name -> (what it tests, extra CLI arguments). Each single idea is tried on top of
 #: ``prev`` (the default before the hard negatives), so its row differs from ``prev`` by that idea
-#: alone; ``neg16w4`` is the default now.
+#: alone; ``neg8`` is the default now.
 PREV = ["--set", "negatives=0", "--set", "negative_whiten=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prev": ("the previous default (no hard negatives)", PREV),
     "authors": ("the authors' T-Patcher (EditorConfig.authors())",
                 ["--set", "init=authors", "--set", "value_init=random", "--set", "augment=0",
                  "--set", "loss_vocab=0", "--set", "max_neurons=5", *PREV]),
-    "neg8": ("hard negatives: 8 subject-swapped prompts per edit in its memory loss",
+    "neg8": ("hard negatives: 8 subject-swapped prompts per edit in its memory loss: **the default now**",
              ["--set", "negatives=8", "--set", "negative_whiten=0"]),
     "neg8w": ("hard negatives (8), also whitening the key init (weight 1)",
               ["--set", "negatives=8", "--set", "negative_whiten=1.0"]),
-    "neg16w4": ("hard negatives (16), whitening weight 4: **the default now**",
+    "neg16w4": ("hard negatives (16), whitening weight 4",
                 ["--set", "negatives=16", "--set", "negative_whiten=4.0"]),
     "neg32w8": ("hard negatives (32), whitening weight 8", ["--set", "negatives=32", "--set", "negative_whiten=8.0"]),
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
@@ -51,7 +52,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
-COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "sec/edit")
+COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
 
 
 def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> Path:
@@ -65,6 +66,32 @@ def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> P
     return d
 
 
+def ability(d: Path) -> dict[str, float] | None:
+    """General ability after the run, from its final checkpoint (cached in ``<run>/ability.json``):
+    perplexity on the held-out texts of :func:`fastpatch.app.geography.general_ability_sets`
+    with and without the patches, and the fraction of the first 100 texts on which some patch fires."""
+    cache = d / "ability.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    latest = d / "checkpoint" / "LATEST"
+    if not latest.is_file():
+        return None
+    from fastpatch.app.geography import general_ability_sets
+    from fastpatch.app.registry import resolve_model
+    from fastpatch.atomic import write_json_atomic
+    from fastpatch.editor import Editor
+
+    texts, _ = general_ability_sets()
+    model, tok = resolve_model("smollm2")
+    ed = Editor.load(d / "checkpoint" / latest.read_text().strip() / "editor", model, tok)
+    with ed.ffn.patches_disabled():
+        ppl0 = ed.perplexity(texts)
+    fire = float((ed.activations(texts[:100]) > 0).any(1).float().mean())
+    out = {"ppl0": ppl0, "ppl": ed.perplexity(texts), "texts_with_a_firing_patch": fire, "patches": ed.num_patches}
+    write_json_atomic(cache, out)
+    return out
+
+
 def row(d: Path) -> dict[str, float | None] | None:
     """The table row of one run directory (None when it has no finished summary)."""
     p = d / "summary.json"
@@ -75,7 +102,15 @@ def row(d: Path) -> dict[str, float | None] | None:
     return {"Rel": m.get("Rel"), "Gen": m.get("Gen"), "Loc": m.get("Loc"), "NS": sc.get("NS"), "ES": sc.get("ES"),
             "PS": sc.get("PS"), "NS_pre": (sc.get("pre") or {}).get("NS"),
             "sec/edit": (s.get("time") or {}).get("edit_seconds_median"), "edits": s.get("edits"),
-            "patches": s.get("patches")}
+            "patches": s.get("patches"), **_ability_columns(d)}
+
+
+def _ability_columns(d: Path) -> dict[str, float | None]:
+    """PPL (and the unedited PPL_0) and the fraction of held-out texts a patch fires on, when known."""
+    a = json.loads((d / "ability.json").read_text()) if (d / "ability.json").is_file() else None
+    if a is None:
+        return {}
+    return {"PPL": a["ppl"], "PPL_0": a["ppl0"], "fire": a["texts_with_a_firing_patch"]}
 
 
 def collect(out: Path) -> dict[str, dict[str, dict]]:
@@ -99,7 +134,10 @@ def markdown(table: dict[str, dict[str, dict]], note: str = "") -> str:
         lines += [note, ""]
     for stream, rows in table.items():
         pre = next((r["NS_pre"] for r in rows.values() if r.get("NS_pre") is not None), None)
-        lines += [f"## {stream}" + (f" (unedited NS {pre:.3f})" if pre is not None else ""), "",
+        ppl0 = next((r["PPL_0"] for r in rows.values() if r.get("PPL_0") is not None), None)
+        heading = ", ".join(x for x in (f"unedited NS {pre:.3f}" if pre is not None else "",
+                                        f"unedited PPL {ppl0:.1f}" if ppl0 is not None else "") if x)
+        lines += [f"## {stream}" + (f" ({heading})" if heading else ""), "",
                   "| variant | what | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
         for name, r in rows.items():
             lines.append(f"| {name} | {VARIANTS[name][0]} | " + " | ".join(f(r.get(c)) for c in COLUMNS) + " |")
@@ -115,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect", type=Path, default=None, help="only collect the runs in this folder")
     ap.add_argument("--only", nargs="*", default=None, help="run only these <stream>-<variant> names")
     ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--ability", action="store_true",
+                    help="also measure held-out perplexity and patch firing from each run's final checkpoint")
     ap.add_argument("--note", default="", help="a line printed above the tables (e.g. how the machine was loaded)")
     ap.add_argument("--results", type=Path, default=RESULTS_DIR / "cpu", help="where ablations.{json,md} go")
     args = ap.parse_args(argv)
@@ -126,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
             for variant in VARIANTS:
                 if args.only is None or f"{stream}-{variant}" in args.only:
                     run_one(args.shared, out, stream, variant, args.limit)
+    if args.ability:
+        for stream in STREAMS:
+            for variant in VARIANTS:
+                ability(out / f"{stream}-{variant}")
     table = collect(out)
     md = markdown(table, args.note)
     save_results(args.results, "ablations", {"environment": environment(), "limit": args.limit,
