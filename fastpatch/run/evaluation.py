@@ -164,7 +164,7 @@ def compute_baseline(
         "test_accuracy": exact_match_rate([c for *_, c in test]),
         "train_accuracy": (len(train) / len(a)) if a else None,
     }
-    base["counterfact"] = counterfact_baseline(run)
+    base["counterfact"] = counterfact_baseline(run, _sorted_call)
     base["ability"] = ability_baseline(run, check_pairs)
     base["seconds"] = round(time.perf_counter() - t0, 3)
     log.info(
@@ -298,7 +298,7 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
     if not with_gen:
         del values["Gen"]  # not measured here (the previous value stays current)
     if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs[:pos]):
-        values.update(counterfact_scores(run, recs[:pos]))
+        values.update(counterfact_scores(run, recs[:pos], _sorted_call))
     if final and run.options.generation_metrics:
         values.update(generation_scores(run, recs[:pos]))
     values.update(ability_scores(run, check_pairs))

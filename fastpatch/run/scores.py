@@ -55,27 +55,19 @@ def is_counterfact(records: Sequence[EditRecord]) -> bool:
     return bool(usable) and len(usable) == len(records) and any(neighbourhood(r) for r in usable)
 
 
-def _logprobs(run: RunSession, pairs: list[tuple[str, str]]) -> list[float]:
-    """Mean target log-probabilities of ``pairs`` (sorted by length for batching, in input order)."""
-    if not pairs:
-        return []
-    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][0]) + len(pairs[k][1]))
-    got = run.ed.target_logprobs([pairs[k][0] for k in order], [pairs[k][1] for k in order],
-                                 batch_size=run.options.batch_size)
-    out = [0.0] * len(pairs)
-    for k, v in zip(order, got):
-        out[k] = v
-    return out
+#: ``call(run, fn, pairs)``: ``fn(prompts, targets, batch_size=...)`` over pairs in batches sorted by
+#: length, results in input order (the evaluation's batching, ``fastpatch.run.evaluation._sorted_call``).
+SortedCall = Callable[["RunSession", Callable[..., list[Any]], Sequence[tuple[str, str]]], list[Any]]
 
 
-def counterfact_scores(run: RunSession, records: Sequence[EditRecord]) -> dict[str, float | None]:
+def counterfact_scores(run: RunSession, records: Sequence[EditRecord], call: SortedCall) -> dict[str, float | None]:
     """ES/EM, PS/PM and NS/NM of the current model over ``records`` (one batched pass per answer)."""
     prompts = [(r.prompt, r) for r in records]
     paras = [(p, r) for r in records for p in r.rephrases]
     neigh = [(p, r) for r in records for p in neighbourhood(r)]
     items = prompts + paras + neigh
-    new = _logprobs(run, [(p, r.target) for p, r in items])
-    true = _logprobs(run, [(p, r.ground_truth or "") for p, r in items])
+    new = call(run, run.ed.target_logprobs, [(p, r.target) for p, r in items])
+    true = call(run, run.ed.target_logprobs, [(p, r.ground_truth or "") for p, r in items])
     a, b = len(prompts), len(prompts) + len(paras)
     es, em = preference_score(new[:a], true[:a])
     # PS as ROME averages it: over every paraphrase prompt
@@ -84,13 +76,13 @@ def counterfact_scores(run: RunSession, records: Sequence[EditRecord]) -> dict[s
     return {"ES": es, "PS": ps, "NS": ns, "EM": em, "PM": pm, "NM": nm}
 
 
-def counterfact_baseline(run: RunSession) -> dict[str, Any] | None:
+def counterfact_baseline(run: RunSession, call: SortedCall) -> dict[str, Any] | None:
     """The unedited model's CounterFact scores over the whole (limited) stream; None when they do
     not apply (:func:`is_counterfact`)."""
     recs = list(run.records[: run.n_total])
     if run.labels is not None or not is_counterfact(recs):
         return None
-    out = counterfact_scores(run, recs)
+    out = counterfact_scores(run, recs, call)
     log.info("baseline CounterFact scores: %s", " ".join(f"{k}={v:.3f}" for k, v in out.items() if v is not None))
     return out
 
