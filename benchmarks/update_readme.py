@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 from fastpatch.atomic import write_atomic
 
@@ -146,6 +147,61 @@ def gpu_section() -> list[str]:
     return out
 
 
+def _editing_lines(path: Path, edit: list[dict[str, Any]]) -> list[str]:
+    """The editing benchmark of one CPU run: per-method table, the paired speed-up, notes."""
+    out: list[str] = []
+    out += ["Editing SmolLM2 (real capital edits, same edits and stopping rule for every method):", ""]
+    rows = []
+    paired = [b for b in edit if "paired_speedup_median" in b["extra_info"]]
+    for b in edit:
+        e = b["extra_info"]
+        if "paired_speedup_median" in e:
+            continue
+        rows.append([b["param"] if "param" in b else b["name"], e.get("edits"), e.get("memory_vectors"),
+                     e.get("median_s_per_edit"), e.get("p90_s_per_edit"), e.get("median_steps"),
+                     e.get("success_rate"), e.get("peak_rss_mb")])
+    last = next((b["extra_info"].get("speedups_vs_authors_loop") for b in reversed(edit)
+                 if b["extra_info"].get("speedups_vs_authors_loop")), None) or {}
+    out += _table(["method", "edits", "memory vectors", "median s/edit", "p90 s/edit", "median steps", "SR", "peak RSS MB"], rows)
+    frozen = any(b["extra_info"].get("authors_loop_frozen_base") for b in paired)
+    if frozen:
+        out += ["", "The authors-style loop runs as the authors' code does, with every base parameter frozen "
+                "(their `Editor(freeze_model=True)` sets `requires_grad = False` on the whole model), so its "
+                "backward computes the new neurons' gradients only (an earlier version of this benchmark "
+                "left the 135M base parameters trainable, so each of its steps also computed their gradients: "
+                "issue 16)."]
+    notes = path.parent / "run_notes.json"
+    loads = [b["extra_info"].get("other_cpu_pct") for b in edit if b["extra_info"].get("other_cpu_pct") is not None]
+    if notes.exists() or (loads and max(loads) > 30):
+        n = json.loads(notes.read_text()) if notes.exists() else {}
+        out += ["", "This run shared its 2-core machine with other jobs (other processes' CPU load "
+                f"{min(loads):.0f}-{max(loads):.0f}%): its seconds are several times an idle machine's; the "
+                "interleaved ratio below is the figure that holds." + (f" Memory: {n['memory']}." if n.get("memory") else "")
+                + (f" Command: `{n['command']}`." if n.get("command") else "")]
+    for b in paired:
+        e = b["extra_info"]
+        out += ["", f"Speed-up of fastpatch against the authors-style loop, both run on every edit back to back "
+                f"(order alternating) in one run: **{e['paired_speedup_median']:.1f}x** (median per-edit ratio, "
+                f"quartiles {e['paired_speedup_q1']:.1f}-{e['paired_speedup_q3']:.1f}x; medians "
+                f"{e['fastpatch']['median_s_per_edit']:.3f} s vs {e['authors_loop']['median_s_per_edit']:.3f} s "
+                f"per edit, other processes' CPU load {e.get('other_cpu_pct', '?')}%)."]
+        if e.get("unfair_loop_s_per_step"):
+            out += [f"Per step in the same run: {e['authors_loop_s_per_step']:.2f} s for the fair loop, "
+                    f"{e['unfair_loop_s_per_step']:.2f} s for the earlier loop with the base parameters trainable "
+                    f"({e['unfair_loop_s_per_step'] / e['authors_loop_s_per_step']:.1f}x)."]
+    if last and not paired:
+        # A run from before the fair loop (issue 16): its loop computed every base weight's
+        # gradient, so its ratio is not published.
+        out += ["", "This run's authors-style loop left the base parameters trainable (each step also "
+                "computed their gradients; issue 16), so no speed-up against it is quoted; the authors' "
+                "code freezes the base model."]
+    elif last:
+        out += ["Ratios of the medians of the separate runs above: " +
+                ", ".join(f"{k} {v:.1f}x" for k, v in last.items() if k != "authors-style loop") + "."]
+    out.append("")
+    return out
+
+
 def cpu_section() -> list[str]:
     out: list[str] = []
     for path in sorted(RES.glob("cpu/*/bench.json")):
@@ -170,55 +226,7 @@ def cpu_section() -> list[str]:
                             a.get("concat_ratio_paired"), "fastpatch" if a.get("passes_paired", a["passes"]) else "concat"] for a in acc])
             out.append("")
         if edit:
-            out += ["Editing SmolLM2 (real capital edits, same edits and stopping rule for every method):", ""]
-            rows = []
-            paired = [b for b in edit if "paired_speedup_median" in b["extra_info"]]
-            for b in edit:
-                e = b["extra_info"]
-                if "paired_speedup_median" in e:
-                    continue
-                rows.append([b["param"] if "param" in b else b["name"], e.get("edits"), e.get("memory_vectors"),
-                             e.get("median_s_per_edit"), e.get("p90_s_per_edit"), e.get("median_steps"),
-                             e.get("success_rate"), e.get("peak_rss_mb")])
-            last = next((b["extra_info"].get("speedups_vs_authors_loop") for b in reversed(edit)
-                         if b["extra_info"].get("speedups_vs_authors_loop")), None) or {}
-            out += _table(["method", "edits", "memory vectors", "median s/edit", "p90 s/edit", "median steps", "SR", "peak RSS MB"], rows)
-            frozen = any(b["extra_info"].get("authors_loop_frozen_base") for b in paired)
-            if frozen:
-                out += ["", "The authors-style loop runs as the authors' code does, with every base parameter frozen "
-                        "(their `Editor(freeze_model=True)` sets `requires_grad = False` on the whole model), so its "
-                        "backward computes the new neurons' gradients only (an earlier version of this benchmark "
-                        "left the 135M base parameters trainable, so each of its steps also computed their gradients: "
-                        "issue 16)."]
-            notes = path.parent / "run_notes.json"
-            loads = [b["extra_info"].get("other_cpu_pct") for b in edit if b["extra_info"].get("other_cpu_pct") is not None]
-            if notes.exists() or (loads and max(loads) > 30):
-                n = json.loads(notes.read_text()) if notes.exists() else {}
-                out += ["", "This run shared its 2-core machine with other jobs (other processes' CPU load "
-                        f"{min(loads):.0f}-{max(loads):.0f}%): its seconds are several times an idle machine's; the "
-                        "interleaved ratio below is the figure that holds." + (f" Memory: {n['memory']}." if n.get("memory") else "")
-                        + (f" Command: `{n['command']}`." if n.get("command") else "")]
-            for b in paired:
-                e = b["extra_info"]
-                out += ["", f"Speed-up of fastpatch against the authors-style loop, both run on every edit back to back "
-                        f"(order alternating) in one run: **{e['paired_speedup_median']:.1f}x** (median per-edit ratio, "
-                        f"quartiles {e['paired_speedup_q1']:.1f}-{e['paired_speedup_q3']:.1f}x; medians "
-                        f"{e['fastpatch']['median_s_per_edit']:.3f} s vs {e['authors_loop']['median_s_per_edit']:.3f} s "
-                        f"per edit, other processes' CPU load {e.get('other_cpu_pct', '?')}%)."]
-                if e.get("unfair_loop_s_per_step"):
-                    out += [f"Per step in the same run: {e['authors_loop_s_per_step']:.2f} s for the fair loop, "
-                            f"{e['unfair_loop_s_per_step']:.2f} s for the earlier loop with the base parameters trainable "
-                            f"({e['unfair_loop_s_per_step'] / e['authors_loop_s_per_step']:.1f}x)."]
-            if last and not paired:
-                # A run from before the fair loop (issue 16): its loop computed every base weight's
-                # gradient, so its ratio is not published.
-                out += ["", "This run's authors-style loop left the base parameters trainable (each step also "
-                        "computed their gradients; issue 16), so no speed-up against it is quoted; the authors' "
-                        "code freezes the base model."]
-            elif last:
-                out += ["Ratios of the medians of the separate runs above: " +
-                        ", ".join(f"{k} {v:.1f}x" for k, v in last.items() if k != "authors-style loop") + "."]
-            out.append("")
+            out += _editing_lines(path, edit)
         for b in stream:
             e = b["extra_info"]
             m = e.get("summary_metrics") or {}

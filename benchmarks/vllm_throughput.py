@@ -24,6 +24,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
@@ -110,6 +111,24 @@ def timed(llm, prompts: list[str], max_tokens: int) -> dict[str, float]:
             "others_cpu_cores": (o1 - o0) / dt}
 
 
+def _summarise(runs: dict[str, dict[str, list[dict[str, float]]]], configs: list[str],
+               shapes: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Median tokens/s per configuration and shape, and relative to the unpatched engine."""
+    base = {s: statistics.median(x["tokens_per_s"] for x in runs["unpatched"][s]) for s in shapes}
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in configs:
+        summary[c] = {}
+        for s in shapes:
+            tps = [x["tokens_per_s"] for x in runs[c][s]]
+            summary[c][s] = {
+                "tokens_per_s_median": statistics.median(tps), "tokens_per_s_all": tps,
+                "relative_to_unpatched": statistics.median(tps) / base[s],
+                "others_cpu_cores_median": statistics.median(x["others_cpu_cores"] for x in runs[c][s]),
+                "own_cpu_cores_median": statistics.median(x["own_cpu_cores"] for x in runs[c][s]),
+            }
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results/vllm-cpu")
@@ -165,18 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[c][s].append(timed(llm, prompts, args.max_tokens))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{c} {runs[c]['batch'][-1]['tokens_per_s']:.0f} tok/s" for c in configs), flush=True)
-    summary = {}
-    base = {s: statistics.median(x["tokens_per_s"] for x in runs["unpatched"][s]) for s in shapes}
-    for c in configs:
-        summary[c] = {}
-        for s in shapes:
-            tps = [x["tokens_per_s"] for x in runs[c][s]]
-            summary[c][s] = {
-                "tokens_per_s_median": statistics.median(tps), "tokens_per_s_all": tps,
-                "relative_to_unpatched": statistics.median(tps) / base[s],
-                "others_cpu_cores_median": statistics.median(x["others_cpu_cores"] for x in runs[c][s]),
-                "own_cpu_cores_median": statistics.median(x["own_cpu_cores"] for x in runs[c][s]),
-            }
+    summary = _summarise(runs, configs, list(shapes))
     result = {
         "what": "vLLM 0.32 (CPU) serving SmolLM2-135M-Instruct fp32, greedy, ignore_eos",
         "workload": {"batch": args.batch, "single": 1, "max_tokens": args.max_tokens, "rounds": args.rounds,

@@ -301,7 +301,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``fastpatch run``: check every argument, load the data, decide start or resume (before the
     slow model load), load the model and editor, run the stream, print the summary."""
     from .app.registry import default_ability_sets, model_identity
-    from .run import RunOptions, data_fingerprint, plan_start, run_stream
+    from .run import (OutputOptions, RetainOptions, RunIdentity, RunOptions, ScoreOptions, data_fingerprint,
+                      plan_start, run_stream)
 
     out = Path(args.out)
     overrides = parse_overrides(args.overrides)
@@ -323,14 +324,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     ability = default_ability_sets(stream) if args.general_ability else None
     options = RunOptions(
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        limit=args.limit, resume=args.resume, overwrite=args.overwrite,
+        limit=args.limit, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
         memory_texts=memory_corpus(args, stream) if plan.checkpoint is None else None,
-        retain_pairs=stream.retain_pairs, retain_sets=stream.retain_sets, retain_size=args.retain_size,
-        batch_size=args.batch_size, model_id=model_id, data_id=stream.data_id,
-        ability_texts=ability[0] if ability else None, ability_pairs=ability[1] if ability else None,
-        generation_metrics=args.generation_metrics,
-        run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"}, "device": device},
-        progress=not args.no_progress and not args.quiet, plots=not args.no_plots,
+        retain=RetainOptions(pairs=stream.retain_pairs, sets=stream.retain_sets, size=args.retain_size),
+        scores=ScoreOptions(ability_texts=ability[0] if ability else None,
+                            ability_pairs=ability[1] if ability else None, generation=args.generation_metrics),
+        output=OutputOptions(progress=not args.no_progress and not args.quiet, plots=not args.no_plots,
+                             run_info={"cli": {k: v for k, v in vars(args).items() if k != "func"},
+                                       "device": device}),
+        identity=RunIdentity(model=model_id, data=stream.data_id),
     )
     summary = run_stream(editor, stream.records, out, options)
     from .report import format_table

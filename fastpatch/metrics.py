@@ -33,7 +33,7 @@ before editing": only the pairs of its half that the unedited model answers corr
 accuracy ratio to the unedited model is reported. Neither half is ever in the editor's memory set.
 
 TrainR and TestR are n/a (``None``) when the unedited model got fewer than ``min_right`` pairs of
-their set right (the runner's ``RunOptions.min_retain``, default 20): on CounterFact a 135M model
+their set right (the runner's ``RetainOptions.min_right``, flat name ``min_retain``, default 20): on CounterFact a 135M model
 knows few neighbourhood facts, and a rate over six samples or a ratio over a pre-edit accuracy of
 0.01 is noise. The summary reports the counts instead.
 

@@ -1,7 +1,8 @@
 """The sequential-edit runner: stream -> edits -> metrics, checkpoints and reports.
 
-    from fastpatch.run import RunOptions, run_stream
-    summary = run_stream(editor, records, "runs/x", RunOptions(protocol="tpatcher", eval_every=50))
+    from fastpatch.run import OutputOptions, RunOptions, run_stream
+    opts = RunOptions(protocol="tpatcher", eval_every=50, output=OutputOptions(plots=False))
+    summary = run_stream(editor, records, "runs/x", opts)
 
 Protocols:
 
@@ -35,8 +36,8 @@ Output directory::
     metrics.png heatmap.png latency.png
 
 Modules: :mod:`.errors`, :mod:`.rundir` (the directory, reading it back, and the start/resume/overwrite policy),
-:mod:`.identity` (fingerprints, the resume check), :mod:`.session` (:class:`RunOptions`, the
-shared state), :mod:`.evaluation` (baseline, metrics, up-front checks), :mod:`.checkpoint`,
+:mod:`.identity` (fingerprints, the resume check), :mod:`.options` (:class:`RunOptions` and its
+groups), :mod:`.session` (the shared state), :mod:`.evaluation` (baseline, metrics, up-front checks), :mod:`.checkpoint`,
 :mod:`.summary` and :mod:`.loop` (:func:`run_stream`).
 """
 
@@ -45,7 +46,7 @@ from .identity import check_resume, data_fingerprint, editor_state_id, file_fing
 from .loop import run_stream
 from .errors import RunError, RunExistsError, RunMismatchError
 from .rundir import RunPaths, StartPlan, latest_checkpoint, plan_start, read_run_info
-from .session import PROTOCOLS, RunOptions
+from .options import PROTOCOLS, OutputOptions, RetainOptions, RunIdentity, RunOptions, ScoreOptions
 from .summary import peak_memory, versions
 
 __all__ = [
@@ -53,7 +54,11 @@ __all__ = [
     "RunError",
     "RunExistsError",
     "RunMismatchError",
+    "OutputOptions",
+    "RetainOptions",
+    "RunIdentity",
     "RunOptions",
+    "ScoreOptions",
     "RunPaths",
     "StartPlan",
     "check_resume",

@@ -285,9 +285,9 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
     ]
     values = {
         "ER": edit_retain_rate([ok[own[i]] for i in st.edited]),
-        "TrainR": train_retain_rate([True] * len(train), [ok[k] for k in train], run.options.min_retain),
+        "TrainR": train_retain_rate([True] * len(train), [ok[k] for k in train], run.options.retain.min_right),
         "TestR": test_retain_rate([bool(c) for *_, c in run.baseline["test"]], [ok[k] for k in test],
-                                  run.options.min_retain),
+                                  run.options.retain.min_right),
         "Rel": exact_match_rate([ok[k] for k in own]),
         "Gen": generalization_rate([[ok[k] for k in ks] for ks in para]) if with_gen else None,
         "Loc": locality(loc_pairs),
@@ -299,7 +299,7 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
         del values["Gen"]  # not measured here (the previous value stays current)
     if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs[:pos]):
         values.update(counterfact_scores(run, recs[:pos], _sorted_call))
-    if final and run.options.generation_metrics:
+    if final and run.options.scores.generation:
         values.update(generation_scores(run, recs[:pos]))
     values.update(ability_scores(run, check_pairs))
     seconds = time.perf_counter() - t0
@@ -332,7 +332,7 @@ def check_stream(run: RunSession) -> None:
     and every text the stream's requests are scored on can be scored (:class:`RunError` naming
     the request otherwise)."""
     opts = run.options
-    extra = [p for s in (opts.retain_sets or ()) for p in s] + list(opts.retain_pairs or [])
+    extra = [p for s in (opts.retain.sets or ()) for p in s] + list(opts.retain.pairs or [])
     run.labels = classification_labels(run.ed, run.records, extra)
     for r in run.records[: run.n_total]:
         where = f"request {r.id!r} (row {r.source_row})"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
@@ -16,7 +15,8 @@ from .evaluation import check_pairs, check_stream, compute_baseline, evaluate
 from .identity import data_fingerprint, model_fingerprint
 from .errors import RunError
 from .rundir import checkpoint_position, clear_run, latest_checkpoint, plan_start, read_json
-from .session import RunOptions, RunSession, fmt
+from .options import RunOptions
+from .session import RunSession, fmt
 from .summary import build_summary, save_activations
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,8 +44,9 @@ def run_stream(
             ``StreamLoad``, whose ``.skipped`` rows are reported in the summary).
         out_dir: the run directory (created).
         options: how to run it (:class:`RunOptions`).
-        **fields: :class:`RunOptions` fields, given one by one (``eval_every=10``) instead of, or
-            on top of, ``options``.
+        **fields: :class:`RunOptions` fields, given one by one (``eval_every=10``, or a group
+            field by its flat name: ``retain_size=50``, ``plots=False``) instead of, or on top of,
+            ``options`` (:meth:`RunOptions.replace`).
 
     Returns:
         The summary (also written to summary.json / summary.csv).
@@ -58,7 +59,7 @@ def run_stream(
             state.json, a ``limit`` below its position), or a request text the editor cannot score
             (the message names the request).
     """
-    opts = dataclasses.replace(options or RunOptions(), **fields)
+    opts = (options or RunOptions()).replace(**fields)
     records = list(getattr(stream, "records", stream))
     skipped_rows = [list(s) for s in getattr(stream, "skipped", [])]
     run = RunSession(editor, records, Path(out_dir), opts)
@@ -92,7 +93,7 @@ def run_stream(
 
 
 def _fingerprints(editor: Any, records: Sequence[EditRecord], opts: RunOptions) -> dict[str, Any]:
-    model_id = opts.model_id
+    model_id = opts.identity.model
     if isinstance(model_id, str):
         model_id = model_fingerprint(model_id)
     model_fp = model_id or model_fingerprint(model=getattr(editor, "model", None))
@@ -109,18 +110,18 @@ def _run_info(opts: RunOptions, fingerprints: dict[str, Any], existing: dict[str
     """run.json: what was run (fingerprints, options), when it was created, how many sessions."""
     return {
         "fingerprints": fingerprints,
-        "data": opts.data_id or {},
+        "data": opts.identity.data or {},
         "protocol": opts.protocol,
         "eval_every": opts.eval_every,
         "checkpoint_every": opts.checkpoint_interval,
         "limit": opts.limit,
         "n_stream": n_stream,
-        "retain_size": opts.retain_size,
+        "retain_size": opts.retain.size,
         "batch_size": opts.batch_size,
         "skipped_rows": skipped_rows,
         "created": (existing or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sessions": (existing or {}).get("sessions", 0) + 1,
-        **(opts.run_info or {}),
+        **(opts.output.run_info or {}),
     }
 
 
@@ -130,10 +131,10 @@ def _baseline(run: RunSession, existing: dict[str, Any] | None, resumed: bool) -
 
     opts, paths = run.options, run.paths
     base = read_json(paths.baseline) if (existing is not None and paths.baseline.is_file()) else None
-    if base is not None and "retain_size" in existing and existing["retain_size"] != opts.retain_size:
+    if base is not None and "retain_size" in existing and existing["retain_size"] != opts.retain.size:
         raise RunError(
             f"cannot resume: the run's TrainR/TestR sets were drawn with retain_size={existing['retain_size']}, "
-            f"not {opts.retain_size}; resume with the same value (the CLI's default on --resume), or start over "
+            f"not {opts.retain.size}; resume with the same value (the CLI's default on --resume), or start over "
             f"with --overwrite (or another --out)")
     if base is not None and base.get("n_records", -1) < run.n_total:
         unedited = _unedited(run.ed)
@@ -143,7 +144,7 @@ def _baseline(run: RunSession, existing: dict[str, Any] | None, resumed: bool) -
             log.info("extending the pre-edit baseline from %d to %d requests with the patches disabled",
                      base["n_records"], run.n_total)
             with unedited():
-                base = compute_baseline(run, _retain_pairs(run), opts.retain_size, opts.retain_sets)
+                base = compute_baseline(run, _retain_pairs(run), opts.retain.size, opts.retain.sets)
             write_json_atomic(paths.baseline, base, indent=None)
             return base
         if resumed:
@@ -154,14 +155,14 @@ def _baseline(run: RunSession, existing: dict[str, Any] | None, resumed: bool) -
             )
         base = None
     if base is None:
-        base = compute_baseline(run, _retain_pairs(run), opts.retain_size, opts.retain_sets)
+        base = compute_baseline(run, _retain_pairs(run), opts.retain.size, opts.retain.sets)
         write_json_atomic(paths.baseline, base, indent=None)
     return base
 
 
 def _retain_pairs(run: RunSession) -> Sequence[tuple[str, str]]:
     """The pairs the TrainR/TestR sets are drawn from: the options', else every locality pair."""
-    pairs = run.options.retain_pairs
+    pairs = run.options.retain.pairs
     return pairs if pairs is not None else [p for r in run.records for p in r.locality]
 
 
@@ -188,7 +189,7 @@ def _edit_all(run: RunSession, info: dict[str, Any], fresh: bool) -> bool:
     try:
         st = run.state
         if fresh and st.n_edits == 0 and not st.evals:
-            need = max(1, run.options.min_retain)
+            need = max(1, run.options.retain.min_right)
             zero = st.record_eval({
                 "TrainR": 1.0 if len(run.baseline["train"]) >= need else None,
                 "TestR": 1.0 if sum(bool(c) for *_, c in run.baseline["test"]) >= need else None,
@@ -209,10 +210,10 @@ def _edit_all(run: RunSession, info: dict[str, Any], fresh: bool) -> bool:
 def _finish(run: RunSession, info: dict[str, Any], complete: bool) -> dict[str, Any]:
     from .. import report  # matplotlib is imported lazily inside
 
-    save_activations(run, run.options.heatmap_max_edits)  # kept even without plots: `fastpatch report` draws it
+    save_activations(run, run.options.output.heatmap_max_edits)  # kept even without plots: `fastpatch report` draws it
     summary = build_summary(run, info, complete=complete)
     report.write_summary(run.paths.root, summary)
-    if run.options.plots:
+    if run.options.output.plots:
         try:
             report.render_plots(run.paths.root)
         except Exception as err:  # noqa: BLE001 - plots never fail a finished run
@@ -226,15 +227,15 @@ def _loop(run: RunSession, info: dict[str, Any]) -> None:
 
     st, recs, opts = run.state, run.records, run.options
     bar = tqdm(total=run.n_total, initial=min(st.position, run.n_total), unit="req", dynamic_ncols=True,
-               disable=not opts.progress, desc="editing", smoothing=0.1)
+               disable=not opts.output.progress, desc="editing", smoothing=0.1)
     try:
-        with logging_redirect_tqdm() if opts.progress else contextlib.nullcontext():
+        with logging_redirect_tqdm() if opts.output.progress else contextlib.nullcontext():
             while st.position < run.n_total:
                 i = st.position
                 line = _process(run, i, recs[i])
                 run.write_line(run.edits_fh, line)
-                if opts.on_record is not None:
-                    opts.on_record(line)
+                if opts.output.on_record is not None:
+                    opts.output.on_record(line)
                 bar.update(1)
                 bar.set_postfix(edits=st.n_edits, SR=fmt(st.sr), GR=fmt(st.gr), patches=run.num_patches(),
                                 refresh=False)

@@ -107,18 +107,18 @@ CheckPairs = Callable[["RunSession", Sequence[tuple[str, str]]], list[bool]]
 
 def ability_baseline(run: RunSession, check_pairs: CheckPairs) -> dict[str, Any] | None:
     """The unedited model's general ability: ``PPL_0`` on the held-out texts and the questions of
-    ``options.ability_pairs`` it answers right (the set ``Ability`` is measured on); None without
+    ``options.scores.ability_pairs`` it answers right (the set ``Ability`` is measured on); None without
     either set."""
     opts = run.options
-    if run.labels is not None or not (opts.ability_texts or opts.ability_pairs):
+    if run.labels is not None or not (opts.scores.ability_texts or opts.scores.ability_pairs):
         return None
-    pairs = [(p, t) for p, t in dict.fromkeys((p, t) for p, t in (opts.ability_pairs or []))]
+    pairs = [(p, t) for p, t in dict.fromkeys((p, t) for p, t in (opts.scores.ability_pairs or []))]
     ok = check_pairs(run, pairs) if pairs else []
     right = [[p, t] for (p, t), c in zip(pairs, ok) if c]
-    ppl = run.ed.perplexity(list(opts.ability_texts or []), batch_size=opts.batch_size) if opts.ability_texts else None
+    ppl = run.ed.perplexity(list(opts.scores.ability_texts or []), batch_size=opts.batch_size) if opts.scores.ability_texts else None
     log.info("general ability before editing: perplexity %s on %d texts; %d of %d questions right",
-             f"{ppl:.3f}" if ppl is not None else "n/a", len(opts.ability_texts or []), len(right), len(pairs))
-    return {"PPL_0": ppl, "questions": right, "candidates": len(pairs), "texts": len(opts.ability_texts or [])}
+             f"{ppl:.3f}" if ppl is not None else "n/a", len(opts.scores.ability_texts or []), len(right), len(pairs))
+    return {"PPL_0": ppl, "questions": right, "candidates": len(pairs), "texts": len(opts.scores.ability_texts or [])}
 
 
 def ability_scores(run: RunSession, check_pairs: CheckPairs) -> dict[str, float | None]:
@@ -128,7 +128,7 @@ def ability_scores(run: RunSession, check_pairs: CheckPairs) -> dict[str, float 
         return {}
     out: dict[str, float | None] = {}
     if base.get("PPL_0") is not None:
-        out["PPL"] = run.ed.perplexity(list(run.options.ability_texts or []), batch_size=run.options.batch_size)
+        out["PPL"] = run.ed.perplexity(list(run.options.scores.ability_texts or []), batch_size=run.options.batch_size)
     questions = [(p, t) for p, t in base.get("questions", [])]
     out["Ability"] = exact_match_rate(check_pairs(run, questions)) if questions else None
     return out

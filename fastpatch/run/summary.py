@@ -113,7 +113,7 @@ def build_summary(run: RunSession, info: dict[str, Any], complete: bool) -> dict
                         "test": len(run.baseline.get("test", [])),
                         "test_right_before": sum(bool(c) for *_, c in run.baseline.get("test", [])),
                         "test_pre_accuracy": run.baseline.get("test_accuracy"),
-                        "min_right": run.options.min_retain},
+                        "min_right": run.options.retain.min_right},
         "skipped_rows": info.get("skipped_rows", []),
         "versions": versions(),
         "editor_config": _editor_config(run.ed),
