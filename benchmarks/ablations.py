@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "neg16w4": ("hard negatives (16), whitening weight 4",
                 ["--set", "negatives=16", "--set", "negative_whiten=4.0"]),
     "neg32w8": ("hard negatives (32), whitening weight 8", ["--set", "negatives=32", "--set", "negative_whiten=8.0"]),
+    "vs0": ("neg8 with the key whitened without the context variants' scatter (view_scatter=0)",
+            ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "view_scatter=0"]),
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
     "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
     "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),

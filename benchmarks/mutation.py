@@ -45,7 +45,8 @@ GROUPS: dict[str, dict] = {
     "metrics": {"files": ["fastpatch/metrics.py"],
                 "tests": ["tests/test_metrics.py", "tests/test_metric_wiring.py"]},
     "runner": {"files": ["fastpatch/run/evaluation.py", "fastpatch/run/loop.py"], "names": _RUNNER_METRIC_CODE,
-               "tests": ["tests/test_metric_wiring.py", "tests/test_runner.py::test_retain_split_is_stable_and_disjoint"]},
+               "tests": ["tests/test_metric_wiring.py", "tests/test_scores_wiring.py",
+                         "tests/test_runner.py::test_retain_split_is_stable_and_disjoint"]},
     "bank": {"files": ["fastpatch/bank.py"], "tests": ["tests/test_bank.py", "tests/test_bank_state.py"]},
     # kernels/ is placed at fastpatch/kernels/ in the scratch copy (the wheel's layout), so mutmut's
     # module names (fastpatch.kernels.*) are the ones the tests import

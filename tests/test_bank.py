@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fastpatch import PatchBank, PatchedFFN, PatchFileError
-from fastpatch.bank import weights_match_sample, weights_sample
+from fastpatch.bank import weights_fingerprint, weights_match_sample, weights_sample
 
 from .tiny_models import TINY, model_inputs
 
@@ -215,6 +215,24 @@ def test_model_state_dict_is_the_base_models() -> None:
     assert not any("_keys" in k or "bank" in k for k in keys)
     sd = ffn.bank.state_dict()
     assert set(sd) == {"keys", "biases", "values", "ids"} and sd["keys"].shape == (5, ffn.bank.d_in)
+    # the base model's state dict loads strictly into the patched model (the bank's buffers are not
+    # part of it) and leaves the patches alone
+    before = _snapshot(ffn.bank)
+    result = model.load_state_dict(copy.deepcopy(model.state_dict()), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert _same(_snapshot(ffn.bank), before)
+
+
+def test_weights_fingerprint_samples_with_a_stride_across_the_whole_tensor() -> None:
+    """The fingerprint reads every ``numel // sample``-th value: a change there (near the end of
+    the tensor, past the first ``sample`` values) changes it; a change between samples does not."""
+    t = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    late, between = t.clone(), t.clone()
+    late.view(-1)[60] += 1.0  # sampled: 60 = 15 * 4
+    between.view(-1)[61] += 1.0
+    assert weights_fingerprint([late], sample=16) != weights_fingerprint([t], sample=16)
+    assert weights_fingerprint([between], sample=16) == weights_fingerprint([t], sample=16)
+    assert weights_fingerprint([t.T.contiguous()], sample=64) != weights_fingerprint([t], sample=64)
 
 
 @pytest.mark.parametrize(

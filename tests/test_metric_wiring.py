@@ -396,6 +396,7 @@ class ClassifierTable(TableEditor):
 
     def edit(self, req: EditRequest) -> EditResult:
         self.requests.append((req.prompt, req.target, req.label, req.edit_id, list(req.rephrases)))
+        self.subjects.append(req.subject)
         if self.world[req.prompt] == req.label:
             return EditResult(req.edit_id, True, 0, 0.0, [], {}, 0, already_correct=True)
         if req.prompt == "x2":  # fails
@@ -407,15 +408,17 @@ class ClassifierTable(TableEditor):
 
 def test_classifier_requests_are_edited_by_label(tmp_path: Path) -> None:
     records = [
-        EditRecord("c0", "x0", "true", None, ["x0a"], [("y0", "false")], source_row=0),
+        EditRecord("c0", "x0", "true", None, ["x0a"], [("y0", "false")], subject="s0", source_row=0),
         EditRecord("c1", "x1", "false", None, [], [], source_row=1),
-        EditRecord("c2", "x2", "true", None, [], [], source_row=2),
+        EditRecord("c2", "x2", "true", None, [], [], subject="s2", source_row=2),
     ]
     ed = ClassifierTable()
+    ed.subjects = []
     summary = fastpatch.run_stream(ed, records, tmp_path / "cls", protocol="tpatcher", eval_every=0, progress=False,
                                    plots=False, retain_sets=([("y0", "false")], [("x1", "false")]), min_retain=1)
     lines = [json.loads(x) for x in (tmp_path / "cls" / "edits.jsonl").read_text().splitlines()]
     assert ed.requests == [("x0", None, 1, "c0", ["x0a"]), ("x1", None, 0, "c1", []), ("x2", None, 1, "c2", [])]
+    assert ed.subjects == ["s0", None, "s2"]  # a classifier request carries its record's subject too
     assert [ln["action"] for ln in lines] == ["edit", "skip", "edit"]
     assert [ln.get("label") for ln in lines] == [1, None, 1]
     _exact(summary["metrics"], {"SR": F(1, 2), "GR": 1, "ER": F(1, 2), "Rel": F(2, 3), "Gen": 1, "Loc": 1,

@@ -38,9 +38,11 @@ class ScoringTable(TableEditor):
         super().__init__()
         self.world = dict(WORLD)
         self.subjects_seen: list[str | None] = []
+        self.truths_seen: list[str | None] = []
 
     def edit(self, req: EditRequest) -> EditResult:
         self.subjects_seen.append(req.subject)
+        self.truths_seen.append(req.ground_truth)
         self.world.update(SCRIPT[req.prompt])
         pid = self.num_patches
         self.num_patches += 1
@@ -73,7 +75,30 @@ def test_counterfact_generation_and_ability_scores_have_known_values(tmp_path: P
     assert s["PPL"] == 12.0  # 10 + two patches
     assert s["Ability"] == 0.5  # q1, q2 right before (q3 never was); c1 broke q2
     assert s["ability_set"] == {"questions_right_before": 2, "candidates": 3, "texts": 1}
-    assert ed.subjects_seen == ["s0", "s1"]  # the runner hands each request its subject
+    # the runner hands each request its subject and true object (the editor's hard negatives)
+    assert ed.subjects_seen == ["s0", "s1"] and ed.truths_seen == ["T0", "T1"]
+
+
+@pytest.mark.parametrize("protocol", ["easyedit", "tpatcher"])
+def test_which_scores_each_evaluation_point_has(tmp_path: Path, protocol: str) -> None:
+    """CounterFact scores where Gen is measured (every point under EasyEdit, the end under
+    T-Patcher), generation scores at the end only, general ability at every point."""
+    import json
+
+    out = tmp_path / protocol
+    fastpatch.run_stream(ScoringTable(), RECORDS, out, protocol=protocol, eval_every=1, progress=False,
+                         plots=False, retain_sets=([], []), ability_texts=["t"], ability_pairs=[("q2", "Q2")])
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    points = [e for e in evals if e.get("position")]  # the edits' points (not the zero point)
+    assert [e["position"] for e in points] == [1, 2]
+    first, last = points
+    assert first["PPL"] == 11.0 and first["Ability"] == 1.0 and last["PPL"] == 12.0 and last["Ability"] == 0.0
+    assert "Rel_gen" not in first and last["Rel_gen"] == 1.0 and last["Gen_gen"] == 0.5
+    if protocol == "easyedit":
+        assert first["ES"] == 1.0 and first["NS"] == 0.0  # after c0 only: n0 broken
+    else:
+        assert "ES" not in first
+    assert last["ES"] == 1.0 and last["NS"] == 0.5
 
 
 def test_scores_are_absent_where_they_do_not_apply(tmp_path: Path) -> None:
@@ -85,3 +110,37 @@ def test_scores_are_absent_where_they_do_not_apply(tmp_path: Path) -> None:
     assert summary["scores"] == {}
     # a record whose true object is its new target has no neighbourhood either
     assert neighbourhood(EditRecord("x", "c0", "T0", "T0", [], [("n0", "T0")])) == []
+
+
+def test_the_last_point_of_a_stream_is_its_final_one_and_an_older_run_gets_it_on_resume(tmp_path: Path) -> None:
+    """eval_every dividing the stream: the evaluation at its end is the final one (generation
+    scores, per_request.jsonl), not a regular point followed by nothing. A run written before
+    points were marked final gets its final point when resumed, without editing anything again."""
+    import json
+
+    from fastpatch.run import latest_checkpoint
+
+    ed, out = ScoringTable(), tmp_path / "run"
+    kw = dict(protocol="easyedit", eval_every=2, progress=False, plots=False, retain_sets=([], []))
+    summary = fastpatch.run_stream(ed, RECORDS, out, **kw)
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["position"], e.get("final")) for e in evals] == [(0, None), (2, True)]
+    assert summary["scores"]["Rel_gen"] == 1.0
+    per = [json.loads(x) for x in (out / "per_request.jsonl").read_text().splitlines()]
+    # c0's paraphrase still gets T0 and its neighbour is broken; c1's paraphrase and neighbour hold
+    assert [(r["id"], r["rel"], r["gen"], r["loc"]) for r in per] == [("c0", True, [False], [0.0]),
+                                                                    ("c1", True, [True], [1.0])]
+
+    # the same run as an older version wrote it: its last point not marked final, no per_request.jsonl
+    state_path = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_path.read_text())
+    for point in (state["metrics"]["evals"][-1], state["metrics"]["last_eval"]):
+        for k in ("final", "Rel_gen", "Gen_gen"):
+            point.pop(k, None)
+    state_path.write_text(json.dumps(state))
+    (out / "per_request.jsonl").unlink()
+    resumed = fastpatch.run_stream(ed, RECORDS, out, **kw, resume=True)
+    assert ed.subjects_seen == ["s0", "s1"]  # nothing edited again
+    assert resumed["scores"]["Rel_gen"] == 1.0 and (out / "per_request.jsonl").is_file()
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["position"], e.get("final")) for e in evals] == [(0, None), (2, True), (2, True)]

@@ -47,12 +47,6 @@ __all__ = [
 
 log = logging.getLogger("fastpatch.editor")
 
-#: Weight of the context variants' own scatter next to the memory covariance when the key is
-#: whitened: 1 already evens the patch's pre-activation across the variants (measured on SmolLM2:
-#: spread 1.0-1.04 instead of 1-55); more changes nothing there.
-_VIEW_SCATTER = 1.0
-
-
 # ---------------------------------------------------------------------------- keys and biases
 def authors_key_init(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' key ``q/||q||^2`` (pre-activation 1 on the edit) and a zero bias."""
@@ -63,7 +57,7 @@ def authors_key_init(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], keys: torch.Tensor,
                     bias: torch.Tensor, negatives: torch.Tensor | None = None,
-                    negative_whiten: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    negative_whiten: float = 0.0, view_scatter: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Key along the memory-whitened direction of the edit, bias between edit and memory.
 
     ``u = (C + lam I)^-1 (q - mu)`` (the linear discriminant of the edit vector against the
@@ -86,7 +80,7 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
     solve = _woodbury_solver(chol, negatives, mu, negative_whiten)
     rhs = (q.double() - mu).t()  # (d, n)
     u = solve(rhs).t()  # (n, d)
-    if any(x.shape[0] > 1 for x in qs):
+    if view_scatter > 0 and any(x.shape[0] > 1 for x in qs):
         # The views' own scatter S = U U^T (rank < views) joins the covariance, so the patch
         # fires about equally on every view: Woodbury on the shared factorisation,
         # (A + U U^T)^-1 r = A^-1 r - A^-1 U (I + U^T A^-1 U)^-1 U^T A^-1 r.
@@ -94,7 +88,7 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
             if x.shape[0] < 2:
                 continue
             dx = x.double() - x.double().mean(0)
-            U = dx.t() * math.sqrt(_VIEW_SCATTER / x.shape[0])  # (d, views)
+            U = dx.t() * math.sqrt(view_scatter / x.shape[0])  # (d, views)
             AiU = solve(U)
             small = torch.eye(U.shape[1], dtype=U.dtype, device=U.device) + U.t() @ AiU
             u[n] = u[n] - AiU @ torch.linalg.solve(small, U.t() @ u[n])
@@ -245,7 +239,8 @@ def init_params(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edi
     q = torch.stack([x.mean(0) for x in qs])  # (n, d)
     keys, bias = authors_key_init(q)
     if cfg.init == "memory" and len(memory) > 0:
-        keys, bias = memory_key_init(memory, q, qs, keys, bias, batch.negatives, cfg.negative_whiten)
+        keys, bias = memory_key_init(memory, q, qs, keys, bias, batch.negatives, cfg.negative_whiten,
+                                     cfg.view_scatter)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + n_edits)
     v_dir = (torch.randn(len(qs), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
     value = value_init_for(h, cfg)

@@ -119,6 +119,9 @@ class MethodSettings:
             shares with its negatives (the relation, the template) towards what is its own.
             Raises paraphrase generalisation, but the patches then fire on held-out text (on
             CounterFact, perplexity 92 -> 237 after 200 edits at weight 4): 0 by default.
+        view_scatter: weight of the context variants' own scatter beside the memory covariance
+            when the key is whitened (``init="memory"``): 1 evens the patch's pre-activation
+            across the variants; 0 leaves the key the plain discriminant of the variants' mean.
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -146,6 +149,7 @@ class MethodSettings:
     augment_patience: int = 10
     negatives: int = 8
     negative_whiten: float = 0.0
+    view_scatter: float = 1.0
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0

@@ -251,12 +251,15 @@ def check_and_tokens(
     return ok, [toks[index[(p, t)]] for p, t in tokens]
 
 
-def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
+def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
     """ER, TrainR, TestR, Rel., Loc. (and Gen.) with the current model, batched.
 
     Gen. (every paraphrase of every request so far) is the costliest; it is evaluated at every
     point under the EasyEdit protocol and only at the end under the T-Patcher one, where GR
     (measured right after each edit) already tracks generalization.
+
+    The ``final`` point (the end of the stream) also scores free generation, writes
+    per_request.jsonl and is marked ``"final": true`` in evals.jsonl.
     """
     t0 = time.perf_counter()
     st, recs = run.state, run.records
@@ -294,6 +297,7 @@ def evaluate(run: RunSession, final: bool = False) -> dict[str, Any]:
         "n_eval_prompts": len(keys) + len(loc_keys),
     }
     if final:
+        values["final"] = True
         _write_per_request(run, [ok[k] for k in own], [[ok[k] for k in ks] for ks in para], loc_pairs)
     if not with_gen:
         del values["Gen"]  # not measured here (the previous value stays current)

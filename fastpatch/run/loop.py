@@ -196,7 +196,9 @@ def _edit_all(run: RunSession, info: dict[str, Any], fresh: bool) -> bool:
             })
             run.write_line(run.evals_fh, {**zero, "SR": None, "GR": None, "patches": run.num_patches()})
         _loop(run, info)
-        if not st.evals or st.evals[-1].get("position") != st.position or "Gen" not in st.evals[-1]:
+        # the final point also scores free generation and writes per_request.jsonl; a run whose
+        # last point is at the end but not final (an older run, resumed) gets one now
+        if not st.evals or st.evals[-1].get("position") != st.position or not st.evals[-1].get("final"):
             evaluate(run, final=True)
         if (run.last_ckpt_edits != st.n_edits or latest_checkpoint(paths.root) is None
                 or checkpoint_position(paths.root) != st.position):
@@ -241,7 +243,7 @@ def _loop(run: RunSession, info: dict[str, Any]) -> None:
                                 refresh=False)
                 if line["action"] == "edit":
                     if opts.eval_every and st.n_edits % opts.eval_every == 0:
-                        evaluate(run)
+                        evaluate(run, final=st.position >= run.n_total)  # the stream's end is the final point
                     if st.n_edits % opts.checkpoint_interval == 0:
                         write_checkpoint(run, info)
     finally:
