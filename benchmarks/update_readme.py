@@ -262,6 +262,39 @@ def real_section() -> list[str]:
     return out
 
 
+#: Method settings that tell the runs of the published results apart (``MethodSettings``).
+_METHOD_KEYS = ("negatives", "negative_whiten", "key_boundary", "view_scatter", "memory_growth", "augment", "max_neurons")
+
+
+def _method_line(cfg: dict[str, Any]) -> str:
+    """The run's settings that the ablations vary (its ``editor_config``)."""
+    shown = [f"`{k}={cfg[k]}`" for k in _METHOD_KEYS if k in cfg]
+    return "Editor settings: " + ", ".join(shown) + (
+        " (`negatives` absent: run before the hard negatives existed)." if "negatives" not in cfg else ".")
+
+
+def _curve_lines(folder: str) -> list[str]:
+    """The run's curve (``curve.json`` of ``benchmarks/publish_run.py``): metrics and seconds per
+    edit at each evaluation point."""
+    path = RES / folder / "curve.json"
+    if not path.is_file():
+        return []
+    pts = json.loads(path.read_text()).get("points") or []
+    if not pts:
+        return []
+    names = [k for k in ("Rel", "Gen", "Loc", "ES", "PS", "NS", "PPL", "Ability") if any(k in p for p in pts)]
+    rows = [[p["edits"], p.get("patches"), *[p.get(k) for k in names], p.get("seconds_per_edit_median"),
+             p.get("seconds_per_edit_p90")] for p in pts]
+    return ["Against T (each evaluation point; seconds per edit of the edits since the previous point):", "",
+            *_table(["T", "patches", *names, "median s/edit", "p90 s/edit"], rows), ""]
+
+
+def _memory_text(mem: dict[str, Any]) -> str:
+    """``7,723 corpus vectors, 35,000 rows at the end`` (the end count when the run recorded it)."""
+    text = f"{_f(mem.get('vectors'))} corpus vectors"
+    return text + (f", {_f(mem['rows_now'])} rows at the end" if mem.get("rows_now") is not None else "")
+
+
 def run_section(folder: str, title: str, note: str = "") -> list[str]:
     path = RES / folder / "summary.json"
     if not path.exists():
@@ -272,7 +305,7 @@ def run_section(folder: str, title: str, note: str = "") -> list[str]:
     t = s.get("time") or {}
     if t:
         out += [f"{s.get('requests')} requests, {s.get('edits')} edited ({s.get('protocol')} protocol), "
-                f"{s.get('patches')} patches; memory {((s.get('memory_set') or {}).get('vectors'))} vectors; "
+                f"{s.get('patches')} patches; memory {_memory_text(s.get('memory_set') or {})}; "
                 f"median {_f(t.get('edit_seconds_median'))} s per edit (p90 {_f(t.get('edit_seconds_p90'))} s); "
                 f"wall time {_f(t.get('wall_seconds'))} s; peak RSS {_f((s.get('peak_memory') or {}).get('rss_mib'))} MiB.", ""]
     keys = [k for k in ("SR", "GR", "ER", "TrainR", "TestR", "Rel", "Gen", "Loc") if k in m]
@@ -290,6 +323,9 @@ def run_section(folder: str, title: str, note: str = "") -> list[str]:
     cfg = s.get("editor_config") or {}
     if cfg and "augment" not in cfg:
         out += ["Run before the context variants (`EditorConfig.augment`) and the gradient value init existed.", ""]
+    elif cfg:
+        out += [_method_line(cfg), ""]
+    out += _curve_lines(folder)
     if note:
         out += [note, ""]
     for png in sorted((RES / folder).glob("*.png")):
@@ -377,8 +413,9 @@ def results_body() -> list[str]:
                         _classifier_note())
     body += run_section(
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
-        "Run with the default before the hard negatives (`negatives=0`); the new default's run at T = 1000 "
-        "is still to come (see Known gaps). "
+        "The same stream with the default before the hard negatives: "
+        "[summary_negatives0.json](benchmarks/results/zsre/summary_negatives0.json); per-record failures by "
+        "wording overlap: [failures.md](benchmarks/results/zsre/failures.md). "
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.60, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.60, "Loc": 0.98}) + ".")
     body += run_section(
@@ -403,9 +440,13 @@ def summary_body() -> list[str]:
         s = json.loads(path.read_text())
         m = s.get("metrics") or {}
         t = s.get("time") or {}
+        sc = s.get("scores") or {}
+        ppl, ppl0 = sc.get("PPL"), (sc.get("pre") or {}).get("PPL")
         rows.append([what, f"{s.get('edits')} / {s.get('requests')}", *[m.get(k) for k in ("SR", "GR", "Rel", "Gen", "Loc")],
+                     f"{ppl:.1f} ({ppl0:.1f})" if ppl is not None and ppl0 is not None else None,
                      t.get("edit_seconds_median"), f"[summary]({path.relative_to(ROOT)})"])
-    out = _table(["run", "edits / requests", "SR", "GR", "Rel.", "Gen.", "Loc.", "median s/edit", ""], rows)
+    out = _table(["run", "edits / requests", "SR", "GR", "Rel.", "Gen.", "Loc.", "held-out PPL (unedited)",
+                  "median s/edit", ""], rows)
     out += ["", "CPU (2 cores) for these runs; GPU kernel figures, per-machine tables, plots and the known gaps: "
             "[docs/results.md](docs/results.md)."]
     vllm = RES / "vllm-cpu" / "throughput.json"

@@ -92,3 +92,12 @@ def test_negative_whitening_turns_the_key_away_from_what_the_negatives_share() -
     for k, b in ((k_plain, b_plain), (k_white, b_white)):  # both calibrated (not the authors' fallback)
         assert abs(float(_pre(views, k, b).min()) - 1.0) < 1e-4
     assert share(k_white) < 0.5 * share(k_plain)
+
+
+def test_key_boundary_moves_the_zero_between_memory_and_edit() -> None:
+    mem = _memory()
+    views = _views(torch.full((D,), 4.0), torch.full((D,), 0.3))
+    for t in (0.5, 0.25, 0.8):
+        k, b = _init(mem, views, boundary=t)
+        assert abs(float(_pre(views, k, b).min()) - 2 * (1 - t)) < 1e-4
+        assert abs(float(_pre(mem.vectors, k, b).max()) + 2 * t) < 1e-4

@@ -57,16 +57,18 @@ def authors_key_init(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], keys: torch.Tensor,
                     bias: torch.Tensor, negatives: torch.Tensor | None = None,
-                    negative_whiten: float = 0.0, view_scatter: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    negative_whiten: float = 0.0, view_scatter: float = 1.0,
+                    boundary: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Key along the memory-whitened direction of the edit, bias between edit and memory.
 
     ``u = (C + lam I)^-1 (q - mu)`` (the linear discriminant of the edit vector against the
     memory's mean ``mu`` and covariance ``C``; ``q`` is the mean over the request's views):
     plain ``q - mu`` is dominated by the few high-variance directions (attention-sink
     positions) where memory vectors have huge projections. The key is scaled and the bias
-    set so that the patch starts at pre-activation at least +1 on every view of its edit and
-    at most -1 on every memory vector; where the memory does not separate from the edit
-    along ``u``, the authors' init is kept.
+    set so that the patch starts at pre-activation at least ``2 (1 - boundary)`` on every view
+    of its edit and at most ``-2 boundary`` on every memory vector (+1 and -1 at the default
+    0.5: the zero halfway); where the memory does not separate from the edit along ``u``, the
+    authors' init is kept.
 
     ``negatives`` (the edit's hard negatives) count as memory vectors for the margin; with
     ``negative_whiten`` their scatter around ``mu`` joins ``C`` (Woodbury on the shared
@@ -100,7 +102,7 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
     good = gap > 1e-6 * a_q.abs().clamp_min(1.0)
     c = 2.0 / gap.clamp_min(1e-12)
     k_new = c[:, None] * u
-    b_new = -c * (a_q + m_max) / 2
+    b_new = -c * (m_max + boundary * gap)
     keys = torch.where(good[:, None], k_new, keys)
     bias = torch.where(good, b_new, bias)
     return keys, bias
@@ -240,7 +242,7 @@ def init_params(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edi
     keys, bias = authors_key_init(q)
     if cfg.init == "memory" and len(memory) > 0:
         keys, bias = memory_key_init(memory, q, qs, keys, bias, batch.negatives, cfg.negative_whiten,
-                                     cfg.view_scatter)
+                                     cfg.view_scatter, cfg.key_boundary)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed + n_edits)
     v_dir = (torch.randn(len(qs), d_out, generator=g) / math.sqrt(d_out)).to(q.device)
     value = value_init_for(h, cfg)

@@ -119,6 +119,10 @@ class MethodSettings:
             shares with its negatives (the relation, the template) towards what is its own.
             Raises paraphrase generalisation, but the patches then fire on held-out text (on
             CounterFact, perplexity 92 -> 237 after 200 edits at weight 4): 0 by default.
+        key_boundary: where the memory key init puts the patch's zero, as a fraction of the gap
+            between the closest memory row (or hard negative) and the edit's weakest view: 0.5
+            starts them at -1 and +1; lower values (closer to the memory) let the patch fire on
+            more inputs near the edit, such as paraphrases.
         view_scatter: weight of the context variants' own scatter beside the memory covariance
             when the key is whitened (``init="memory"``): 1 evens the patch's pre-activation
             across the variants; 0 leaves the key the plain discriminant of the variants' mean.
@@ -149,6 +153,7 @@ class MethodSettings:
     augment_patience: int = 10
     negatives: int = 8
     negative_whiten: float = 0.0
+    key_boundary: float = 0.5
     view_scatter: float = 1.0
     memory_growth: str = "all"
     activation: str = "relu"
@@ -225,6 +230,8 @@ class EditorConfig(RuntimeOptions, MethodSettings):
             raise EditError(f"config.memory_growth must be one of {MEMORY_GROWTH}, got {self.memory_growth!r}")
         if self.activation not in ("relu", "host"):
             raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
+        if not 0 < self.key_boundary < 1:
+            raise EditError(f"config.key_boundary must be in (0, 1), got {self.key_boundary}")
         if not 0 <= self.label_smoothing < 1:
             raise EditError(f"config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -105,7 +105,9 @@ def build_summary(run: RunSession, info: dict[str, Any], complete: bool) -> dict
             "memory_seconds": run.memory.get("seconds"),
             "wall_seconds": wall,
         },
-        "memory_set": {k: run.memory.get(k) for k in ("texts", "vectors")},
+        # the corpus the run built (texts, vectors) and the rows the memory holds now (earlier
+        # edits' inputs included), when the editor can say
+        "memory_set": {**{k: run.memory.get(k) for k in ("texts", "vectors")}, "rows_now": _memory_rows(run.ed)},
         "peak_memory": {"rss_mib": max(run.peak_rss_before, mem["peak_rss_mib"] or 0.0),
                         "cuda_mib": mem["peak_cuda_mib"]},
         "retain_sets": {"train": len(run.baseline.get("train", [])),
@@ -119,6 +121,14 @@ def build_summary(run: RunSession, info: dict[str, Any], complete: bool) -> dict
         "editor_config": _editor_config(run.ed),
         "run": {k: v for k, v in info.items() if k not in ("skipped_rows",)},
     }
+
+
+def _memory_rows(ed: Any) -> int | None:
+    """Rows in the editor's memory set (None when it has none)."""
+    try:
+        return int(len(ed.memory))
+    except Exception:  # noqa: BLE001 - an editor without a memory set
+        return None
 
 
 def _scores(run: RunSession) -> dict[str, Any]:
