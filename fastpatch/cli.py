@@ -200,10 +200,14 @@ def _check_memory_arg(choice: str) -> None:
 
 
 def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
-    """The memory texts for ``--memory`` (stream prompts, paraphrases and locality prompts are
-    always removed: the memory must be disjoint from what is evaluated)."""
+    """The memory texts for ``--memory`` (the prompts, paraphrases and locality prompts of the
+    requests the run evaluates, the first ``--limit``, are always removed: the memory must be
+    disjoint from what is evaluated; a run later extended to a larger ``--limit`` keeps the
+    memory it was built with)."""
     choice = args.memory
     records = stream.edit_records
+    if args.limit is not None:
+        records = records[: args.limit]
     if choice == "none":
         return None
     if choice == "auto":

@@ -346,3 +346,28 @@ def test_demo_code_path_on_a_cut_down_stream(tmp_path: Path, capsys: pytest.Capt
         assert s["metrics"]["SR"] is not None and s["time"]["edit_seconds_median"] > 0
         assert s["patches"] >= 0 and s["memory_set"]["vectors"] > 0
     assert (out / "metrics.png").is_file()
+
+
+def test_memory_corpus_leaves_out_what_the_run_evaluates(tmp_path: Path) -> None:
+    """--memory FILE: the evaluated requests' prompts, paraphrases and locality prompts are
+    removed (only those of the first --limit requests: the others are not evaluated), duplicates
+    dropped, and --memory-limit samples the rest in corpus order."""
+    import argparse
+
+    from fastpatch.app.registry import Stream
+    from fastpatch.cli import memory_corpus
+    from fastpatch.data.formats import EditRecord
+
+    recs = [EditRecord("a", "pa", "x", None, ["ra"], [("la", "y")], source_row=0),
+            EditRecord("b", "pb", "x", None, ["rb"], [("lb", "y")], source_row=1)]
+    mem = tmp_path / "memory.txt"
+    mem.write_text("pa\nra\nla\npb\nrb\nlb\nother\nother\n", encoding="utf-8")
+    stream = Stream(records=recs, data_id={})
+
+    def corpus(limit: int | None, memory_limit: int = 0) -> list[str] | None:
+        return memory_corpus(argparse.Namespace(memory=str(mem), limit=limit, memory_limit=memory_limit), stream)
+
+    assert corpus(None) == ["other"]
+    assert corpus(1) == ["pb", "rb", "lb", "other"]
+    sampled = corpus(1, memory_limit=2)
+    assert len(sampled) == 2 and sampled == [t for t in ["pb", "rb", "lb", "other"] if t in sampled]
