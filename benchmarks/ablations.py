@@ -50,31 +50,22 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
              ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "key_boundary=0.25"]),
     "kb25vs0": ("kb25 and vs0 together", ["--set", "negatives=8", "--set", "negative_whiten=0",
                                           "--set", "key_boundary=0.25", "--set", "view_scatter=0"]),
-    "cfmem": ("neg8 with a memory from the same benchmark: 1,000 prompts, paraphrases and neighbourhood prompts "
-              "of CounterFact records 5,000-9,999 (disjoint from the evaluated ones) instead of the default corpus",
-              ["--set", "negatives=8", "--set", "negative_whiten=0", "--memory", "{cf_memory}", "--memory-limit", "1000"]),
+    "cfval": ("neg8 with the memory from CounterFact's held-out split (1,000 of the prompts, paraphrases and "
+              "neighbourhood prompts of counterfact-val.json, disjoint from the evaluated records) instead of the "
+              "default corpus, as the T-Patcher authors take the memory from the training split",
+              ["--set", "negatives=8", "--set", "negative_whiten=0",
+               "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
     "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
     "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),
     "L26aug0": ("patch layer 26 of 30 instead of the last (augment=0, full-forward training)",
                 [*PREV, "--set", "augment=0", "--module-path", "model.layers.26.mlp"]),
 }
+#: Variants that apply to some streams only.
+ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
-
-
-def cf_memory(shared: Path, out: Path, first: int = 5000) -> Path:
-    """A memory file of CounterFact inputs the evaluated stream never reaches: the prompts,
-    paraphrases and neighbourhood prompts of records ``first`` onward (``--limit`` stays below)."""
-    from fastpatch.atomic import write_atomic
-
-    rows = json.loads((shared / STREAMS["cf"]).read_text())[first:]
-    texts = [r[k].strip() for r in rows for k in ("prompt", "rephrase_prompt", "locality_prompt")
-             if isinstance(r.get(k), str) and r[k].strip()]
-    path = out / "cf_memory.txt"
-    write_atomic(path, "\n".join(dict.fromkeys(texts)) + "\n")
-    return path
 
 
 def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> Path:
@@ -83,10 +74,9 @@ def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> P
     if (d / "summary.json").is_file() and json.loads((d / "summary.json").read_text()).get("complete"):
         return d
     args = VARIANTS[variant][1]
-    if "{cf_memory}" in args:
-        if stream != "cf":
-            return d  # a CounterFact-only variant
-        args = [str(cf_memory(shared, out)) if a == "{cf_memory}" else a for a in args]
+    if variant in ONLY_ON and stream not in ONLY_ON[variant]:
+        return d
+    args = [a.replace("{shared}", str(shared)) for a in args]
     cmd = [sys.executable, "-m", "fastpatch.cli", "run", "--data", str(shared / STREAMS[stream]), "--out", str(d),
            "--limit", str(limit), "--overwrite", *RUN_ARGS, *args]
     subprocess.run(cmd, check=True)

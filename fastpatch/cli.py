@@ -46,6 +46,8 @@ log = logging.getLogger("fastpatch.cli")
 
 #: --memory-limit when not given: 400 (all memory texts for a stream whose vectors are cheap, e.g. claims).
 DEFAULT_MEMORY_LIMIT = 400
+#: --memory files read as streams (their requests' texts), not as one text per line.
+STREAM_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 #: Locality pairs per TrainR/TestR set when ``--retain-size`` is not given.
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every K edits (default: --eval-every, or 50 when that is 0)")
     r.add_argument("--memory", default="auto",
                    help="T-Patcher memory corpus: auto (geography, claims: their memory sets; files: the built-in "
-                        "FanOutQA + continent prompts when installed; default), none, or a text file (one per line)")
+                        "FanOutQA + continent prompts when installed; default), none, a text file (one per line), "
+                        "or a stream file (.json/.jsonl/.parquet: its requests' prompts, paraphrases and locality "
+                        "prompts, e.g. a held-out split of the benchmark)")
     r.add_argument("--memory-limit", type=int, default=None, metavar="N",
                    help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
                         "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400, "
@@ -192,22 +196,25 @@ def load_data(args: argparse.Namespace) -> Stream:
 
 
 def _check_memory_arg(choice: str) -> None:
-    """``--memory`` is auto, none, or a readable text file."""
+    """``--memory`` is auto, none, or a readable text or stream file."""
     if choice in ("auto", "none"):
         return
     if not Path(choice).expanduser().is_file():
-        raise CLIError(f"--memory {choice!r}: expected auto, none or a text file")
+        raise CLIError(f"--memory {choice!r}: expected auto, none, a text file or a stream file")
 
 
 def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
-    """The memory texts for ``--memory`` (the prompts, paraphrases and locality prompts of the
-    requests the run evaluates, the first ``--limit``, are always removed: the memory must be
-    disjoint from what is evaluated; a run later extended to a larger ``--limit`` keeps the
-    memory it was built with)."""
+    """The memory texts for ``--memory``: ``auto`` (the stream's own corpus, else the app's
+    default), ``none``, a text file (one text per line), or a stream file (``.json``, ``.jsonl``,
+    ``.parquet`` in any format :func:`fastpatch.data.formats.load_stream` reads: the prompts,
+    paraphrases and locality prompts of its records, e.g. a benchmark's held-out split, as the
+    T-Patcher authors take the memory from the training split).
+
+    The prompts, paraphrases and locality prompts of every request of the stream (not only the
+    first ``--limit``: a run can later be extended) are always removed: the memory must be
+    disjoint from what is evaluated."""
     choice = args.memory
     records = stream.edit_records
-    if args.limit is not None:
-        records = records[: args.limit]
     if choice == "none":
         return None
     if choice == "auto":
@@ -222,8 +229,17 @@ def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
     else:
         path = Path(choice).expanduser()
         if not path.is_file():
-            raise CLIError(f"--memory {choice!r}: expected auto, none or a text file")
-        texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            raise CLIError(f"--memory {choice!r}: expected auto, none, a text file or a stream file")
+        if path.suffix.lower() in STREAM_SUFFIXES:
+            from .data.formats import StreamFormatError, load_stream
+
+            try:
+                held_out = load_stream(path).records
+            except StreamFormatError as err:
+                raise CLIError(f"--memory {choice!r}: not a stream file this version reads: {err}") from err
+            texts = [t for r in held_out for t in (r.prompt, *r.rephrases, *(p for p, _ in r.locality))]
+        else:
+            texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     banned = {r.prompt for r in records} | {p for r in records for p in r.rephrases} | {
         p for r in records for p, _ in r.locality}
     texts = [t for t in dict.fromkeys(texts) if t not in banned]

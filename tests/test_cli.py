@@ -348,26 +348,35 @@ def test_demo_code_path_on_a_cut_down_stream(tmp_path: Path, capsys: pytest.Capt
     assert (out / "metrics.png").is_file()
 
 
-def test_memory_corpus_leaves_out_what_the_run_evaluates(tmp_path: Path) -> None:
-    """--memory FILE: the evaluated requests' prompts, paraphrases and locality prompts are
-    removed (only those of the first --limit requests: the others are not evaluated), duplicates
-    dropped, and --memory-limit samples the rest in corpus order."""
+def test_memory_corpus_leaves_out_what_the_stream_evaluates(tmp_path: Path) -> None:
+    """--memory FILE: every request's prompt, paraphrases and locality prompts are removed (all of
+    the stream's, not only the first --limit: a run can be extended later), duplicates dropped,
+    and --memory-limit samples the rest in corpus order. A stream file gives its requests' texts."""
     import argparse
 
     from fastpatch.app.registry import Stream
-    from fastpatch.cli import memory_corpus
+    from fastpatch.cli import CLIError, memory_corpus
     from fastpatch.data.formats import EditRecord
 
     recs = [EditRecord("a", "pa", "x", None, ["ra"], [("la", "y")], source_row=0),
             EditRecord("b", "pb", "x", None, ["rb"], [("lb", "y")], source_row=1)]
     mem = tmp_path / "memory.txt"
-    mem.write_text("pa\nra\nla\npb\nrb\nlb\nother\nother\n", encoding="utf-8")
+    mem.write_text("pa\nra\nla\npb\nrb\nlb\nother\nother\nmore\n", encoding="utf-8")
     stream = Stream(records=recs, data_id={})
 
-    def corpus(limit: int | None, memory_limit: int = 0) -> list[str] | None:
-        return memory_corpus(argparse.Namespace(memory=str(mem), limit=limit, memory_limit=memory_limit), stream)
+    def corpus(path: Path, limit: int | None = None, memory_limit: int = 0) -> list[str] | None:
+        ns = argparse.Namespace(memory=str(path), limit=limit, memory_limit=memory_limit)
+        return memory_corpus(ns, stream)
 
-    assert corpus(None) == ["other"]
-    assert corpus(1) == ["pb", "rb", "lb", "other"]
-    sampled = corpus(1, memory_limit=2)
-    assert len(sampled) == 2 and sampled == [t for t in ["pb", "rb", "lb", "other"] if t in sampled]
+    assert corpus(mem) == ["other", "more"] and corpus(mem, limit=1) == ["other", "more"]
+    sampled = corpus(mem, memory_limit=1)
+    assert len(sampled) == 1 and sampled[0] in ("other", "more")
+    held_out = tmp_path / "val.jsonl"
+    rows = [{"prompt": "hp", "target": "t", "rephrases": ["hr"], "locality": [{"prompt": "hl", "target": "z"}]},
+            {"prompt": "pa", "target": "t"}]  # a text the stream evaluates: left out
+    held_out.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    assert corpus(held_out) == ["hp", "hr", "hl"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": 3}]', encoding="utf-8")
+    with pytest.raises(CLIError, match="not a stream file"):
+        corpus(broken)
