@@ -270,7 +270,7 @@ def test_missing_memory_file_is_refused_before_the_model_loads(tiny: Path, tmp_p
     assert main(["run", "--model", str(tiny), "--data", str(data), "--out", str(tmp_path / "a"), "-q",
                  "--memory", str(tmp_path / "no-such-memory.txt")]) == 2
     err = capsys.readouterr().err
-    assert "no-such-memory.txt" in err and "expected auto, none or a text file" in err
+    assert "no-such-memory.txt" in err and "expected auto, none, a text file or a stream file" in err
     assert not (tmp_path / "a").exists()
 
 
