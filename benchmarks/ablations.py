@@ -115,6 +115,8 @@ def row(d: Path) -> dict[str, float | None] | None:
     if not p.is_file():
         return None
     s = json.loads(p.read_text())
+    if not s.get("complete"):  # a run stopped before its end: its figures are of fewer edits
+        return None
     m, sc = s.get("metrics") or {}, s.get("scores") or {}
     return {"Rel": m.get("Rel"), "Gen": m.get("Gen"), "Loc": m.get("Loc"), "NS": sc.get("NS"), "ES": sc.get("ES"),
             "PS": sc.get("PS"), "NS_pre": (sc.get("pre") or {}).get("NS"),

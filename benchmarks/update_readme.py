@@ -368,6 +368,18 @@ def _missed(folder: str, targets: dict[str, float]) -> str:
     return f" (missed: {', '.join(low)}; see Known gaps)" if low else " (all met)"
 
 
+def _ns_gap(folder: str) -> str:
+    """``; NS 0.053 below the unedited model's`` for a CounterFact run (empty without scores)."""
+    path = RES / folder / "summary.json"
+    if not path.exists():
+        return ""
+    sc = json.loads(path.read_text()).get("scores") or {}
+    ns, ns0 = sc.get("NS"), (sc.get("pre") or {}).get("NS")
+    if ns is None or ns0 is None:
+        return ""
+    return f"; NS {ns0 - ns:.3f} below the unedited model's ({'within' if ns0 - ns <= 0.05 else 'outside'} 0.05)"
+
+
 def vllm_section() -> list[str]:
     """Serving throughput in vLLM with 0 / 1,000 / 10,000 patches against stock vLLM."""
     path = RES / "vllm-cpu" / "throughput.json"
@@ -407,7 +419,11 @@ def vllm_table(d: dict) -> list[str]:
 def results_body() -> list[str]:
     """The full results (docs/results.md), links relative to the repository root."""
     body = ["Rendered by `python benchmarks/update_readme.py` from the files under `benchmarks/results/`.", ""]
-    body += run_section("demo", "The demo (`make demo`)")
+    body += run_section("demo", "The demo (`make demo`)",
+                        "Timed with one torch thread while another run used the second core. The previous default "
+                        "(no hard negatives) on a quiet machine with two threads: "
+                        "[summary_previous_default.json](benchmarks/results/demo/summary_previous_default.json) "
+                        "(GR 0.967, median 0.41 s per edit).")
     body += real_section()
     body += run_section("minilm", "The classification setting: the MiniLM claim classifier (`fastpatch run --model minilm`)",
                         _classifier_note())
@@ -420,9 +436,19 @@ def results_body() -> list[str]:
         "Targets here: Rel. >= 0.95, Gen. >= 0.60, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.60, "Loc": 0.98}) + ".")
     body += run_section(
         "counterfact", "CounterFact, 1,000 sequential edits (EasyEdit format: prompt, target_new, ground_truth, "
-        "rephrase_prompt, locality_prompt = a neighbourhood prompt)",
+        "rephrase_prompt, locality_prompt = a neighbourhood prompt), memory from its held-out split",
+        "The memory is 1,000 texts of CounterFact's held-out split (`--memory counterfact-val.json --memory-limit 1000`; "
+        "disjoint from the edited records), as the T-Patcher authors take the memory from the training split. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.40, Loc. >= 0.95, NS within 0.05 of the unedited model's"
-        + _missed("counterfact", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95}) + ".")
+        + _missed("counterfact", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95}) + _ns_gap("counterfact") + ". "
+        "Per-record failures by wording overlap: [failures.md](benchmarks/results/counterfact/failures.md).")
+    body += run_section(
+        "counterfact_builtin_memory", "CounterFact, 1,000 sequential edits, the built-in memory corpus",
+        "The same stream with `fastpatch run`'s default memory (400 FanOutQA questions and continent prompts): "
+        "it holds no prompts of CounterFact's relations about other subjects, and locality suffers"
+        + _missed("counterfact_builtin_memory", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95})
+        + _ns_gap("counterfact_builtin_memory") + ". "
+        "Failures: [failures.md](benchmarks/results/counterfact_builtin_memory/failures.md).")
     body += ablation_section()
     body += vllm_section()
     body += cpu_section()

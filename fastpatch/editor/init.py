@@ -102,7 +102,7 @@ def memory_key_init(memory: MemorySet, q: torch.Tensor, qs: list[torch.Tensor], 
     good = gap > 1e-6 * a_q.abs().clamp_min(1.0)
     c = 2.0 / gap.clamp_min(1e-12)
     k_new = c[:, None] * u
-    b_new = -c * (m_max + boundary * gap)
+    b_new = -c * ((1.0 - boundary) * m_max + boundary * a_q)  # at 0.5 exactly -c (a_q + m_max) / 2
     keys = torch.where(good[:, None], k_new, keys)
     bias = torch.where(good, b_new, bias)
     return keys, bias
