@@ -37,7 +37,7 @@ FRONT_RUNS = [
     ("demo", "`make demo`: SmolLM2-135M, geography capitals (T-Patcher protocol)"),
     ("minilm", "`--model minilm`: MiniLM claim classifier, true/false claims"),
     ("zsre", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
-    ("counterfact", "CounterFact, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
+    ("counterfact", "CounterFact, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out split)"),
 ]
 
 
