@@ -245,7 +245,14 @@ def test_cli_minilm_claims_stream_end_to_end(minilm_cli: None, tmp_path: Path,
     assert s["complete"] and s["model"] == "minilm" and s["data"] == "claims" and s["task"] == "cls"
     assert s["requests"] == 12 and s["edits"] + s["skipped_correct"] == 12
     assert s["edits"] > 0  # the cut-down classifier is wrong on about half the claims
-    assert s["memory_set"] == {"texts": 80, "vectors": 80}  # one [CLS] vector per text
+    mem = s["memory_set"]
+    assert (mem["texts"], mem["vectors"]) == (80, 80)  # one [CLS] vector per text
+    # the rows at the end: the corpus and the committed edits' inputs, as the final checkpoint holds them
+    from safetensors import safe_open
+
+    latest = (out / "checkpoint" / "LATEST").read_text().strip()
+    with safe_open(str(out / "checkpoint" / latest / "editor" / "memory.safetensors"), "pt") as fh:
+        assert mem["rows_now"] == fh.get_slice("vectors").get_shape()[0] > 80
     assert s["retain_sets"]["train"] <= s["retain_sets"]["train_candidates"] == 24 and s["retain_sets"]["test"] == 24
     m = s["metrics"]
     for name in ("SR", "GR", "ER", "Rel", "Gen", "Loc"):
