@@ -90,8 +90,10 @@ def ability(d: Path) -> dict[str, float] | None:
     cache = d / "ability.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    latest = d / "checkpoint" / "LATEST"
-    if not latest.is_file():
+    from fastpatch.run import latest_checkpoint
+
+    ckpt = latest_checkpoint(d)
+    if ckpt is None:
         return None
     from fastpatch.app.geography import general_ability_sets
     from fastpatch.app.registry import resolve_model
@@ -100,7 +102,7 @@ def ability(d: Path) -> dict[str, float] | None:
 
     texts, _ = general_ability_sets()
     model, tok = resolve_model("smollm2")
-    ed = Editor.load(d / "checkpoint" / latest.read_text().strip() / "editor", model, tok)
+    ed = Editor.load(ckpt / "editor", model, tok)
     with ed.ffn.patches_disabled():
         ppl0 = ed.perplexity(texts)
     fire = float((ed.activations(texts[:100]) > 0).any(1).float().mean())

@@ -27,6 +27,7 @@ from fastpatch.app.geography import general_ability_sets
 from fastpatch.app.registry import resolve_model
 from fastpatch.data.formats import load_stream
 from fastpatch.editor import Editor
+from fastpatch.run import latest_checkpoint
 
 
 def main() -> int:  # noqa: C901 - a linear analysis script
@@ -35,9 +36,8 @@ def main() -> int:  # noqa: C901 - a linear analysis script
     ridges = [float(x) for x in sys.argv[4].split(",")]
     VS = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
     torch.manual_seed(0)
-    latest = (run / "checkpoint" / "LATEST").read_text().strip()
     mdl, tok = resolve_model("smollm2")
-    ed = Editor.load(run / "checkpoint" / latest / "editor", mdl, tok)
+    ed = Editor.load(latest_checkpoint(run, strict=True) / "editor", mdl, tok)
     recs = load_stream(data).records[:N]
     mem, own = ed.memory.vectors.double(), ed.memory.owners
     codes = {eid: e["code"] for eid, e in ed.edits.items()}

@@ -49,12 +49,12 @@ def measure(run: Path, data: Path, limit: int, model: str) -> dict[str, Any]:
     """Per-request firing on prompt, paraphrases and locality prompts, with the final results."""
     from fastpatch.app.registry import resolve_model
     from fastpatch.editor import Editor
+    from fastpatch.run import latest_checkpoint
 
     final = {str(r["id"]): r for r in map(json.loads, (run / "per_request.jsonl").read_text().splitlines()) if r}
     recs = [r for r in load_stream(data).records if str(r.id) in final][:limit]
-    latest = (run / "checkpoint" / "LATEST").read_text().strip()
     mdl, tok = resolve_model(model)
-    ed = Editor.load(run / "checkpoint" / latest / "editor", mdl, tok)
+    ed = Editor.load(latest_checkpoint(run, strict=True) / "editor", mdl, tok)
     index = {pid: k for k, pid in enumerate(ed.ffn.bank.ids)}
     out = []
     for r in recs:

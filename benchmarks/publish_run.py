@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpatch.atomic import write_atomic, write_json_atomic
+from fastpatch.run import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks" / "results"
@@ -59,8 +60,8 @@ def _checkpoint_memory_rows(run: Path) -> int | None:
     """Rows of the memory set saved in the run's latest checkpoint (its safetensors header only)."""
     from safetensors import safe_open
 
-    latest = run / "checkpoint" / "LATEST"
-    path = run / "checkpoint" / latest.read_text().strip() / "editor" / "memory.safetensors" if latest.is_file() else None
+    ckpt = latest_checkpoint(run)
+    path = ckpt / "editor" / "memory.safetensors" if ckpt is not None else None
     if path is None or not path.is_file():
         return None
     with safe_open(str(path), "pt") as fh:

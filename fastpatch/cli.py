@@ -203,6 +203,11 @@ def _check_memory_arg(choice: str) -> None:
         raise CLIError(f"--memory {choice!r}: expected auto, none, a text file or a stream file")
 
 
+def _record_texts(records: Sequence[Any]) -> list[str]:
+    """Every text a request is scored on: its prompt, paraphrases and locality prompts."""
+    return [t for r in records for t in (r.prompt, *r.rephrases, *(p for p, _ in r.locality))]
+
+
 def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
     """The memory texts for ``--memory``: ``auto`` (the stream's own corpus, else the app's
     default), ``none``, a text file (one text per line), or a stream file (``.json``, ``.jsonl``,
@@ -237,11 +242,10 @@ def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
                 held_out = load_stream(path).records
             except StreamFormatError as err:
                 raise CLIError(f"--memory {choice!r}: not a stream file this version reads: {err}") from err
-            texts = [t for r in held_out for t in (r.prompt, *r.rephrases, *(p for p, _ in r.locality))]
+            texts = _record_texts(held_out)
         else:
             texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    banned = {r.prompt for r in records} | {p for r in records for p in r.rephrases} | {
-        p for r in records for p, _ in r.locality}
+    banned = set(_record_texts(records))
     texts = [t for t in dict.fromkeys(texts) if t not in banned]
     if args.memory_limit and len(texts) > args.memory_limit:
         import random
