@@ -55,6 +55,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
               "default corpus, as the T-Patcher authors take the memory from the training split",
               ["--set", "negatives=8", "--set", "negative_whiten=0",
                "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
+    "phr4": ("neg8 with 4 phrasing views per edit: the edit's relation asked the ways other requests with the "
+             "same prompt template were paraphrased (earlier requests of the stream only), about this subject; "
+             "never the edit's own evaluated paraphrase",
+             ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4"]),
+    "cfvalphr4": ("cfval with 4 phrasing views per edit, learnt from the held-out split's prompts and paraphrases "
+                  "and the earlier requests (never the edit's own evaluated paraphrase)",
+                  ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4",
+                   "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
     "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
     "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),
@@ -62,7 +70,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                 [*PREV, "--set", "augment=0", "--module-path", "model.layers.26.mlp"]),
 }
 #: Variants that apply to some streams only.
-ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",)}
+ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

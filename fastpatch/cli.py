@@ -77,13 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--skip-bad", action="store_true", help="skip malformed rows (counted in the summary) instead of failing")
     r.add_argument("--eval-every", type=int, default=50, metavar="K",
                    help="evaluate ER/TrainR/TestR/Rel/Loc every K edits (0: only at the end; default 50)")
+    r.add_argument("--eval-sample", type=int, default=0, metavar="N",
+                   help="score the intermediate evaluation points on a fixed random sample of N of the requests "
+                        "so far (0: all; default); the final point scores every request")
     r.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                    help="checkpoint every K edits (default: --eval-every, or 50 when that is 0)")
     r.add_argument("--memory", default="auto",
                    help="T-Patcher memory corpus: auto (geography, claims: their memory sets; files: the built-in "
                         "FanOutQA + continent prompts when installed; default), none, a text file (one per line), "
                         "or a stream file (.json/.jsonl/.parquet: its requests' prompts, paraphrases and locality "
-                        "prompts, e.g. a held-out split of the benchmark)")
+                        "prompts, e.g. a held-out split of the benchmark; its prompts and paraphrases also teach "
+                        "the phrasing views of --set phrasings=N)")
     r.add_argument("--memory-limit", type=int, default=None, metavar="N",
                    help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
                         "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400, "
@@ -208,6 +212,19 @@ def _record_texts(records: Sequence[Any]) -> list[str]:
     return [t for r in records for t in (r.prompt, *r.rephrases, *(p for p, _ in r.locality))]
 
 
+def held_out_records(args: argparse.Namespace) -> list[Any]:
+    """The records of a ``--memory`` stream file (a held-out split), else none."""
+    path = Path(args.memory).expanduser()
+    if args.memory in ("auto", "none") or path.suffix.lower() not in STREAM_SUFFIXES or not path.is_file():
+        return []
+    from .data.formats import StreamFormatError, load_stream
+
+    try:
+        return list(load_stream(path).records)
+    except StreamFormatError as err:
+        raise CLIError(f"--memory {args.memory!r}: not a stream file this version reads: {err}") from err
+
+
 def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
     """The memory texts for ``--memory``: ``auto`` (the stream's own corpus, else the app's
     default), ``none``, a text file (one text per line), or a stream file (``.json``, ``.jsonl``,
@@ -236,13 +253,7 @@ def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
         if not path.is_file():
             raise CLIError(f"--memory {choice!r}: expected auto, none, a text file or a stream file")
         if path.suffix.lower() in STREAM_SUFFIXES:
-            from .data.formats import StreamFormatError, load_stream
-
-            try:
-                held_out = load_stream(path).records
-            except StreamFormatError as err:
-                raise CLIError(f"--memory {choice!r}: not a stream file this version reads: {err}") from err
-            texts = _record_texts(held_out)
+            texts = _record_texts(held_out_records(args))
         else:
             texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     banned = set(_record_texts(records))
@@ -278,7 +289,7 @@ def _device(name: str) -> str:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    for name in ("limit", "retain_size", "batch_size", "eval_every", "memory_limit"):
+    for name in ("limit", "retain_size", "batch_size", "eval_every", "eval_sample", "memory_limit"):
         v = getattr(args, name)
         if v is not None and v < (1 if name == "batch_size" else 0):
             raise CLIError(f"--{name.replace('_', '-')} must be >= {1 if name == 'batch_size' else 0}, got {v}")
@@ -345,9 +356,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         resumed = plan.existing is not None and "retain_size" in plan.existing
         args.retain_size = plan.existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
     editor = _load_editor(args, plan, overrides, device)
+    if plan.checkpoint is None:  # a held-out split also teaches the phrasing views (a checkpoint has them)
+        editor.add_phrasings(held_out_records(args))
     ability = default_ability_sets(stream) if args.general_ability else None
     options = RunOptions(
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        eval_sample=args.eval_sample,
         limit=args.limit, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
         memory_texts=memory_corpus(args, stream) if plan.checkpoint is None else None,
         retain=RetainOptions(pairs=stream.retain_pairs, sets=stream.retain_sets, size=args.retain_size),

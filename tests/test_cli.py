@@ -355,7 +355,7 @@ def test_memory_corpus_leaves_out_what_the_stream_evaluates(tmp_path: Path) -> N
     import argparse
 
     from fastpatch.app.registry import Stream
-    from fastpatch.cli import CLIError, memory_corpus
+    from fastpatch.cli import CLIError, held_out_records, memory_corpus
     from fastpatch.data.formats import EditRecord
 
     recs = [EditRecord("a", "pa", "x", None, ["ra"], [("la", "y")], source_row=0),
@@ -376,6 +376,11 @@ def test_memory_corpus_leaves_out_what_the_stream_evaluates(tmp_path: Path) -> N
             {"prompt": "pa", "target": "t"}]  # a text the stream evaluates: left out
     held_out.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
     assert corpus(held_out) == ["hp", "hr", "hl"]
+    # the held-out split's records also teach the phrasing views; a text file or auto has none
+    ns = lambda m: argparse.Namespace(memory=str(m), limit=None, memory_limit=0)  # noqa: E731
+    got = held_out_records(ns(held_out))
+    assert [(r.prompt, list(r.rephrases)) for r in got] == [("hp", ["hr"]), ("pa", [])]
+    assert held_out_records(ns(mem)) == [] and held_out_records(ns("auto")) == [] and held_out_records(ns("none")) == []
     broken = tmp_path / "broken.json"
     broken.write_text('[{"prompt": 3}]', encoding="utf-8")
     with pytest.raises(CLIError, match="not a stream file"):

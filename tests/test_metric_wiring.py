@@ -423,3 +423,23 @@ def test_classifier_requests_are_edited_by_label(tmp_path: Path) -> None:
     assert [ln.get("label") for ln in lines] == [1, None, 1]
     _exact(summary["metrics"], {"SR": F(1, 2), "GR": 1, "ER": F(1, 2), "Rel": F(2, 3), "Gen": 1, "Loc": 1,
                                 "TrainR": 1, "TestR": 1})
+
+
+def test_sampled_evaluation_points_score_their_sample_and_the_final_point_everything(tmp_path: Path) -> None:
+    """eval_sample: an intermediate point scores a fixed random sample of the requests so far (the
+    values are those of the sampled requests alone), the final point scores every request."""
+    from fastpatch.run.evaluation import eval_indices
+
+    summary, _, evals, _ = _run(tmp_path, "easyedit", eval_every=3, eval_sample=2)
+    idx = eval_indices(3, 2)
+    assert len(idx) == 2 and set(idx) < {0, 1, 2} and idx == eval_indices(3, 2)
+    # after r0..r2 (see test_easyedit_...): prompt right r0, r1 (already), not r2 (failed);
+    # paraphrases r0 1/2, r1 1, r2 0; r0 is the only one with a locality prompt, unchanged
+    right, gen = {0: 1, 1: 1, 2: 0}, {0: F(1, 2), 1: F(1), 2: F(0)}
+    assert evals[1]["sampled_requests"] == 2
+    _exact(evals[1], {"Rel": F(sum(right[i] for i in idx), 2), "ER": F(sum(right[i] for i in idx), 2),
+                      "Gen": sum(gen[i] for i in idx) / 2})
+    assert (evals[1]["Loc"] == 1) if 0 in idx else (evals[1]["Loc"] is None)
+    assert "sampled_requests" not in evals[2] and evals[2]["final"] is True
+    _exact(summary["metrics"], {"Rel": F(4, 6), "Gen": GEN, "Loc": LOC})
+    assert eval_indices(5, 0) == eval_indices(5, 9) == [0, 1, 2, 3, 4]

@@ -46,6 +46,7 @@ from .init import init_params
 from .memory import CORPUS, MemorySet
 from .objective import Params, final
 from .persistence import load_editor, save_editor
+from .phrasings import PhrasingBank
 from .scoring import answer_starts, batched_rows, chunks_by_length, mean_logprobs, perplexity
 from .training import train
 from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest, EditResult
@@ -95,6 +96,7 @@ class Editor:
         self.next_code = 0
         self.prefixes: list[str] | None = None  # generated once, on the first augmented edit
         self.subjects: list[str] = []  # subjects of the requests so far: the hard negatives' pool
+        self.phrasings = PhrasingBank()  # relation phrasings seen so far: the phrasing views' source
         self.capturer = Capturer(self.handle, self.context_prefixes)
         self._warned_empty = False
         if self.config.value_init == "gradient" and not self.handle.fast and self.handle.encoder.has_vocab:
@@ -257,7 +259,7 @@ class Editor:
         for r, e in zip(reqs, encs):
             groups.append([len(views)])
             views.append(e)
-            for v in self._augmented(r):
+            for v in self._augmented(r) + self._phrased(r):
                 groups[-1].append(len(views))
                 views.append(v)
         cap = self.capturer.capture_all(views, self.config.loss_vocab)
@@ -265,9 +267,10 @@ class Editor:
         batch = EditBatch(views, cap, groups, neurons)
         if neurons:
             batch.negatives = self._negatives(reqs)
-        for r in reqs:  # the pool grows with every request that names its subject
+        for r in reqs:  # the pools grow with every request that names its subject
             if r.subject and r.subject.strip() and r.subject not in self.subjects:
                 self.subjects.append(r.subject)
+            self.phrasings.add(r.prompt, r.subject, r.rephrases)
         if neurons and all("top" in c for c in cap):
             batch.set_candidates(torch.cat([c["top"].reshape(-1) for c in cap]))
         return batch
@@ -335,6 +338,25 @@ class Editor:
         for prefix in self.context_prefixes():
             try:
                 out.append(self._encode(EditRequest(prefix + req.prompt, req.target, edit_id=req.edit_id)))
+            except EditError:
+                continue
+        return out
+
+    def add_phrasings(self, records: Sequence[Any]) -> int:
+        """Teach the phrasing bank (``config.phrasings``) from records with ``prompt``, ``subject``
+        and ``rephrases``, e.g. a held-out split of the benchmark; return the new templates."""
+        return self.phrasings.add_records(records)
+
+    def _phrased(self, req: EditRequest) -> list[Encoded]:
+        """The request's phrasing views (``config.phrasings``): its relation's other phrasings
+        about its subject, none equal to its own paraphrases (:mod:`.phrasings`)."""
+        k = self.config.phrasings if self.handle.encoder.augments else 0
+        texts = self.phrasings.views(req.prompt, req.subject, k, exclude=req.rephrases,
+                                     seed=self.config.seed * 1_000_003 + self.next_code)
+        out = []
+        for text in texts:
+            try:
+                out.append(self._encode(EditRequest(text, req.target, edit_id=req.edit_id)))
             except EditError:
                 continue
         return out

@@ -44,6 +44,7 @@ def save_editor(ed: Any, directory: str | os.PathLike[str]) -> None:
             "next_code": ed.next_code,
             "context_prefixes": ed.prefixes,
             "subjects": ed.subjects,
+            "phrasings": ed.phrasings.state(),
         })
 
 
@@ -73,4 +74,5 @@ def load_editor(cls: type, directory: str | os.PathLike[str], model: Any, tokeni
     prefixes = state.get("context_prefixes")
     ed.prefixes = list(prefixes) if prefixes is not None else None
     ed.subjects = [str(x) for x in state.get("subjects", [])]
+    ed.phrasings.load_state(state.get("phrasings", {}))
     return ed

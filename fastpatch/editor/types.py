@@ -126,6 +126,12 @@ class MethodSettings:
         view_scatter: weight of the context variants' own scatter beside the memory covariance
             when the key is whitened (``init="memory"``): 1 evens the patch's pre-activation
             across the variants; 0 leaves the key the plain discriminant of the variants' mean.
+        phrasings: causal LMs: per edit, this many phrasing views: other ways of asking the
+            edit's relation, learnt from other requests whose prompts share its template (their
+            paraphrases) or from a held-out split (``Editor.add_phrasings``), with the edit's
+            subject put in (:mod:`fastpatch.editor.phrasings`). Trained like the context
+            variants (pursued, never required). A request's own paraphrases, and any view
+            equal to one, are never trained on. 0: off (the authors').
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -155,6 +161,7 @@ class MethodSettings:
     negative_whiten: float = 0.0
     key_boundary: float = 0.5
     view_scatter: float = 1.0
+    phrasings: int = 0
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -262,32 +263,35 @@ def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
     per_request.jsonl and is marked ``"final": true`` in evals.jsonl.
     """
     t0 = time.perf_counter()
-    st, recs = run.state, run.records
+    st = run.state
     pos = st.position
+    idx = eval_indices(pos, 0 if final else run.options.eval_sample)
+    recs = [run.records[i] for i in idx]
     with_gen = final or run.protocol == "easyedit"
     pairs: dict[tuple[str, str], int] = {}
 
     def need(p: str, t: str) -> int:
         return pairs.setdefault((p, t), len(pairs))
 
-    own = [need(r.prompt, r.target) for r in recs[:pos]]
-    para = [[need(p, r.target) for p in r.rephrases] for r in recs[:pos]] if with_gen else []
+    own = [need(r.prompt, r.target) for r in recs]
+    para = [[need(p, r.target) for p in r.rephrases] for r in recs] if with_gen else []
     train = [need(p, t) for p, t in run.baseline["train"]]
     test = [need(p, t) for p, t, _ in run.baseline["test"]]
     keys = list(pairs)
     loc_index: dict[tuple[str, str], int] = {}
-    for r in recs[:pos]:
+    for r in recs:
         for p, a in r.locality:
             loc_index.setdefault((p, a), len(loc_index))
     loc_keys = list(loc_index)
     ok, now_tokens = check_and_tokens(run, keys, loc_keys)
     loc_pairs = [
         [(run.baseline["loc_tokens"][i][j], now_tokens[loc_index[(p, a)]])
-         for j, (p, a) in enumerate(recs[i].locality)]
-        for i in range(pos)
+         for j, (p, a) in enumerate(run.records[i].locality)]
+        for i in idx
     ]
+    where = {i: k for k, i in enumerate(idx)}
     values = {
-        "ER": edit_retain_rate([ok[own[i]] for i in st.edited]),
+        "ER": edit_retain_rate([ok[own[where[i]]] for i in st.edited if i in where]),
         "TrainR": train_retain_rate([True] * len(train), [ok[k] for k in train], run.options.retain.min_right),
         "TestR": test_retain_rate([bool(c) for *_, c in run.baseline["test"]], [ok[k] for k in test],
                                   run.options.retain.min_right),
@@ -296,15 +300,17 @@ def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
         "Loc": locality(loc_pairs),
         "n_eval_prompts": len(keys) + len(loc_keys),
     }
+    if len(idx) < pos:
+        values["sampled_requests"] = len(idx)
     if final:
         values["final"] = True
         _write_per_request(run, [ok[k] for k in own], [[ok[k] for k in ks] for ks in para], loc_pairs)
     if not with_gen:
         del values["Gen"]  # not measured here (the previous value stays current)
-    if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs[:pos]):
-        values.update(counterfact_scores(run, recs[:pos], _sorted_call))
+    if run.baseline.get("counterfact") is not None and with_gen and is_counterfact(recs):
+        values.update(counterfact_scores(run, recs, _sorted_call))
     if final and run.options.scores.generation:
-        values.update(generation_scores(run, recs[:pos]))
+        values.update(generation_scores(run, recs))
     values.update(ability_scores(run, check_pairs))
     seconds = time.perf_counter() - t0
     values["eval_seconds"] = round(seconds, 3)
@@ -312,10 +318,18 @@ def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
     point = st.record_eval(values)
     run.write_line(run.evals_fh, {**point, "SR": st.sr, "GR": st.gr, "patches": run.num_patches()})
     shown = {"SR": st.sr, "GR": st.gr, **{k: point.get(k) for k in EVAL_METRICS}}
-    log.info("after %d edits (%d requests): %s [eval %.1fs, %d prompts]", st.n_edits, pos,
+    log.info("after %d edits (%d requests): %s [eval %.1fs, %d prompts%s]", st.n_edits, pos,
              " ".join(f"{k}={fmt(v)}" for k, v in shown.items() if k in point or k in ("SR", "GR")),
-             seconds, values["n_eval_prompts"])
+             seconds, values["n_eval_prompts"], f", {len(idx)} requests sampled" if len(idx) < pos else "")
     return point
+
+
+def eval_indices(pos: int, sample: int) -> list[int]:
+    """The requests an evaluation point scores: all ``pos`` so far, or a fixed random sample of
+    ``sample`` of them (seeded by ``pos``: the same point of a rerun scores the same requests)."""
+    if not sample or sample >= pos:
+        return list(range(pos))
+    return sorted(random.Random(pos).sample(range(pos), sample))
 
 
 def _write_per_request(run: RunSession, rel: list[bool], gen: list[list[bool]],

@@ -113,6 +113,7 @@ def _run_info(opts: RunOptions, fingerprints: dict[str, Any], existing: dict[str
         "data": opts.identity.data or {},
         "protocol": opts.protocol,
         "eval_every": opts.eval_every,
+        "eval_sample": opts.eval_sample,
         "checkpoint_every": opts.checkpoint_interval,
         "limit": opts.limit,
         "n_stream": n_stream,

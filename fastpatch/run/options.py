@@ -142,6 +142,9 @@ class RunOptions:
         eval_every: evaluate ER/TrainR/TestR/Rel/Gen/Loc every this many edits (0: only at the end).
         checkpoint_every: checkpoint every this many edits (default: ``eval_every``, or 50 when that
             is 0). A checkpoint is always written at the end.
+        eval_sample: score the intermediate evaluation points on a fixed random sample of this many
+            of the requests so far (0: all of them), so a long stream's curve costs little; the
+            final point always scores every request.
         limit: process only the first ``limit`` requests.
         resume: continue the run in the directory from its latest checkpoint.
         overwrite: delete a run already in the directory and start over (see
@@ -161,6 +164,7 @@ class RunOptions:
     protocol: str = "tpatcher"
     eval_every: int = 50
     checkpoint_every: int | None = None
+    eval_sample: int = 0
     limit: int | None = None
     resume: bool = False
     overwrite: bool = False
@@ -176,6 +180,8 @@ class RunOptions:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_sample < 0:
+            raise ValueError(f"eval_sample must be >= 0, got {self.eval_sample}")
         if self.checkpoint_every is not None and self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every must be > 0, got {self.checkpoint_every}")
         if self.limit is not None and self.limit < 0:
