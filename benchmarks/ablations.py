@@ -63,6 +63,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                   "and the earlier requests (never the edit's own evaluated paraphrase)",
                   ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4",
                    "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
+    "phr4n": ("phr4 with the hard negatives' other subjects put into the phrasing views too (negative_views)",
+              ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4",
+               "--set", "negative_views=true"]),
+    "cfvalphr4n": ("cfvalphr4 with the hard negatives' other subjects put into the phrasing views too "
+                   "(negative_views)",
+                   ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4",
+                    "--set", "negative_views=true",
+                    "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
     "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
     "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),
@@ -70,7 +78,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                 [*PREV, "--set", "augment=0", "--module-path", "model.layers.26.mlp"]),
 }
 #: Variants that apply to some streams only.
-ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",)}
+ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

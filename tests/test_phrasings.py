@@ -103,3 +103,28 @@ def test_editor_trains_on_phrasing_views_learnt_after_each_edit(tmp_path) -> Non
     torch.manual_seed(0)
     back = Editor.load(tmp_path / "ed", TINY["llama"][0](), word_tokenizer())
     assert back.phrasings.state() == ed.phrasings.state() and len(back.phrasings) == 2
+
+
+def test_negative_views_put_other_subjects_into_the_phrasing_views_too() -> None:
+    ed = _editor("llama", negatives=2, augment=0, phrasings=1, negative_views=True)
+    ed.subjects = ["norway", "italy"]
+    req = _req("peru")
+    neg = ed._negatives([req], [["what capital is in peru"]])
+    # two negatives, the first in the prompt's wording, the second in the view's, each read from
+    # its last prompt token on (the token before "oslo", then "oslo")
+    assert neg is not None and neg.shape == (4, ed.ffn.bank.d_in)
+
+    def rows(text: str) -> torch.Tensor:
+        return ed.ffn_inputs([text])[0][-2:].float()
+
+    orders = [("norway", "italy"), ("italy", "norway")]
+    want = [torch.cat([rows(f"the capital of {a} is oslo"), rows(f"what capital is in {b} oslo")]) for a, b in orders]
+    assert any(torch.allclose(neg, w) for w in want)
+    # without views (or negative_views off) every negative is the prompt's wording
+    plain = ed._negatives([req])
+    only_prompt = [torch.cat([rows(f"the capital of {a} is oslo"), rows(f"the capital of {b} is oslo")]) for a, b in orders]
+    assert any(torch.allclose(plain, w) for w in only_prompt)
+    # a subject that appears in a view is not swapped in
+    ed.subjects = ["norway", "rome"]
+    neg = ed._negatives([req], [["what capital is rome in peru"]])
+    assert neg.shape == (2, ed.ffn.bank.d_in)

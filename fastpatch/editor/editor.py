@@ -256,17 +256,18 @@ class Editor:
         # views: each request as given (its first view) plus its context-prefixed variants
         views: list[Encoded] = []
         groups: list[list[int]] = []
-        for r, e in zip(reqs, encs):
+        phrased = [self._phrasing_texts(r) for r in reqs]
+        for r, e, texts in zip(reqs, encs, phrased):
             groups.append([len(views)])
             views.append(e)
-            for v in self._augmented(r) + self._phrased(r):
+            for v in self._augmented(r) + self._phrased(r, texts):
                 groups[-1].append(len(views))
                 views.append(v)
         cap = self.capturer.capture_all(views, self.config.loss_vocab)
         neurons = pick_neurons(encs, cap, groups, self.config.max_neurons)
         batch = EditBatch(views, cap, groups, neurons)
         if neurons:
-            batch.negatives = self._negatives(reqs)
+            batch.negatives = self._negatives(reqs, phrased if self.config.negative_views else None)
         for r in reqs:  # the pools grow with every request that names its subject
             if r.subject and r.subject.strip() and r.subject not in self.subjects:
                 self.subjects.append(r.subject)
@@ -284,23 +285,28 @@ class Editor:
             return x[batch.views[view].label_pos.to(x.device)]
         return x if growth == "all" else x[:0]
 
-    def _negatives(self, reqs: Sequence[EditRequest]) -> torch.Tensor | None:
+    def _negatives(self, reqs: Sequence[EditRequest], phrased: Sequence[list[str]] | None = None
+                   ) -> torch.Tensor | None:
         """FFN inputs of the requests' hard negatives (``config.negatives``), from the last prompt
         token on: each prompt with up to that many other subjects of the pool in place of its own
-        (a fixed random draw per edit), read with its ground truth (else its target)."""
+        (a fixed random draw per edit), read with its ground truth (else its target). With
+        ``phrased`` (each request's phrasing views, ``config.negative_views``) the other subjects
+        go in turn into the prompt and each of its views, so the patch stays silent on the
+        relation's other wordings about other subjects too."""
         k = self.config.negatives
         if k <= 0 or not self.handle.encoder.augments or not self.subjects:
             return None
         texts, starts = [], []
         rng = random.Random(self.config.seed * 1_000_003 + self.next_code)
-        for r in reqs:
+        for ri, r in enumerate(reqs):
             subj = (r.subject or "").strip()
             if not subj or subj not in r.prompt:
                 continue
-            pool = [s for s in self.subjects if s.strip() != subj and s not in r.prompt]
+            wordings = [r.prompt, *(phrased[ri] if phrased else [])]
+            pool = [s for s in self.subjects if s.strip() != subj and not any(s in w for w in wordings)]
             answer = r.ground_truth if r.ground_truth and r.ground_truth.strip() else r.target
-            for other in rng.sample(pool, min(k, len(pool))):
-                prompt = r.prompt.replace(subj, other.strip())
+            for j, other in enumerate(rng.sample(pool, min(k, len(pool)))):
+                prompt = wordings[j % len(wordings)].replace(subj, other.strip())
                 texts.append(prompt + self.handle.encoder.target_text(prompt, answer))
                 starts.append(len(self.tokenizer(prompt)["input_ids"]) - 1)
         if not texts:
@@ -347,12 +353,16 @@ class Editor:
         and ``rephrases``, e.g. a held-out split of the benchmark; return the new templates."""
         return self.phrasings.add_records(records)
 
-    def _phrased(self, req: EditRequest) -> list[Encoded]:
-        """The request's phrasing views (``config.phrasings``): its relation's other phrasings
-        about its subject, none equal to its own paraphrases (:mod:`.phrasings`)."""
+    def _phrasing_texts(self, req: EditRequest) -> list[str]:
+        """The texts of the request's phrasing views (``config.phrasings``): its relation's other
+        phrasings about its subject, none equal to its own paraphrases (:mod:`.phrasings`)."""
         k = self.config.phrasings if self.handle.encoder.augments else 0
-        texts = self.phrasings.views(req.prompt, req.subject, k, exclude=req.rephrases,
-                                     seed=self.config.seed * 1_000_003 + self.next_code)
+        return self.phrasings.views(req.prompt, req.subject, k, exclude=req.rephrases,
+                                    seed=self.config.seed * 1_000_003 + self.next_code)
+
+    def _phrased(self, req: EditRequest, texts: Sequence[str] | None = None) -> list[Encoded]:
+        """The request's phrasing views, encoded (``texts``: from :meth:`_phrasing_texts`)."""
+        texts = self._phrasing_texts(req) if texts is None else texts
         out = []
         for text in texts:
             try:

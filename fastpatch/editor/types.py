@@ -132,6 +132,10 @@ class MethodSettings:
             subject put in (:mod:`fastpatch.editor.phrasings`). Trained like the context
             variants (pursued, never required). A request's own paraphrases, and any view
             equal to one, are never trained on. 0: off (the authors').
+        negative_views: with ``phrasings``, the hard negatives' other subjects go in turn into
+            the prompt and each of its phrasing views (the same number of negatives), so the
+            patch stays silent on the relation's other wordings about other subjects too, as
+            CounterFact's neighbourhood prompts ask them.
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -162,6 +166,7 @@ class MethodSettings:
     key_boundary: float = 0.5
     view_scatter: float = 1.0
     phrasings: int = 0
+    negative_views: bool = False
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0
