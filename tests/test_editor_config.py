@@ -31,6 +31,12 @@ def test_old_saved_configs_load() -> None:
     assert EditorConfig.from_dict(saved) == EditorConfig()
     with pytest.raises(TypeError):
         EditorConfig.from_dict({**saved, "no_such_field": 1})
+    # a config saved before the phrasing views existed resumes without them, whatever the default
+    older = {k: v for k, v in EditorConfig(phrasings=4, negative_views=True).to_dict().items()
+             if k not in ("phrasings", "negative_views")}
+    back = EditorConfig.from_dict(older)
+    assert (back.phrasings, back.negative_views) == (0, False)
+    assert EditorConfig.from_dict(EditorConfig(phrasings=4).to_dict()).phrasings == 4
 
 
 def test_authors_turns_six_defaults_off() -> None:

@@ -200,6 +200,10 @@ MEMORY_GROWTH: tuple[str, ...] = ("all", "labels", "none")
 #: Fields of earlier versions that nothing reads any more; dropped when a saved config is loaded.
 REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
 
+#: Fields added later, with the value that keeps an older saved config's behaviour: a resumed
+#: stream goes on with the method it started with, whatever today's default.
+ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False}
+
 
 @dataclass
 class EditorConfig(RuntimeOptions, MethodSettings):
@@ -253,8 +257,9 @@ class EditorConfig(RuntimeOptions, MethodSettings):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditorConfig":
-        """A config saved by :meth:`to_dict` (fields later removed, :data:`REMOVED_FIELDS`, are ignored)."""
-        return cls(**{k: v for k, v in d.items() if k not in REMOVED_FIELDS})
+        """A config saved by :meth:`to_dict`: fields later removed (:data:`REMOVED_FIELDS`) are
+        ignored, fields it predates (:data:`ADDED_FIELDS`) take the value of its time."""
+        return cls(**{**ADDED_FIELDS, **{k: v for k, v in d.items() if k not in REMOVED_FIELDS}})
 
     @classmethod
     def authors(cls, **overrides: Any) -> "EditorConfig":
@@ -262,4 +267,5 @@ class EditorConfig(RuntimeOptions, MethodSettings):
         trained on the edit input alone over the whole vocabulary, at most 5 neurons per edit
         (the six defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
-                      "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", **overrides})
+                      "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", "phrasings": 0,
+                      "negative_views": False, **overrides})
