@@ -17,12 +17,17 @@ denominator is empty is undefined (``None`` / ``null`` / empty cell), never 0.
 | **ER** (edit retain rate) | every K edits and at the end | ``(1/|E_t|) sum_{i in E_t} ok_t(x_i, y_i)`` | earlier edits still hold in the current model |
 | **TrainR** | every K edits and at the end | ``|{j in S : ok_t(l_j, z_j)}| / |S|``, ``S = {j in A : ok_0(l_j, z_j)}`` | retain rate on locality samples the unedited model got right (normalised: the pre-edit accuracy on ``S`` is 1 by construction) |
 | **TestR** | every K edits and at the end | ``acc_t(B) / acc_0(B)``, ``acc_t(B) = (1/|B|) sum_{j in B} ok_t(l_j, z_j)`` | retain rate on held-out locality samples, normalised by the pre-edit accuracy (may exceed 1) |
-| **Rel.** (EasyEdit reliability) | every K edits and at the end | ``(1/|R_t|) sum_{i in R_t} ok_t(x_i, y_i)`` | every request seen so far, edited or not, gives its target now |
-| **Gen.** (EasyEdit generality) | every K edits and at the end (T-Patcher protocol: at the end only) | ``(1/|R'_t|) sum_{i in R'_t} (1/|P_i|) sum_{p in P_i} ok_t(p, y_i)`` | paraphrases of every request seen so far, now |
+| **Rel.** (reliability, exact match) | every K edits and at the end | ``(1/|R_t|) sum_{i in R_t} ok_t(x_i, y_i)`` | every request seen so far, edited or not, gives its target now |
+| **Gen.** (generality, exact match) | every K edits and at the end (T-Patcher protocol: at the end only) | ``(1/|R'_t|) sum_{i in R'_t} (1/|P_i|) sum_{p in P_i} ok_t(p, y_i)`` | paraphrases of every request seen so far, now |
 | **Loc.** (EasyEdit locality) | every K edits and at the end | ``(1/|R''_t|) sum_{i in R''_t} (1/|L_i|) sum_{(l,z) in L_i} agree(tok_0(l,z), tok_t(l,z))`` | fraction of output tokens unchanged from the pre-edit model |
 
 with ``agree(a, b) = (1/max(|a|,|b|)) sum_k 1[a_k = b_k]`` (a position missing on one side counts as
 changed), ``R'_t``/``R''_t`` the requests of ``R_t`` that have paraphrases / locality pairs.
+
+Rel. and Gen. count a prompt right only when *every* target token is the argmax. EasyEdit itself
+(and the papers that report its numbers, e.g. WISE) averages the per-token accuracy instead,
+``agree(y_i, tok_t(x_i, y_i))``: those are reported beside them as ``Rel_tok`` and ``Gen_tok``,
+which equal Rel. and Gen. for one-token targets and are never below them.
 
 Retain sets ``A`` (TrainR) and ``B`` (TestR). Both come from locality pairs ``(prompt, answer)``:
 the stream's own locality pairs (or, for the built-in geography stream, every locality fact of the

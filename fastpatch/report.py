@@ -33,8 +33,8 @@ _METRIC_LABELS = {
     "ER": "ER (edit retain)",
     "TrainR": "TrainR (retain, seen-correct)",
     "TestR": "TestR (retain, held-out)",
-    "Rel": "Rel. (EasyEdit reliability)",
-    "Gen": "Gen. (EasyEdit generality)",
+    "Rel": "Rel. (reliability, every target token right)",
+    "Gen": "Gen. (generality, every target token right)",
     "Loc": "Loc. (EasyEdit locality)",
 }
 
@@ -150,6 +150,7 @@ def _f(v: Any, digits: int = 3) -> str:
 _SCORE_LABELS: dict[str, str] = {
     "ES": "Efficacy score (CounterFact)", "PS": "Paraphrase score", "NS": "Neighbourhood score",
     "EM": "Efficacy magnitude", "PM": "Paraphrase magnitude", "NM": "Neighbourhood magnitude",
+    "Rel_tok": "Rel. as EasyEdit scores it (token accuracy)", "Gen_tok": "Gen. as EasyEdit scores it (token accuracy)",
     "Rel_gen": "Rel. by free generation", "Gen_gen": "Gen. by free generation",
     "PPL": "Perplexity, held-out text", "Ability": "Accuracy, questions right before",
 }

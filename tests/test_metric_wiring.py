@@ -443,3 +443,26 @@ def test_sampled_evaluation_points_score_their_sample_and_the_final_point_everyt
     assert "sampled_requests" not in evals[2] and evals[2]["final"] is True
     _exact(summary["metrics"], {"Rel": F(4, 6), "Gen": GEN, "Loc": LOC})
     assert eval_indices(5, 0) == eval_indices(5, 9) == [0, 1, 2, 3, 4]
+
+
+class HalfRightEditor(TableEditor):
+    """r3's edit gets its paraphrase half right ("A3 Q" for "A3 B3")."""
+
+    def edit(self, req: EditRequest) -> EditResult:
+        res = super().edit(req)
+        if req.prompt == "p3" and res.success:
+            self.world["p3a"] = "A3 Q"
+        return res
+
+
+def test_token_accuracy_scores_are_easyedit_s_rel_and_gen(tmp_path: Path) -> None:
+    """Rel_tok/Gen_tok average the per-token accuracy (EasyEdit's definition); Rel/Gen need every
+    token right. Only r3's paraphrase differs between the two: 1 of its 2 tokens right."""
+    summary, _, evals, _ = _run(tmp_path, "easyedit", eval_every=3, editor=HalfRightEditor)
+    gen_exact = (F(1, 2) + 1 + 0 + 0 + F(1, 3)) / 5
+    _exact(summary["metrics"], {"Rel": F(4, 6), "Gen": gen_exact})
+    _exact(summary["scores"], {"Rel_tok": F(4, 6), "Gen_tok": gen_exact + F(1, 2) / 5})
+    _exact(evals[1], {"Rel_tok": F(2, 3), "Gen_tok": F(1, 2)})  # r0..r2: one-token targets, no difference
+    # an editor without target ids cannot give token accuracy: not reported rather than guessed
+    summary2, _, _, _ = _run(tmp_path / "two", "easyedit", eval_every=3, editor=TwoPassEditor)
+    assert "Rel_tok" not in summary2["scores"] and summary2["metrics"]["Gen"] is not None

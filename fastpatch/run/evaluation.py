@@ -21,7 +21,9 @@ from ..metrics import (
     exact_match_rate,
     generalization_rate,
     locality,
+    mean,
     test_retain_rate,
+    token_agreement,
     train_retain_rate,
 )
 from .errors import RunError
@@ -231,13 +233,16 @@ def token_pairs(run: RunSession, pairs: Sequence[tuple[str, str]]) -> list[list[
 
 
 def check_and_tokens(
-    run: RunSession, check: Sequence[tuple[str, str]], tokens: Sequence[tuple[str, str]]
+    run: RunSession, check: Sequence[tuple[str, str]], tokens: Sequence[tuple[str, str]],
+    accuracy: list[float] | None = None,
 ) -> tuple[list[bool], list[list[int]]]:
     """``ok`` for the ``check`` pairs and argmax tokens for the ``tokens`` pairs.
 
     With ``Editor.target_ids`` (the target token ids, tokenization only) this is a single
     batched forward over the union of both sets -- locality pairs are usually in both (Loc.
-    reads their tokens, TrainR/TestR their correctness); without it, two passes.
+    reads their tokens, TrainR/TestR their correctness); without it, two passes. Given a list
+    ``accuracy`` and target ids, it is filled with each ``check`` pair's token accuracy (the
+    fraction of its target tokens that are the argmax: EasyEdit's per-prompt accuracy).
     """
     target_ids = getattr(run.ed, "target_ids", None)
     if target_ids is None:
@@ -248,7 +253,10 @@ def check_and_tokens(
     union = list(index)
     toks = token_pairs(run, union)
     labels = target_ids([p for p, _ in check], [scored_target(run, t) for _, t in check]) if check else []
-    ok = [toks[index[(p, t)]] == list(map(int, lab)) for (p, t), lab in zip(check, labels)]
+    labels = [list(map(int, lab)) for lab in labels]
+    ok = [toks[index[(p, t)]] == lab for (p, t), lab in zip(check, labels)]
+    if accuracy is not None:
+        accuracy[:] = [token_agreement(lab, toks[index[pt]]) for pt, lab in zip(check, labels)]
     return ok, [toks[index[(p, t)]] for p, t in tokens]
 
 
@@ -283,7 +291,8 @@ def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
         for p, a in r.locality:
             loc_index.setdefault((p, a), len(loc_index))
     loc_keys = list(loc_index)
-    ok, now_tokens = check_and_tokens(run, keys, loc_keys)
+    acc: list[float] = []
+    ok, now_tokens = check_and_tokens(run, keys, loc_keys, acc)
     loc_pairs = [
         [(run.baseline["loc_tokens"][i][j], now_tokens[loc_index[(p, a)]])
          for j, (p, a) in enumerate(run.records[i].locality)]
@@ -300,6 +309,10 @@ def evaluate(run: RunSession, *, final: bool) -> dict[str, Any]:
         "Loc": locality(loc_pairs),
         "n_eval_prompts": len(keys) + len(loc_keys),
     }
+    if acc and run.labels is None:  # EasyEdit's own Rel./Gen.: token accuracy, not exact match
+        values["Rel_tok"] = mean([acc[k] for k in own])
+        if with_gen:
+            values["Gen_tok"] = generalization_rate([[acc[k] for k in ks] for ks in para])
     if len(idx) < pos:
         values["sampled_requests"] = len(idx)
     if final:

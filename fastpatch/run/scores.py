@@ -9,6 +9,9 @@ accuracy on questions it answered right before the stream).
   geometric-mean token probabilities). Computed for streams whose locality prompts are such
   neighbourhood prompts (their answer is the edit's true object), e.g. CounterFact in the ROME or
   the EasyEdit format; the unedited model's values are in the baseline.
+* **Token accuracy** (``Rel_tok``, ``Gen_tok``; computed by the evaluation itself): EasyEdit's own
+  Rel./Gen., the fraction of a target's tokens that are the teacher-forced argmax, averaged; the
+  headline ``Rel``/``Gen`` are stricter (every token right).
 * **Free generation** (``Rel_gen``, ``Gen_gen``): greedy decoding from the prompt, right when the
   generated answer starts with the target at a word boundary ("The Mirage of Model Editing"'s
   stricter protocol); at the end of a run only.
@@ -36,7 +39,8 @@ __all__ = ["SCORE_NAMES", "ability_baseline", "ability_scores", "counterfact_bas
 log = logging.getLogger("fastpatch.run")
 
 #: Every score this module adds to an evaluation point, in table order.
-SCORE_NAMES: tuple[str, ...] = ("ES", "PS", "NS", "EM", "PM", "NM", "Rel_gen", "Gen_gen", "PPL", "Ability")
+SCORE_NAMES: tuple[str, ...] = ("ES", "PS", "NS", "EM", "PM", "NM", "Rel_tok", "Gen_tok", "Rel_gen", "Gen_gen", "PPL",
+                                "Ability")
 
 
 def neighbourhood(r: EditRecord) -> list[str]:
