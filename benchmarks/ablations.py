@@ -31,33 +31,34 @@ STREAMS = {
 #: The variants: name -> (what it tests, extra CLI arguments). Each single idea is tried on top of
 #: ``prev`` (the default before the hard negatives), so its row differs from ``prev`` by that idea
 #: alone; ``neg8`` is the default now.
-PREV = ["--set", "negatives=0", "--set", "negative_whiten=0"]
+PREV = ["--set", "negatives=0", "--set", "negative_whiten=0", "--set", "phrasings=0"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "prev": ("the previous default (no hard negatives)", PREV),
     "authors": ("the authors' T-Patcher (EditorConfig.authors())",
                 ["--set", "init=authors", "--set", "value_init=random", "--set", "augment=0",
                  "--set", "loss_vocab=0", "--set", "max_neurons=5", *PREV]),
-    "neg8": ("hard negatives: 8 subject-swapped prompts per edit in its memory loss: **the default now**",
-             ["--set", "negatives=8", "--set", "negative_whiten=0"]),
+    "neg8": ("hard negatives: 8 subject-swapped prompts per edit in its memory loss (the default before the "
+             "phrasing views)",
+             ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=0"]),
     "neg8w": ("hard negatives (8), also whitening the key init (weight 1)",
-              ["--set", "negatives=8", "--set", "negative_whiten=1.0"]),
+              ["--set", "negatives=8", "--set", "negative_whiten=1.0", "--set", "phrasings=0"]),
     "neg16w4": ("hard negatives (16), whitening weight 4",
-                ["--set", "negatives=16", "--set", "negative_whiten=4.0"]),
-    "neg32w8": ("hard negatives (32), whitening weight 8", ["--set", "negatives=32", "--set", "negative_whiten=8.0"]),
+                ["--set", "negatives=16", "--set", "negative_whiten=4.0", "--set", "phrasings=0"]),
+    "neg32w8": ("hard negatives (32), whitening weight 8", ["--set", "negatives=32", "--set", "negative_whiten=8.0", "--set", "phrasings=0"]),
     "vs0": ("neg8 with the key whitened without the context variants' scatter (view_scatter=0)",
-            ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "view_scatter=0"]),
+            ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "view_scatter=0", "--set", "phrasings=0"]),
     "kb25": ("neg8 with the key's zero a quarter of the way from the memory to the edit (key_boundary=0.25)",
-             ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "key_boundary=0.25"]),
+             ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "key_boundary=0.25", "--set", "phrasings=0"]),
     "kb25vs0": ("kb25 and vs0 together", ["--set", "negatives=8", "--set", "negative_whiten=0",
-                                          "--set", "key_boundary=0.25", "--set", "view_scatter=0"]),
+                                          "--set", "key_boundary=0.25", "--set", "view_scatter=0", "--set", "phrasings=0"]),
     "cfval": ("neg8 with the memory from CounterFact's held-out split (1,000 of the prompts, paraphrases and "
               "neighbourhood prompts of counterfact-val.json, disjoint from the evaluated records) instead of the "
               "default corpus, as the T-Patcher authors take the memory from the training split",
-              ["--set", "negatives=8", "--set", "negative_whiten=0",
+              ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=0",
                "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
     "phr4": ("neg8 with 4 phrasing views per edit: the edit's relation asked the ways other requests with the "
              "same prompt template were paraphrased (earlier requests of the stream only), about this subject; "
-             "never the edit's own evaluated paraphrase",
+             "never the edit's own evaluated paraphrase: **the default now**",
              ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4"]),
     "cfvalphr4": ("cfval with 4 phrasing views per edit, learnt from the held-out split's prompts and paraphrases "
                   "and the earlier requests (never the edit's own evaluated paraphrase)",

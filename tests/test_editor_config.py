@@ -39,10 +39,10 @@ def test_old_saved_configs_load() -> None:
     assert EditorConfig.from_dict(EditorConfig(phrasings=4).to_dict()).phrasings == 4
 
 
-def test_authors_turns_six_defaults_off() -> None:
+def test_authors_turns_seven_defaults_off() -> None:
     ours, theirs = EditorConfig(), EditorConfig.authors()
     changed = {f.name for f in dataclasses.fields(EditorConfig) if getattr(ours, f.name) != getattr(theirs, f.name)}
-    assert changed == {"init", "value_init", "augment", "loss_vocab", "max_neurons", "negatives"}
+    assert changed == {"init", "value_init", "augment", "loss_vocab", "max_neurons", "negatives", "phrasings"}
     assert (theirs.negatives, theirs.negative_whiten, theirs.memory_growth) == (0, 0.0, "all")
 
 

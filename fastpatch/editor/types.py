@@ -62,11 +62,11 @@ CONTEXT_SEEDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You", "It
 class MethodSettings:
     """T-Patcher's own settings: what the patches are and how they are trained (../docs: tpatcher.md).
 
-    The losses, their weights and the optimiser are the authors'. Six defaults go beyond them
-    (:meth:`EditorConfig.authors` turns all six off): the memory-whitened key init, the
+    The losses, their weights and the optimiser are the authors'. Seven defaults go beyond them
+    (:meth:`EditorConfig.authors` turns all seven off): the memory-whitened key init, the
     gradient value init with its amplifier search, the context variants (``augment``), the
     candidate-vocabulary loss (``loss_vocab``, a runtime option), up to 10 neurons per edit
-    instead of 5, and hard negatives (``negatives``). On SmolLM2's 144 wrong capitals the first
+    instead of 5, hard negatives (``negatives``) and phrasing views (``phrasings``). On SmolLM2's 144 wrong capitals the first
     five take question-paraphrase generalisation from 0.63 to 0.97 at the same locality; on the
     first 200 CounterFact edits the hard negatives take locality from 0.70 to 0.89 with the
     held-out perplexity unchanged (benchmarks/results/cpu/ablations.md).
@@ -131,7 +131,9 @@ class MethodSettings:
             paraphrases) or from a held-out split (``Editor.add_phrasings``), with the edit's
             subject put in (:mod:`fastpatch.editor.phrasings`). Trained like the context
             variants (pursued, never required). A request's own paraphrases, and any view
-            equal to one, are never trained on. 0: off (the authors').
+            equal to one, are never trained on. 0: off (the authors'). On the first 200 edits,
+            4 views take CounterFact's Gen. from 0.015 to 0.055 and locality from 0.948 to 0.966
+            (zsRE Gen. 0.350 -> 0.370 at locality 0.989 -> 0.986).
         negative_views: with ``phrasings``, the hard negatives' other subjects go in turn into
             the prompt and each of its phrasing views (the same number of negatives), so the
             patch stays silent on the relation's other wordings about other subjects too, as
@@ -165,7 +167,7 @@ class MethodSettings:
     negative_whiten: float = 0.0
     key_boundary: float = 0.5
     view_scatter: float = 1.0
-    phrasings: int = 0
+    phrasings: int = 4
     negative_views: bool = False
     memory_growth: str = "all"
     activation: str = "relu"
@@ -265,7 +267,7 @@ class EditorConfig(RuntimeOptions, MethodSettings):
     def authors(cls, **overrides: Any) -> "EditorConfig":
         """The authors' exact setup: k = q/||q||^2, b = 0, random value times amplifier 10,
         trained on the edit input alone over the whole vocabulary, at most 5 neurons per edit
-        (the six defaults of :class:`MethodSettings` that go beyond the paper, off)."""
+        (the seven defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
                       "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", "phrasings": 0,
                       "negative_views": False, **overrides})
