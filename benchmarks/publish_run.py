@@ -22,7 +22,8 @@ from fastpatch.run import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "benchmarks" / "results"
-FILES = ("summary.json", "summary.csv", "evals.jsonl", "per_request.jsonl", "metrics.png", "latency.png")
+FILES = ("summary.json", "summary.csv", "evals.jsonl", "per_request.jsonl", "metrics.png", "latency.png",
+         "token_accuracy.json")
 #: The metrics of a curve row, when the run has them.
 CURVE_METRICS = ("Rel", "Gen", "Loc", "ES", "PS", "NS", "PPL", "Ability")
 
