@@ -453,7 +453,9 @@ def results_body() -> list[str]:
                         _classifier_note())
     body += run_section(
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
-        "The same stream with the default before the hard negatives: "
+        "The same stream before the phrasing views (8 hard negatives only): "
+        "[summary_phrasings0.json](benchmarks/results/zsre/summary_phrasings0.json) "
+        "([token accuracy](benchmarks/results/zsre/token_accuracy_phrasings0.json)); before the hard negatives: "
         "[summary_negatives0.json](benchmarks/results/zsre/summary_negatives0.json); per-record failures by "
         "wording overlap: [failures.md](benchmarks/results/zsre/failures.md). "
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
