@@ -114,16 +114,16 @@ def test_negative_views_put_other_subjects_into_the_phrasing_views_too() -> None
     # its last prompt token on (the token before "oslo", then "oslo")
     assert neg is not None and neg.shape == (4, ed.ffn.bank.d_in)
 
-    def rows(text: str) -> torch.Tensor:
-        return ed.ffn_inputs([text])[0][-2:].float()
+    def rows(*texts: str) -> torch.Tensor:  # one batch, as the editor reads its negatives
+        return torch.cat([x[-2:] for x in ed.ffn_inputs(list(texts))]).float()
 
     orders = [("norway", "italy"), ("italy", "norway")]
-    want = [torch.cat([rows(f"the capital of {a} is oslo"), rows(f"what capital is in {b} oslo")]) for a, b in orders]
-    assert any(torch.allclose(neg, w) for w in want)
+    want = [rows(f"the capital of {a} is oslo", f"what capital is in {b} oslo") for a, b in orders]
+    assert any(torch.allclose(neg, w, rtol=1e-4, atol=1e-5) for w in want)
     # without views (or negative_views off) every negative is the prompt's wording
     plain = ed._negatives([req])
-    only_prompt = [torch.cat([rows(f"the capital of {a} is oslo"), rows(f"the capital of {b} is oslo")]) for a, b in orders]
-    assert any(torch.allclose(plain, w) for w in only_prompt)
+    only_prompt = [rows(f"the capital of {a} is oslo", f"the capital of {b} is oslo") for a, b in orders]
+    assert any(torch.allclose(plain, w, rtol=1e-4, atol=1e-5) for w in only_prompt)
     # a subject that appears in a view is not swapped in
     ed.subjects = ["norway", "rome"]
     neg = ed._negatives([req], [["what capital is rome in peru"]])
