@@ -467,7 +467,9 @@ def results_body() -> list[str]:
         "disjoint from the edited records), as the T-Patcher authors take the memory from the training split. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.40, Loc. >= 0.95, NS within 0.05 of the unedited model's"
         + _missed("counterfact", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95}) + _ns_gap("counterfact") + ". "
-        "Per-record failures by wording overlap: [failures.md](benchmarks/results/counterfact/failures.md).")
+        "Per-record failures by wording overlap: [failures.md](benchmarks/results/counterfact/failures.md). "
+        "The same stream before the phrasing views: [summary_phrasings0.json](benchmarks/results/counterfact/summary_phrasings0.json) "
+        "([token accuracy](benchmarks/results/counterfact/token_accuracy_phrasings0.json)).")
     body += run_section(
         "counterfact_builtin_memory", "CounterFact, 1,000 sequential edits, the built-in memory corpus",
         "The same stream with `fastpatch run`'s default memory (400 FanOutQA questions and continent prompts): "
