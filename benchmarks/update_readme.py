@@ -41,7 +41,7 @@ FRONT_RUNS = [
 ]
 
 
-def _f(v, nd=3) -> str:
+def _f(v, nd=4) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
