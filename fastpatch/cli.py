@@ -225,12 +225,13 @@ def held_out_records(args: argparse.Namespace) -> list[Any]:
         raise CLIError(f"--memory {args.memory!r}: not a stream file this version reads: {err}") from err
 
 
-def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
+def memory_corpus(args: argparse.Namespace, stream: Stream, held_out: list[Any] | None = None) -> list[str] | None:
     """The memory texts for ``--memory``: ``auto`` (the stream's own corpus, else the app's
     default), ``none``, a text file (one text per line), or a stream file (``.json``, ``.jsonl``,
     ``.parquet`` in any format :func:`fastpatch.data.formats.load_stream` reads: the prompts,
     paraphrases and locality prompts of its records, e.g. a benchmark's held-out split, as the
-    T-Patcher authors take the memory from the training split).
+    T-Patcher authors take the memory from the training split; ``held_out``: that file's records,
+    when the caller has read them already).
 
     The prompts, paraphrases and locality prompts of every request of the stream (not only the
     first ``--limit``: a run can later be extended) are always removed: the memory must be
@@ -253,7 +254,7 @@ def memory_corpus(args: argparse.Namespace, stream: Stream) -> list[str] | None:
         if not path.is_file():
             raise CLIError(f"--memory {choice!r}: expected auto, none, a text file or a stream file")
         if path.suffix.lower() in STREAM_SUFFIXES:
-            texts = _record_texts(held_out_records(args))
+            texts = _record_texts(held_out if held_out is not None else held_out_records(args))
         else:
             texts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     banned = set(_record_texts(records))
@@ -356,14 +357,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         resumed = plan.existing is not None and "retain_size" in plan.existing
         args.retain_size = plan.existing["retain_size"] if resumed else DEFAULT_RETAIN_SIZE
     editor = _load_editor(args, plan, overrides, device)
-    if plan.checkpoint is None:  # a held-out split also teaches the phrasing views (a checkpoint has them)
-        editor.add_phrasings(held_out_records(args))
+    held_out = held_out_records(args) if plan.checkpoint is None else []  # read once: memory and phrasings
+    if held_out:  # a held-out split also teaches the phrasing views (a checkpoint has them)
+        editor.add_phrasings(held_out)
     ability = default_ability_sets(stream) if args.general_ability else None
     options = RunOptions(
         protocol=args.protocol, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         eval_sample=args.eval_sample,
         limit=args.limit, resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size,
-        memory_texts=memory_corpus(args, stream) if plan.checkpoint is None else None,
+        memory_texts=memory_corpus(args, stream, held_out) if plan.checkpoint is None else None,
         retain=RetainOptions(pairs=stream.retain_pairs, sets=stream.retain_sets, size=args.retain_size),
         scores=ScoreOptions(ability_texts=ability[0] if ability else None,
                             ability_pairs=ability[1] if ability else None, generation=args.generation_metrics),
