@@ -24,7 +24,7 @@ import torch
 
 from fastpatch.kernels import fused_ffn as FF
 from fastpatch.kernels._blocks import accumulate_rows, candidate_configs, configs_for, token_bucket
-from fastpatch.kernels._triton import autotune, autotune_enabled, launch, tl, triton
+from fastpatch.kernels._triton import autotune, autotune_enabled, launch, stream_jit, tl, triton
 from fastpatch.kernels.dispatch import num_sms
 from fastpatch.kernels.fused_ffn import neuron_activations, patch_activations, work_ranges
 from fastpatch.kernels.reference import ACT_RELU
@@ -77,7 +77,7 @@ def _default(bucket: int, dtype: torch.dtype, gated: bool) -> "triton.Config":
     prune_configs_by={"early_config_prune": FF._prune},
     restore_value=["ws_ptr"],  # the kernel accumulates into ws: each timing run starts from a copy
 )
-@triton.jit
+@stream_jit(varying=("M_BUCKET", "P_BUCKET", "P"), tokens=("M",))
 def _fused_ffn_atomic_kernel(
     x_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, k_ptr, kb_ptr, v_ptr, ws_ptr,
     M, M_BUCKET, P_BUCKET, D, D_OUT, F, P,

@@ -12,7 +12,8 @@ import os
 import types
 from typing import Any, Callable
 
-__all__ = ["HAS_TRITON", "triton", "tl", "interpret_mode", "autotune", "autotune_enabled", "AUTOTUNE_ENV", "launch"]
+__all__ = ["HAS_TRITON", "triton", "tl", "interpret_mode", "autotune", "autotune_enabled", "AUTOTUNE_ENV", "launch",
+           "stream_jit"]
 
 
 def interpret_mode() -> bool:
@@ -53,6 +54,27 @@ except Exception:  # ImportError, or a broken install that fails while loading i
         next_power_of_2=lambda n: 1 << max(0, (int(n) - 1).bit_length()),
     )
     tl = _Placeholder()  # type: ignore[assignment]
+
+
+def stream_jit(varying: tuple[str, ...] = (), tokens: tuple[str, ...] = ()) -> Callable:
+    """``triton.jit`` for kernels called with sizes that change from one call to the next.
+
+    Triton compiles a separate variant of a kernel for each integer argument that equals 1 or is
+    divisible by 16. In a stream of edits the bank size, the memory's rows and the number of new
+    neurons change on every edit, so each of them would compile a new variant the first time it
+    turns 1 or a multiple of 16: seconds of compilation in the middle of a stream, and in a
+    serving process after a hot fix. ``varying`` names the arguments Triton must not specialise
+    on at all; ``tokens`` the ones that keep only the ``== 1`` case (the token count: one token is
+    the decode step, worth its own variant; otherwise its divisibility is chance). Where this
+    Triton predates ``do_not_specialize_on_alignment``, ``tokens`` are not specialised at all.
+    """
+    if not HAS_TRITON:
+        return lambda fn: fn
+    import inspect
+
+    if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters:
+        return triton.jit(do_not_specialize=list(varying), do_not_specialize_on_alignment=list(tokens))
+    return triton.jit(do_not_specialize=[*varying, *tokens])
 
 
 #: ``FASTPATCH_AUTOTUNE=0`` runs every kernel at its first (default) configuration instead of

@@ -43,7 +43,7 @@ from ._blocks import (
     accumulate_rows, act_fn, block_range, candidate_configs, configs_for, load_tile, project_rows,
     prune_by_tokens, store_plus_base, token_bucket, work_bucket,
 )
-from ._triton import autotune, autotune_enabled, launch, tl, triton
+from ._triton import autotune, autotune_enabled, launch, stream_jit, tl, triton
 from .dispatch import num_sms, use_triton
 from .reference import ACT_RELU, activation_reference
 
@@ -103,7 +103,7 @@ _GATHER_BELOW = 1.0
     prune_configs_by={"early_config_prune": prune_by_tokens},
     restore_value=["ws_ptr"],  # accumulates into ws: each timing run starts from a copy
 )
-@triton.jit
+@stream_jit(varying=("M_BUCKET", "P_BUCKET", "P"), tokens=("M",))
 def _patch_fused_kernel(
     x_ptr, k_ptr, b_ptr, v_ptr, ws_ptr,
     M, M_BUCKET, P_BUCKET, D, D_OUT, P,
@@ -141,7 +141,8 @@ def _patch_fused_kernel(
             )
 
 
-@triton.jit
+# The pre-activations' row stride is the bank size; the count is the last element of a (P,) tensor.
+@stream_jit(varying=("stride_hm", "count_ptr"), tokens=("M",))
 def _compact_value_kernel(
     pre_ptr, idx_ptr, count_ptr, v_ptr, base_ptr, out_ptr,
     M, D_OUT,
@@ -165,7 +166,7 @@ def _compact_value_kernel(
                     stride_bm, stride_bn, stride_om, stride_on, HAS_BASE)
 
 
-@triton.jit
+@stream_jit(varying=("P", "stride_hm"), tokens=("M",))
 def _sparse_value_kernel(
     h_ptr, v_ptr, base_ptr, out_ptr,
     M, P, D_OUT,

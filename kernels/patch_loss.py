@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import stream_jit, tl, triton
 from .dispatch import num_sms, use_triton
 
 __all__ = [
@@ -142,7 +142,7 @@ def memory_loss_bytes(N: int, d: int, n: int, k: int, dtype: torch.dtype | int) 
 #: Sizes that change from one edit to the next (the memory grows by the edit's own vectors; the
 #: number of new neurons varies) are not specialised on: Triton would otherwise compile a new
 #: kernel whenever one of them turns divisible by 16 or equal to 1, in the middle of a stream.
-@triton.jit(do_not_specialize=["N", "NJ", "stride_on", "stride_oj"])
+@stream_jit(varying=("N", "NJ", "stride_on", "stride_oj"))
 def _preact_kernel(
     mem_ptr, keys_ptr, bias_ptr, out_ptr,
     N, D, NJ,
@@ -194,7 +194,7 @@ def _preact_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["K", "NJ", "stride_ij", "stride_wj", "rows_per_split"])
+@stream_jit(varying=("K", "NJ", "stride_ij", "stride_wj", "rows_per_split"))
 def _gather_rows_kernel(
     mem_ptr, idx_ptr, w_ptr, part_ptr,
     K, D, NJ,
