@@ -500,17 +500,34 @@ def gpu_readme(res: dict, folder: Path, has_png: bool) -> str:
                  fmt(r.get("GBps")), f"{r['pct_of_bandwidth']:.1f}" if r.get("pct_of_bandwidth") is not None else "–"]
                 for r in res["rows"]]
         L += ["### Roofline", "", table(["shape", "M", "P", "method", "median ms", "GB/s", "% of HBM"], body), ""]
-    for name in ("crossover", "config_sweep", "loss_kernel", "whole_model", "editing"):
+    for name in ("crossover", "config_sweep", "loss_kernel", "whole_model", "editing", *ISSUE16_SECTIONS):
         rws = sec.get(name) or []
         if rws:
             cols = list(dict.fromkeys(c for r in rws for c in r))
-            L += [f"## {name}", "", table(cols, [[fmt(r.get(c)) for c in cols] for r in rws]), ""]
+            intro = [ISSUE16_SECTIONS[name], ""] if name in ISSUE16_SECTIONS else []
+            L += [f"## {name}", "", *intro, table(cols, [[fmt(r.get(c)) for c in cols] for r in rws]), ""]
     picks = [[kernel, key, cfg] for kernel, m in res.get("autotune", {}).items() for key, cfg in m.items()]
     if picks:
         L += ["## Autotune choices", "", table(["kernel", "key", "configuration"], picks), ""]
     if sec.get("memory"):
         L += ["## memory", "", table(["", "value"], [[k, fmt(v)] for k, v in sec["memory"].items()]), ""]
     return "\n".join(L) + "\n"
+
+
+#: The sections of ``benchmarks/gpu_issue16.py``, each with the one line that says what it measures.
+ISSUE16_SECTIONS = {
+    "prefill": "Prefill-sized calls (bf16, P = 10,000): PatchedFFN against the merged concatenation and the "
+               "unpatched FFN, eager and CUDA-graph timing (issue 16's target: >= 1.2x over the concatenation).",
+    "scale": "Llama-7B FFN, bf16, CUDA graphs: bank sizes 1k / 10k / 100k at 1 and 16 tokens, and the patch "
+             "overhead against the floor of reading the keys once.",
+    "split_tuning": "The split fused-FFN kernel's default launch configuration against every candidate "
+                    "(CUDA-graph timing; every candidate is checked against the float64 reference first).",
+    "gpu_editing": "200 edits of a SmolLM2-architecture model (random weights, fp32, 40,000 memory vectors) with "
+                   "the tuner as shipped: time per edit and Triton compilations after the first edit "
+                   "(issue 16's targets: median <= 10 ms, p90 <= 3x median, no compilation after the first edit).",
+    "compiled": "`torch.compile(fullgraph=True, mode=\"reduce-overhead\")` of a patched SmolLM2-architecture "
+                "model (bf16): logits against eager, decode time, graph breaks.",
+}
 
 
 # ----------------------------------------------------------------------------- main

@@ -39,7 +39,7 @@ from ._blocks import (
     act_fn, candidate_configs, configs_for, load_tile, mm, project_rows, project_rows_pair, prune_by_tokens, token_bucket,
     work_bucket,
 )
-from ._triton import autotune, autotune_enabled, interpret_mode, launch, stream_jit, tl, triton
+from ._triton import autotune, autotune_enabled, interpret_mode, launch, tl, triton
 from .dispatch import num_sms
 from .reference import ACT_RELU
 
@@ -234,20 +234,16 @@ def release_granules(done_ptr, lo, hi, GROUP_F: tl.constexpr, GRAN: tl.constexpr
             tl.atomic_add(done_ptr + g, tl.cdiv(g_hi - g_lo, GRAN).to(tl.int32), sem="release")
 
 
-#: Integer arguments that change with the bank (a stream adds patches on every edit): never
-#: specialised on, so a growing bank does not compile new variants (see ``stream_jit``). The
-#: scratch buffer's row stride, which also grows with the bank, is padded to a multiple of 16
-#: elements instead: one variant, and aligned rows.
-STREAM_SIZES = ("M_BUCKET", "P_BUCKET", "P", "NG_MAX")
-
-
 @autotune(
     configs=SPLIT_CONFIGS,
     key=["M_BUCKET", "P_BUCKET", "D", "D_OUT", "F"],
     prune_configs_by={"early_config_prune": _prune},
     restore_value=["ws_ptr", "sync_ptr"],  # accumulates into ws, counts in sync
 )
-@stream_jit(varying=STREAM_SIZES, tokens=("M",))
+# Still specialised on the bank size (see tests/test_specialization.py): opted out as the others
+# are, its decode step slowed on the H200 for a reason not yet found (run 2026-12-04T1750 in
+# benchmarks/results/nvidia-h200).
+@triton.jit
 def _fused_ffn_split_kernel(
     x_ptr, wg_ptr, wu_ptr, wd_ptr, bg_ptr, bu_ptr, bd_ptr, k_ptr, kb_ptr, v_ptr, h_ptr, ws_ptr, sync_ptr,
     M, M_BUCKET, P_BUCKET, D, D_OUT, F, P, NG_MAX, SPIN,
@@ -527,7 +523,7 @@ def fused_ffn_launch(
     bias_in_kernel = b_down is not None and Fdim > 0
     if b_down is not None and not bias_in_kernel:
         ws += b_down.float()
-    h = scratch_rows(M, Fdim + P, x)  # activations: written before read
+    h = torch.empty(M, Fdim + P, device=x.device, dtype=x.dtype)  # activations: written before read
     a = launch_args(x, w_up, w_down, act, w_gate, b_up, b_gate, keys, bias, values, patch_act, ws)
     sms = num_sms(x.device, INTERPRETER_SMS)
     interp = interpret_mode()
@@ -544,12 +540,6 @@ def fused_ffn_launch(
         if int(sync[blocks: 2 * blocks].max()) != 0:
             raise RuntimeError("fused FFN: a down task ran before its neuron group was complete")
     return ws.to(x.dtype)
-
-
-def scratch_rows(M: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``(M, width)`` buffer of ``like``'s dtype and device whose row stride is
-    ``width`` rounded up to a multiple of 16 elements (see ``STREAM_SIZES``)."""
-    return torch.empty(M, -(-width // 16) * 16, device=like.device, dtype=like.dtype)[:, :width]
 
 
 def default_split_config(M: int, dtype: torch.dtype, gated: bool = True) -> "triton.Config":

@@ -89,3 +89,38 @@ def test_benchmark_flag_is_registered(tmp_path: Path) -> None:
     full = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stdout + full.stderr
     assert "P50000" in full.stdout and "deselected" not in full.stdout
+
+
+def test_merge_gpu_runs_takes_sections_and_records_provenance(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    import pytest
+
+    from benchmarks import render
+    from benchmarks.merge_gpu_runs import merge_run
+
+    folder = tmp_path / "test-gpu"
+    old = _gpu_json()
+    (folder / "runs" / "a").mkdir(parents=True)
+    (folder / "runs" / "a" / "gpu_check.json").write_text(json.dumps(old))
+    merge_run(folder, "a", "aaaaaaa", "first run")
+    new = {"env": {"gpu": "Test GPU", "date": "2026-02-02"}, "failures": [], "wall_s": 5.0,
+           "sections": {"hbm_bandwidth_GBps": 3100.0, "ffn_latency": None,
+                        "gpu_editing": [{"edits": 200, "median_ms_per_edit": 12.5, "compilations_after_first_edit": 0}]}}
+    (folder / "runs" / "b").mkdir()
+    (folder / "runs" / "b" / "gpu_check.json").write_text(json.dumps(new))
+    (folder / "runs" / "c").mkdir()
+    (folder / "runs" / "c" / "gpu_check.json").write_text(json.dumps({**new, "failures": ["section x crashed"]}))
+    with pytest.raises(ValueError, match="did not measure"):
+        merge_run(folder, "b", "bbbbbbb", "second run", sections=["ffn_latency"])
+    merge_run(folder, "b", "bbbbbbb", "second run")
+    merged = merge_run(folder, "c", "ccccccc", "an experiment", record_only=True)
+    # b's measured sections replace a's; a's others stay, each with its run; c is listed only.
+    assert merged["sections"]["hbm_bandwidth_GBps"] == 3100.0
+    assert merged["sections"]["ffn_latency"] == old["sections"]["ffn_latency"]
+    assert merged["provenance"] == {"hbm_bandwidth_GBps": "b", "ffn_latency": "a", "whole_model": "a",
+                                    "memory": "a", "gpu_editing": "b"}
+    assert set(merged["runs"]) == {"a", "b", "c"} and merged["runs"]["c"]["failures"] == ["section x crashed"]
+    assert merged["failures"] == [] and merged["env"]["date"] == "2026-02-02"
+    render.render(tmp_path)
+    readme = (folder / "README.md").read_text()
+    assert "## gpu_editing" in readme and "12.5" in readme and "an experiment" in readme
