@@ -101,8 +101,19 @@ def _specialisation(p: Any, v: Any) -> tuple:
     if p.is_constexpr or v is None:
         return (p.name, repr(v))
     if isinstance(v, int) and not isinstance(v, bool):
-        return (p.name, "1" if v == 1 and not p.do_not_specialize else _arg_type(v), v % 16 == 0)
+        return (p.name, "1" if v == 1 and not p.do_not_specialize else _arg_type(v), _aligned(p, v))
     return (p.name, _arg_type(v), isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0)
+
+
+def _aligned(p: Any, v: Any) -> bool:
+    """Whether Triton tells the compiler that ``v`` is divisible by 16 (a pointer's address, in
+    bytes): not where the kernel opts out (``do_not_specialize``, or, for alignment alone,
+    ``do_not_specialize_on_alignment``)."""
+    if p.do_not_specialize or getattr(p, "do_not_specialize_on_alignment", False):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.data_ptr() % 16 == 0
+    return isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
 
 
 def _cuobjdump() -> str:
@@ -129,9 +140,7 @@ def compile_launch(call: Launch, arch: int = 90) -> dict[str, Any]:
             consts[(i,)] = v
             continue
         sig[p.name] = _arg_type(v)
-        aligned = v.data_ptr() % 16 == 0 if isinstance(v, torch.Tensor) else (
-            isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0 and not p.do_not_specialize)
-        if aligned:
+        if _aligned(p, v):
             attrs[(i,)] = backend.parse_attr("D")
     row: dict[str, Any] = {"kernel": fn.__name__, "config": call.label, "warps": call.num_warps,
                            "stages": call.num_stages}
