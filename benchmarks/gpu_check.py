@@ -63,6 +63,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import fastpatch  # noqa: E402
 import gpu_issue16 as I16  # noqa: E402
+import gpu_specialization as GS  # noqa: E402
 from baselines import ConcatPatcher, GatedFFN, GraceCodebook, make_patches  # noqa: E402
 from fastpatch import PatchedFFN  # noqa: E402
 from fastpatch.atomic import atomic_file, write_atomic  # noqa: E402
@@ -860,6 +861,7 @@ REPORT_COLUMNS = [
     ("scale", ["P", "M", "active", "timing", "unpatched_ms", "fastpatch_ms", "concat_ms", "speedup_vs_concat", "patch_overhead_ms", "key_scan_floor_ms", "bytes_per_key_element", "pct_hbm"]),
     ("split_tuning", ["M", "default_config", "default_ms", "best_config", "best_ms", "default_vs_best", "candidates", "patchedffn_default_ms", "config", "error"]),
     ("gpu_editing", ["edits", "memory_vectors", "first_edit_s", "median_ms_per_edit", "p90_ms_per_edit", "max_ms_per_edit", "median_steps", "success_rate", "compilations_first_edit", "compilations_after_first_edit", "tuned_keys_after_first_edit"]),
+    ("split_specialization", ["P", "M", "variant", "ms", "vs_shipped", "error"]),
     ("compiled", ["mode", "dtype", "first_call_s", "max_abs_err", "compiled_ms", "eager_ms", "speedup", "frames_compiled", "dynamo_unique_graphs", "graph_breaks"]),
 ]
 
@@ -876,7 +878,8 @@ def timed_sections() -> list[tuple]:
             ("scale", lambda *a: I16.scale(me, *a), True),
             ("split_tuning", lambda *a: I16.split_tuning(me, *a), True),
             ("gpu_editing", lambda: I16.gpu_editing(me), False),
-            ("compiled", lambda: I16.compiled(me), False)]
+            ("compiled", lambda: I16.compiled(me), False),
+            ("split_specialization", lambda *a: GS.split_specialization(me, *a), True)]
 
 
 def parse_args(names: list[str]) -> argparse.Namespace:

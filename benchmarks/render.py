@@ -525,6 +525,8 @@ ISSUE16_SECTIONS = {
     "gpu_editing": "200 edits of a SmolLM2-architecture model (random weights, fp32, 40,000 memory vectors) with "
                    "the tuner as shipped: time per edit and Triton compilations after the first edit "
                    "(issue 16's targets: median <= 10 ms, p90 <= 3x median, no compilation after the first edit).",
+    "split_specialization": "The split fused-FFN kernel with one opt-out from Triton's specialisation at a time "
+                            "(benchmarks/gpu_specialization.py), CUDA graphs, Llama-7B FFN, bf16.",
     "compiled": "`torch.compile(fullgraph=True, mode=\"reduce-overhead\")` of a patched SmolLM2-architecture "
                 "model (bf16): logits against eager, decode time, graph breaks.",
 }
