@@ -44,8 +44,18 @@ __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("fastpatch.cli")
 
-#: --memory-limit when not given: 400 (all memory texts for a stream whose vectors are cheap, e.g. claims).
-DEFAULT_MEMORY_LIMIT = 400
+#: --memory-limit when not given: one memory text per request to edit, at least
+#: ``MIN_MEMORY_TEXTS`` and at most ``MAX_MEMORY_TEXTS`` (all of them for a stream whose vectors are
+#: cheap, e.g. claims). More patches fire in more places, so a longer stream needs a larger memory
+#: to keep them silent; 1,000 texts give ~19,500 vectors, half the editor's default memory cap.
+MIN_MEMORY_TEXTS = 400
+MAX_MEMORY_TEXTS = 1000
+
+
+def default_memory_limit(n_requests: int) -> int:
+    """The ``--memory-limit`` of a stream of ``n_requests`` requests to edit (see
+    ``MIN_MEMORY_TEXTS``)."""
+    return max(MIN_MEMORY_TEXTS, min(int(n_requests), MAX_MEMORY_TEXTS))
 #: --memory files read as streams (their requests' texts), not as one text per line.
 STREAM_SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -90,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the phrasing views of --set phrasings=N)")
     r.add_argument("--memory-limit", type=int, default=None, metavar="N",
                    help="use at most N memory texts (a fixed random sample; 0: all). The memory forward "
-                        "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default 400, "
+                        "pass costs ~0.05-0.1 s per text for SmolLM2 on 2 CPU cores; default: one per request "
+                        "to edit (--limit), at least 400 and at most 1000, "
                         "all for --data claims)")
     r.add_argument("--retain-size", type=int, default=None, metavar="N",
                    help=f"most locality pairs in each of the TrainR/TestR sets (default {DEFAULT_RETAIN_SIZE}; on "
@@ -348,7 +359,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_memory_arg(args.memory)  # and so does a --memory file that is not there
     stream = load_data(args)
     if args.memory_limit is None:
-        args.memory_limit = 0 if stream.all_memory else DEFAULT_MEMORY_LIMIT
+        n_requests = min(args.limit or len(stream.edit_records), len(stream.edit_records))
+        args.memory_limit = 0 if stream.all_memory else default_memory_limit(n_requests)
     model_id = model_identity(args.model)
     fingerprints = {"model": model_id, "data": data_fingerprint(stream.edit_records), "protocol": args.protocol}
     # The runner's one start/resume/overwrite policy, applied now to refuse before the model load.

@@ -385,3 +385,13 @@ def test_memory_corpus_leaves_out_what_the_stream_evaluates(tmp_path: Path) -> N
     broken.write_text('[{"prompt": 3}]', encoding="utf-8")
     with pytest.raises(CLIError, match="not a stream file"):
         corpus(broken)
+
+
+def test_default_memory_limit_grows_with_the_stream() -> None:
+    """One memory text per request to edit, within [MIN_MEMORY_TEXTS, MAX_MEMORY_TEXTS]: a
+    longer stream has more patches to keep silent."""
+    from fastpatch.cli import MAX_MEMORY_TEXTS, MIN_MEMORY_TEXTS, default_memory_limit
+
+    assert default_memory_limit(194) == MIN_MEMORY_TEXTS  # the demo's capitals keep their memory
+    assert default_memory_limit(MIN_MEMORY_TEXTS + 317) == MIN_MEMORY_TEXTS + 317
+    assert default_memory_limit(10_000) == MAX_MEMORY_TEXTS
