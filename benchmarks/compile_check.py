@@ -43,6 +43,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from fastpatch.kernels.testing import specialisation  # noqa: E402
+
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
            torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
            torch.bool: "i1"}
@@ -101,19 +103,13 @@ def _specialisation(p: Any, v: Any) -> tuple:
     if p.is_constexpr or v is None:
         return (p.name, repr(v))
     if isinstance(v, int) and not isinstance(v, bool):
-        return (p.name, "1" if v == 1 and not p.do_not_specialize else _arg_type(v), _aligned(p, v))
+        return (p.name, "1" if specialisation(v, p.do_not_specialize)[0] else _arg_type(v), _aligned(p, v))
     return (p.name, _arg_type(v), isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0)
 
 
 def _aligned(p: Any, v: Any) -> bool:
-    """Whether Triton tells the compiler that ``v`` is divisible by 16 (a pointer's address, in
-    bytes): not where the kernel opts out (``do_not_specialize``, or, for alignment alone,
-    ``do_not_specialize_on_alignment``)."""
-    if p.do_not_specialize or getattr(p, "do_not_specialize_on_alignment", False):
-        return False
-    if isinstance(v, torch.Tensor):
-        return v.data_ptr() % 16 == 0
-    return isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
+    """Whether Triton tells the compiler that ``v`` is divisible by 16 (see ``specialisation``)."""
+    return specialisation(v, p.do_not_specialize, getattr(p, "do_not_specialize_on_alignment", False))[1]
 
 
 def _cuobjdump() -> str:
@@ -134,8 +130,7 @@ def compile_launch(call: Launch, arch: int = 90) -> dict[str, Any]:
         v = call.args.get(p.name)
         # Triton's own specialisation at launch: None and integers equal to 1 become constants,
         # integers and pointers divisible by 16 (bytes) carry that fact (it enables wide loads).
-        if p.is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool) and v == 1
-                                           and not p.do_not_specialize):
+        if p.is_constexpr or v is None or specialisation(v, p.do_not_specialize)[0]:
             sig[p.name] = "constexpr"
             consts[(i,)] = v
             continue

@@ -87,6 +87,10 @@ def gpu_section() -> list[str]:
             out += ["Sections come from " + ", ".join(f"`{k}` (commit {v['commit']})" for k, v in runs.items())
                     + "; the rendered README says which section came from which run.", ""]
         dec = [r for r in sec.get("decode_roofline") or [] if r["P"] == 10000 and r["timing"] == "cuda graph"]
+        # The kernel alone at its default configuration comes from the decode run's own
+        # split_tuning section where it has one (the same machine and baselines), else the sweep.
+        prov = d.get("provenance") or {}
+        same_run_tuning = bool(sec.get("split_tuning")) and prov.get("split_tuning") == prov.get("decode_roofline")
         lat = sec.get("ffn_latency") or []
         rows = []
         for M in sorted({r["M"] for r in dec}):
@@ -94,10 +98,7 @@ def gpu_section() -> list[str]:
             fp, cc, ce, un = (get.get(k) for k in ("fastpatch (PatchedFFN)", "concat (authors)",
                                                    "concat per forward (authors' code)", "unpatched"))
             if fp and cc:
-                # The kernel alone at its default configuration, from the decode run's own split_tuning
-                # section where it has one (the same machine and baselines), else from the sweep.
-                prov = d.get("provenance") or {}
-                if sec.get("split_tuning") and prov.get("split_tuning") == prov.get("decode_roofline"):
+                if same_run_tuning:
                     shipped = [{"ms": r["default_ms"], "pct_hbm": fp["pct_hbm"] * fp["ms"] / r["default_ms"]}
                                for r in sec["split_tuning"] if r.get("M") == M and "default_ms" in r]
                 else:

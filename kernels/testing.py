@@ -18,6 +18,21 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 
 
+def specialisation(value: object, opt_out: bool = False, opt_out_alignment: bool = False) -> tuple[bool, bool]:
+    """``(is the constant 1, is divisible by 16)`` as Triton specialises a launch argument: an
+    integer equal to 1 becomes a constant, and an integer or a pointer's address (in bytes)
+    divisible by 16 carries that fact; ``opt_out`` (``do_not_specialize``) drops both,
+    ``opt_out_alignment`` (``do_not_specialize_on_alignment``) the second. Anything else: both
+    False. The one statement of the rule, for the tests and ``benchmarks/compile_check.py``."""
+    if opt_out:
+        return False, False
+    if isinstance(value, torch.Tensor):
+        return False, not opt_out_alignment and value.data_ptr() % 16 == 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value == 1, not opt_out_alignment and value % 16 == 0
+    return False, False
+
+
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
     """``torch.testing.assert_close`` keyword arguments for ``dtype``."""
     atol, rtol = TOLERANCES[dtype]

@@ -26,6 +26,7 @@ from fastpatch.kernels.fused_ffn import fused_patched_ffn
 from fastpatch.kernels.patch_forward import patch_forward
 from fastpatch.kernels.patch_loss import patch_memory_loss
 from fastpatch.kernels.reference import ACT_SILU
+from fastpatch.kernels.testing import specialisation
 
 from .conftest import requires_triton
 
@@ -45,11 +46,8 @@ def variant_key(fn, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
         v = bound.get(name)
         if "constexpr" in str(p.annotation):
             const.append((name, v))
-        elif isinstance(v, torch.Tensor):
-            if name not in no_spec and name not in no_align:
-                spec.append((name, v.data_ptr() % 16 == 0))
-        elif isinstance(v, int) and not isinstance(v, bool) and name not in no_spec:
-            spec.append((name, v == 1, None if name in no_align else v % 16 == 0))
+        elif isinstance(v, (torch.Tensor, int)):
+            spec.append((name, *specialisation(v, name in no_spec, name in no_align)))
     return tuple(const), tuple(spec)
 
 
@@ -132,11 +130,11 @@ def test_decode_step_keeps_its_own_variant(launches) -> None:
     if "do_not_specialize_on_alignment" not in inspect.signature(triton.jit).parameters:
         pytest.skip("this Triton cannot specialise on 1 without specialising on alignment")
     keys, bias, values = _bank()
-    for M in (1, 2):
+    for M in (1, 2, 16):
         patch_forward(torch.randn(M, D), keys[:5], bias[:5], values[:5], backend="triton", strategy="fused")
     specs = set().union(*launches["_patch_fused_kernel"].values())
     m_values = {dict((s[0], s[1:]) for s in spec)["M"] for spec in specs}
-    assert m_values == {(True, None), (False, None)}
+    assert m_values == {(True, False), (False, False)}
 
 
 def test_the_recorder_sees_a_kernel_that_does_not_opt_out(launches) -> None:
