@@ -46,10 +46,13 @@ def curve(run: Path) -> list[dict[str, Any]]:
         n = point.get("edits", 0)
         if not n or (rows and rows[-1]["edits"] == n):  # the zero point; a repeated final point
             if rows and rows[-1]["edits"] == n:
-                rows[-1].update({k: point[k] for k in CURVE_METRICS if point.get(k) is not None})
+                rows[-1].update({k: point[k] for k in CURVE_METRICS if point.get(k) is not None},
+                                scored_requests=point.get("sampled_requests") or n)
             continue
         secs = [float(e["seconds"]) for e in edits[prev:n]]
         rows.append({"edits": n, "patches": point.get("patches"),
+                     # an intermediate point of a long stream scores a fixed sample of the requests
+                     "scored_requests": point.get("sampled_requests") or n,
                      **{k: point[k] for k in CURVE_METRICS if point.get(k) is not None},
                      "seconds_per_edit_median": statistics.median(secs) if secs else None,
                      "seconds_per_edit_p90": _p90(secs) if secs else None})

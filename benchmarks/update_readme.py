@@ -9,7 +9,8 @@ Reads, when present:
   the editing benchmark),
 - ``benchmarks/results/cpu/real_edits*.json`` (``real_edits.py``),
 - ``benchmarks/results/demo/summary.json`` (a copy of a ``make demo`` run's summary),
-- ``benchmarks/results/zsre/summary.json`` (the 1,000-edit zsRE run),
+- ``benchmarks/results/<stream>/summary.json`` and ``curve.json`` (``publish_run.py``: the zsRE and
+  CounterFact runs, 1,000 and 10,000 edits; rendered by ``readme_streams.py``),
 - ``benchmarks/results/minilm/summary.json`` (the ``--model minilm`` classification stream),
 - ``benchmarks/results/vllm-cpu/throughput.json`` (``vllm_throughput.py``, ``make bench-vllm``),
 and replaces what lies between ``<!-- results:start -->`` and ``<!-- results:end -->`` in
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from fastpatch.atomic import write_atomic
-
-ROOT = Path(__file__).resolve().parents[1]
-RES = ROOT / "benchmarks" / "results"
+from readme_streams import ablation_section, classifier_note, load_summary, missed_targets, ns_gap, run_section
+from readme_tables import RES, ROOT
+from readme_tables import fmt as _f
+from readme_tables import table as _table
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 SUMMARY_START, SUMMARY_END = "<!-- summary:start -->", "<!-- summary:end -->"
 README = ROOT / "README.md"
@@ -38,21 +40,9 @@ FRONT_RUNS = [
     ("minilm", "`--model minilm`: MiniLM claim classifier, true/false claims"),
     ("zsre", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
     ("counterfact", "CounterFact, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out split)"),
+    ("counterfact_10k", "CounterFact, 10,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out "
+                        "split; the default before the phrasing views)"),
 ]
-
-
-def _f(v, nd=4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{nd}g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
-    return out
 
 
 def _correctness_note(d: dict) -> str:
@@ -287,148 +277,6 @@ def real_section() -> list[str]:
     return out
 
 
-#: Method settings that tell the runs of the published results apart (``MethodSettings``).
-_METHOD_KEYS = ("negatives", "negative_whiten", "key_boundary", "view_scatter", "memory_growth", "augment", "max_neurons")
-
-
-def _method_line(cfg: dict[str, Any]) -> str:
-    """The run's settings that the ablations vary (its ``editor_config``)."""
-    shown = [f"`{k}={cfg[k]}`" for k in _METHOD_KEYS if k in cfg]
-    return "Editor settings: " + ", ".join(shown) + (
-        " (`negatives` absent: run before the hard negatives existed)." if "negatives" not in cfg else ".")
-
-
-def _curve_lines(folder: str) -> list[str]:
-    """The run's curve (``curve.json`` of ``benchmarks/publish_run.py``): metrics and seconds per
-    edit at each evaluation point."""
-    path = RES / folder / "curve.json"
-    if not path.is_file():
-        return []
-    pts = json.loads(path.read_text()).get("points") or []
-    if not pts:
-        return []
-    names = [k for k in ("Rel", "Gen", "Loc", "ES", "PS", "NS", "PPL", "Ability") if any(k in p for p in pts)]
-    rows = [[p["edits"], p.get("patches"), *[p.get(k) for k in names], p.get("seconds_per_edit_median"),
-             p.get("seconds_per_edit_p90")] for p in pts]
-    return ["Against T (each evaluation point; seconds per edit of the edits since the previous point):", "",
-            *_table(["T", "patches", *names, "median s/edit", "p90 s/edit"], rows), ""]
-
-
-def _memory_text(mem: dict[str, Any]) -> str:
-    """``7,723 corpus vectors, 35,000 rows at the end`` (the end count when the run recorded it)."""
-    text = f"{_f(mem.get('vectors'))} corpus vectors"
-    return text + (f", {_f(mem['rows_now'])} rows at the end" if mem.get("rows_now") is not None else "")
-
-
-def _summary(folder: str) -> dict[str, Any] | None:
-    """A published run's summary; a run scored before the runner reported EasyEdit's token
-    accuracy gets it from its ``token_accuracy.json`` (``benchmarks/token_accuracy.py``)."""
-    path = RES / folder / "summary.json"
-    if not path.exists():
-        return None
-    s = json.loads(path.read_text())
-    tok = RES / folder / "token_accuracy.json"
-    sc = s.setdefault("scores", {})
-    if tok.is_file() and sc.get("Rel_tok") is None:
-        t = json.loads(tok.read_text())
-        sc.update({k: t[k] for k in ("Rel_tok", "Gen_tok")})
-    return s
-
-
-def run_section(folder: str, title: str, note: str = "") -> list[str]:
-    path = RES / folder / "summary.json"
-    s = _summary(folder)
-    if s is None:
-        return []
-    m = s.get("metrics") or s.get("final") or {}
-    out = [f"### {title}", "", f"From [{path.relative_to(ROOT)}]({path.relative_to(ROOT)}).", ""]
-    t = s.get("time") or {}
-    if t:
-        out += [f"{s.get('requests')} requests, {s.get('edits')} edited ({s.get('protocol')} protocol), "
-                f"{s.get('patches')} patches; memory {_memory_text(s.get('memory_set') or {})}; "
-                f"median {_f(t.get('edit_seconds_median'))} s per edit (p90 {_f(t.get('edit_seconds_p90'))} s); "
-                f"wall time {_f(t.get('wall_seconds'))} s; peak RSS {_f((s.get('peak_memory') or {}).get('rss_mib'))} MiB.", ""]
-    keys = [k for k in ("SR", "GR", "ER", "TrainR", "TestR", "Rel", "Gen", "Loc") if k in m]
-    if keys:
-        out += _table(keys, [[m[k] for k in keys]])
-        out.append("")
-    sc = s.get("scores") or {}
-    pre = sc.get("pre") or {}
-    names = [k for k in ("Rel_tok", "Gen_tok", "ES", "PS", "NS", "EM", "PM", "NM", "Rel_gen", "Gen_gen", "PPL", "Ability")
-             if sc.get(k) is not None]
-    if names:
-        out += ["Beside them (`fastpatch/run/scores.py`): Rel./Gen. as EasyEdit scores them (`*_tok`, the mean "
-                "token accuracy; Rel./Gen. above need every target token right), CounterFact scores, "
-                "free-generation Rel./Gen., general ability.", ""]
-        out += _table(["", *names], [["after the stream", *[sc[k] for k in names]],
-                                     ["unedited model", *[pre.get(k, 1.0 if k == "Ability" else None) for k in names]]])
-        out.append("")
-    cfg = s.get("editor_config") or {}
-    if cfg and "augment" not in cfg:
-        out += ["Run before the context variants (`EditorConfig.augment`) and the gradient value init existed.", ""]
-    elif cfg:
-        out += [_method_line(cfg), ""]
-    out += _curve_lines(folder)
-    if note:
-        out += [note, ""]
-    for png in sorted((RES / folder).glob("*.png")):
-        out += [f"![{png.stem}]({png.relative_to(ROOT)})", ""]
-    return out
-
-
-def ablation_section() -> list[str]:
-    """The ablation tables of ``benchmarks/ablations.py`` (its Markdown, one heading level down)."""
-    path = RES / "cpu" / "ablations.md"
-    if not path.exists():
-        return []
-    text = path.read_text().strip().splitlines()
-    out = ["### " + text[0].lstrip("# "), "", f"From [{path.relative_to(ROOT)}]({path.relative_to(ROOT)}).", ""]
-    out += [("#" + ln if ln.startswith("#") else ln) for ln in text[1:]]
-    return out + [""]
-
-
-def _classifier_note() -> str:
-    """The claim classifier's accuracies, from a copy of its cache marker (``classifier.json``)."""
-    path = RES / "minilm" / "classifier.json"
-    if not path.exists():
-        return ""
-    c = json.loads(path.read_text())
-    b = c.get("budget") or {}
-    return (f"The classifier before editing ([{path.name}]({path.relative_to(ROOT)})): train accuracy "
-            f"{_f(c.get('train_accuracy'))} on {c.get('n_train')} texts, held-out accuracy {_f(c.get('heldout_accuracy'))} "
-            f"on {c.get('n_heldout')}, {_f(c.get('edit_prompt_accuracy'))} on the {c.get('n_edit_prompts')} stream prompts; "
-            f"trained in {_f(c.get('train_seconds'))} s ({b.get('epochs')} epochs, top {b.get('train_layers')} layers, "
-            f"{b.get('threads')} thread).")
-
-
-def _missed(folder: str, targets: dict[str, float]) -> str:
-    """`` (missed: Gen.; see Known gaps)`` for the metrics of a run below their targets, by exact
-    match and, where the run has them, by EasyEdit's token accuracy (Rel./Gen.)."""
-    s = _summary(folder)
-    if s is None:
-        return ""
-    m, sc = s.get("metrics") or {}, s.get("scores") or {}
-    low = [f"{k}." for k, t in targets.items() if k in m and m[k] is not None and m[k] < t]
-    text = f" (exact match: missed {', '.join(low)}; see Known gaps" if low else " (exact match: all met"
-    tok = {k: sc.get(f"{k}_tok", m.get(k)) for k in targets if k in m}
-    if sc.get("Gen_tok") is not None:
-        low_tok = [f"{k}." for k, t in targets.items() if tok.get(k) is not None and tok[k] < t]
-        text += f"; EasyEdit's token accuracy: {'missed ' + ', '.join(low_tok) if low_tok else 'all met'}"
-    return text + ")"
-
-
-def _ns_gap(folder: str) -> str:
-    """``; NS 0.053 below the unedited model's`` for a CounterFact run (empty without scores)."""
-    path = RES / folder / "summary.json"
-    if not path.exists():
-        return ""
-    sc = json.loads(path.read_text()).get("scores") or {}
-    ns, ns0 = sc.get("NS"), (sc.get("pre") or {}).get("NS")
-    if ns is None or ns0 is None:
-        return ""
-    return f"; NS {ns0 - ns:.3f} below the unedited model's ({'within' if ns0 - ns <= 0.05 else 'outside'} 0.05)"
-
-
 def vllm_section() -> list[str]:
     """Serving throughput in vLLM with 0 / 1,000 / 10,000 patches against stock vLLM."""
     path = RES / "vllm-cpu" / "throughput.json"
@@ -475,7 +323,7 @@ def results_body() -> list[str]:
                         "(GR 0.967, median 0.41 s per edit).")
     body += real_section()
     body += run_section("minilm", "The classification setting: the MiniLM claim classifier (`fastpatch run --model minilm`)",
-                        _classifier_note())
+                        classifier_note())
     body += run_section(
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
         "Memory: 1,000 texts of the built-in corpus (the default memory now grows with the stream: one text per request "
@@ -488,14 +336,14 @@ def results_body() -> list[str]:
         "[summary_negatives0.json](benchmarks/results/zsre/summary_negatives0.json); per-record failures by "
         "wording overlap: [failures.md](benchmarks/results/zsre/failures.md). "
         "Published reference at T = 1000: WISE on Mistral-7B, Rel. 0.70 / Gen. 0.67 / Loc. 1.00. "
-        "Targets here: Rel. >= 0.95, Gen. >= 0.60, Loc. >= 0.98" + _missed("zsre", {"Rel": 0.95, "Gen": 0.60, "Loc": 0.98}) + ".")
+        "Targets here: Rel. >= 0.95, Gen. >= 0.60, Loc. >= 0.98" + missed_targets("zsre", {"Rel": 0.95, "Gen": 0.60, "Loc": 0.98}) + ".")
     body += run_section(
         "counterfact", "CounterFact, 1,000 sequential edits (EasyEdit format: prompt, target_new, ground_truth, "
         "rephrase_prompt, locality_prompt = a neighbourhood prompt), memory from its held-out split",
         "The memory is 1,000 texts of CounterFact's held-out split (`--memory counterfact-val.json --memory-limit 1000`; "
         "disjoint from the edited records), as the T-Patcher authors take the memory from the training split. "
         "Targets here: Rel. >= 0.95, Gen. >= 0.40, Loc. >= 0.95, NS within 0.05 of the unedited model's"
-        + _missed("counterfact", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95}) + _ns_gap("counterfact") + ". "
+        + missed_targets("counterfact", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95}) + ns_gap("counterfact") + ". "
         "Per-record failures by wording overlap: [failures.md](benchmarks/results/counterfact/failures.md). "
         "The same stream before the phrasing views: [summary_phrasings0.json](benchmarks/results/counterfact/summary_phrasings0.json) "
         "([token accuracy](benchmarks/results/counterfact/token_accuracy_phrasings0.json)).")
@@ -503,9 +351,18 @@ def results_body() -> list[str]:
         "counterfact_builtin_memory", "CounterFact, 1,000 sequential edits, the built-in memory corpus",
         "The same stream with `fastpatch run`'s default memory (400 FanOutQA questions and continent prompts): "
         "it holds no prompts of CounterFact's relations about other subjects, and locality suffers"
-        + _missed("counterfact_builtin_memory", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95})
-        + _ns_gap("counterfact_builtin_memory") + ". "
+        + missed_targets("counterfact_builtin_memory", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95})
+        + ns_gap("counterfact_builtin_memory") + ". "
         "Failures: [failures.md](benchmarks/results/counterfact_builtin_memory/failures.md).")
+    body += run_section(
+        "counterfact_10k", "CounterFact, 10,000 sequential edits (memory from its held-out split)",
+        "The whole edit split of the shared CounterFact set, edited one request after another with `--resume` across "
+        "sessions (`--eval-every 2500 --eval-sample 1000 --checkpoint-every 250 --memory counterfact-val.json "
+        "--memory-limit 1000`); the evaluations at 2,500 / 5,000 / 7,500 edits score a fixed random sample of 1,000 of "
+        "the edited requests, the one at the end all 10,000 (without the free-generation scores, to fit a session). "
+        "It ran the default of its start, before the phrasing views (a resumed run keeps the method it started "
+        "with). Targets as for 1,000 edits" + missed_targets("counterfact_10k", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95})
+        + ns_gap("counterfact_10k") + "; see Known gaps.")
     body += ablation_section()
     body += vllm_section()
     body += cpu_section()
@@ -520,7 +377,7 @@ def summary_body() -> list[str]:
         path = RES / folder / "summary.json"
         if not path.exists():
             continue
-        s = _summary(folder) or {}
+        s = load_summary(folder) or {}
         m = s.get("metrics") or {}
         t = s.get("time") or {}
         sc = s.get("scores") or {}
