@@ -139,3 +139,10 @@ def test_modules_stay_small() -> None:
     big = {name: n for name, path in _modules().items() if name.startswith("fastpatch.") and
            not name.startswith("fastpatch.kernels") and (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert big == {}, f"modules over {MAX_MODULE_LINES} lines: {big}"
+
+
+def test_benchmark_scripts_stay_small() -> None:
+    """The benchmark and rendering scripts follow the same size rule as the library."""
+    scripts = (ROOT / "benchmarks").glob("*.py")
+    big = {p.name: n for p in scripts if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert big == {}, f"benchmark scripts over {MAX_MODULE_LINES} lines: {big}"
