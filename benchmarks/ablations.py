@@ -1,5 +1,6 @@
 """Which editor settings make edits general and local: one ``fastpatch run`` per (stream, variant)
-on the first edits of the shared zsRE and CounterFact streams, collected into one table.
+on the first edits of the shared zsRE and CounterFact streams and on the built-in capitals (the
+demo's stream), collected into one table.
 
     python benchmarks/ablations.py --shared ../shared/data --out runs/ablations           # run all
     python benchmarks/ablations.py --shared ../shared/data --out runs/ablations --only cf-neg8
@@ -7,7 +8,8 @@ on the first edits of the shared zsRE and CounterFact streams, collected into on
     python benchmarks/ablations.py --collect benchmarks/results/ablations                  # the committed runs
 
 Every run is ``fastpatch run --model smollm2 --protocol easyedit --limit 200 --eval-every 0`` with
-the variant's ``--set``/``--module-path`` arguments, its directory ``<out>/<stream>-<variant>``
+the variant's ``--set``/``--module-path`` arguments (the capitals: ``make demo``'s run, the T-Patcher
+protocol over all 194 requests), its directory ``<out>/<stream>-<variant>``
 (a finished run is not run again). The table (Rel/Gen/Loc, the CounterFact scores and the median
 seconds per edit of every run) goes to ``benchmarks/results/cpu/ablations.{json,md}``.
 """
@@ -22,11 +24,14 @@ from pathlib import Path
 
 from env import RESULTS_DIR, environment, save_results
 
-#: The streams: name -> file under the shared data folder.
+#: The streams: name -> file under the shared data folder, or a built-in stream's name.
 STREAMS = {
     "zsre": "zsre/zsre_mend_eval_portability_gpt4.json",
     "cf": "counterfact/easyedit_format/counterfact-edit.json",
+    "capitals": "geography",
 }
+#: Built-in streams: run as ``make demo`` runs them (their protocol, every request), not from --shared.
+BUILTIN: dict[str, list[str]] = {"capitals": ["--protocol", "tpatcher"]}
 #: The variants: name -> (what it tests, extra CLI arguments). ``base`` is the default config.
 #: The variants: name -> (what it tests, extra CLI arguments). Each single idea is tried on top of
 #: ``prev`` (the default before the hard negatives), so its row differs from ``prev`` by that idea
@@ -80,9 +85,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",)}
-RUN_ARGS = ["--model", "smollm2", "--protocol", "easyedit", "--eval-every", "0", "--no-progress", "--no-plots",
+RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
-COLUMNS = ("Rel", "Gen", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
+COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
 
 
 def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> Path:
@@ -94,8 +99,12 @@ def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> P
     if variant in ONLY_ON and stream not in ONLY_ON[variant]:
         return d
     args = [a.replace("{shared}", str(shared)) for a in args]
-    cmd = [sys.executable, "-m", "fastpatch.cli", "run", "--data", str(shared / STREAMS[stream]), "--out", str(d),
-           "--limit", str(limit), "--overwrite", *RUN_ARGS, *args]
+    if stream in BUILTIN:
+        data, extra = STREAMS[stream], BUILTIN[stream]
+    else:
+        data, extra = str(shared / STREAMS[stream]), ["--protocol", "easyedit", "--limit", str(limit)]
+    cmd = [sys.executable, "-m", "fastpatch.cli", "run", "--data", data, "--out", str(d), "--overwrite",
+           *RUN_ARGS, *extra, *args]
     subprocess.run(cmd, check=True)
     return d
 
@@ -137,7 +146,7 @@ def row(d: Path) -> dict[str, float | None] | None:
     if not s.get("complete"):  # a run stopped before its end: its figures are of fewer edits
         return None
     m, sc = s.get("metrics") or {}, s.get("scores") or {}
-    return {"Rel": m.get("Rel"), "Gen": m.get("Gen"), "Loc": m.get("Loc"), "NS": sc.get("NS"), "ES": sc.get("ES"),
+    return {"Rel": m.get("Rel"), "Gen": m.get("Gen"), "GR": m.get("GR"), "Loc": m.get("Loc"), "NS": sc.get("NS"), "ES": sc.get("ES"),
             "PS": sc.get("PS"), "NS_pre": (sc.get("pre") or {}).get("NS"),
             "sec/edit": (s.get("time") or {}).get("edit_seconds_median"), "edits": s.get("edits"),
             "patches": s.get("patches"), **_ability_columns(d)}
@@ -167,7 +176,8 @@ def markdown(table: dict[str, dict[str, dict]], note: str = "") -> str:
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    lines = ["# Ablations: first 200 edits of the shared streams (SmolLM2-135M, CPU, EasyEdit protocol)", ""]
+    lines = ["# Ablations: first 200 edits of the shared streams (SmolLM2-135M, CPU, EasyEdit protocol) "
+             "and the capitals", ""]
     if note:
         lines += [note, ""]
     for stream, rows in table.items():
