@@ -10,6 +10,13 @@ at the position that predicts it. Reported: the perplexity both ways; the share 
 increase that comes from positions where some patch fires; how many positions those are; and the
 worst positions. A patch that fires nowhere changes nothing, so the share is 100% up to float
 noise; what the numbers tell is how concentrated the damage is.
+
+With ``--data STREAM`` (the run's edit stream) it also asks whether a misfire could be told from a
+paraphrase by its strength: each patch's activation on its own edit (the largest over the
+positions that predict the target) against its activation where it misfires, and against the
+edit's patches' activation on the edit's first paraphrase. A cap or threshold on the activation
+relative to the edit's own (a bounded patch output) can only remove the misfires without the
+paraphrases if the two ratios separate.
 """
 
 from __future__ import annotations
@@ -76,14 +83,74 @@ def measure(run: Path, model: str = "smollm2", n_texts: int = 200, worst: int = 
     }
 
 
+def _quantiles(xs: list[float]) -> dict[str, float] | None:
+    xs = sorted(xs)
+    return {f"q{int(q * 100)}": xs[int(q * (len(xs) - 1))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if xs else None
+
+
+def activation_ratios(run: Path, data: Path, model: str = "smollm2", n_texts: int = 200) -> dict[str, Any]:
+    """Misfire and paraphrase activations of each patch relative to its activation on its own edit."""
+    from fastpatch.app.geography import general_ability_sets
+    from fastpatch.app.registry import resolve_model
+    from fastpatch.data.formats import load_stream
+    from fastpatch.editor import Editor
+    from fastpatch.run import latest_checkpoint
+
+    mdl, tok = resolve_model(model)
+    ed = Editor.load(latest_checkpoint(run, strict=True) / "editor", mdl, tok)
+    edits = [json.loads(x) for x in (run / "edits.jsonl").read_text().splitlines() if x.strip()]
+    recs = load_stream(data, limit=max((e["i"] for e in edits), default=-1) + 1).records
+    col = {pid: c for c, pid in enumerate(ed.ffn.bank.ids)}
+    captured: dict[str, torch.Tensor] = {}
+    hook = ed.ffn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].detach()))
+
+    def acts(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            mdl(torch.tensor([ids]))
+        return ed.ffn.patch_activations(captured["x"].reshape(len(ids), -1))
+
+    def on_target(prompt: str, target: str, cols: list[int]) -> float:
+        p, t = tok(prompt).input_ids, tok(target, add_special_tokens=False).input_ids
+        return float(acts(p + t)[len(p) - 1: len(p) + len(t) - 1, cols].max())
+
+    own: dict[int, float] = {}
+    para: list[float] = []
+    try:
+        for e in edits:
+            cols = [col[i] for i in e.get("patch_ids") or [] if i in col]
+            if e.get("action") != "edit" or not cols:
+                continue
+            r = recs[e["i"]]
+            a_edit = on_target(r.prompt, r.target, cols)
+            own.update({c: a_edit for c in cols})
+            if r.rephrases and a_edit > 0:
+                para.append(on_target(r.rephrases[0], r.target, cols) / a_edit)
+        mis = []
+        for text in general_ability_sets(n_texts)[0]:
+            ids = tok(text).input_ids
+            a = acts(ids)[:-1]
+            mis += [float(a[j, c]) / own[c] for j, c in (a > 0).nonzero().tolist() if own.get(c)]
+    finally:
+        hook.remove()
+    firing = [x for x in para if x > 0]
+    return {"patches": len(own), "paraphrases": len(para), "paraphrase_ratio": _quantiles(para),
+            "paraphrases_where_the_patch_fires": len(firing) / len(para) if para else None,
+            "paraphrase_ratio_when_firing": _quantiles(firing), "misfire_ratios": sorted(mis)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--texts", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default: <run>/ppl_damage.json)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="the run's edit stream: also compare misfire and paraphrase activations")
     args = ap.parse_args(argv)
     res = measure(args.run, args.model, args.texts)
+    if args.data is not None:
+        res["activation_ratios"] = activation_ratios(args.run, args.data, args.model, args.texts)
+        print(json.dumps(res["activation_ratios"], indent=1))
     write_json_atomic(args.out or args.run / "ppl_damage.json", res)
     print(json.dumps({k: v for k, v in res.items() if k != "worst"}, indent=1))
     for p in res["worst"]:

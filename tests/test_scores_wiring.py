@@ -145,3 +145,25 @@ def test_the_last_point_of_a_stream_is_its_final_one_and_an_older_run_gets_it_on
     assert resumed["scores"]["Rel_gen"] == 1.0 and (out / "per_request.jsonl").is_file()
     evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
     assert [(e["position"], e.get("final")) for e in evals] == [(0, None), (2, True), (2, True)]
+
+
+def test_the_summary_reports_the_scores_of_its_last_point_only(tmp_path: Path) -> None:
+    """A finished run resumed for a new final point without the free-generation scores: its summary
+    has none, rather than the earlier final point's values."""
+    import json
+
+    from fastpatch.run import latest_checkpoint
+
+    ed, out = ScoringTable(), tmp_path / "run"
+    kw = dict(protocol="easyedit", eval_every=2, progress=False, plots=False, retain_sets=([], []),
+              ability_texts=["t"])
+    assert fastpatch.run_stream(ed, RECORDS, out, **kw)["scores"]["Rel_gen"] == 1.0
+    state_path = latest_checkpoint(out) / "state.json"
+    state = json.loads(state_path.read_text())
+    state["metrics"]["evals"][-1].pop("final")  # as an older version wrote it: a final point is due
+    state_path.write_text(json.dumps(state))
+    resumed = fastpatch.run_stream(ed, RECORDS, out, **kw, resume=True, generation_metrics=False)
+    evals = [json.loads(x) for x in (out / "evals.jsonl").read_text().splitlines()]
+    assert "Rel_gen" in evals[1] and "Rel_gen" not in evals[-1] and evals[-1].get("final")
+    assert "Rel_gen" not in resumed["scores"] and "Gen_gen" not in resumed["scores"]
+    assert resumed["scores"]["PPL"] == 12.0 and resumed["scores"]["ES"] == 1.0  # measured again at the end

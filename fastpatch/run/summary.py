@@ -132,9 +132,12 @@ def _memory_rows(ed: Any) -> int | None:
 
 
 def _scores(run: RunSession) -> dict[str, Any]:
-    """The latest CounterFact, free-generation and general-ability scores, with the unedited
-    model's values beside them (``pre``) and the sizes of the sets they are measured on."""
-    last = run.state.last_eval
+    """The CounterFact, free-generation and general-ability scores of the latest evaluation point,
+    with the unedited model's values beside them (``pre``) and the sizes of the sets they are
+    measured on. A score that point did not measure is left out, not carried over from an earlier
+    point (a run resumed for its final point with ``generation_metrics=False`` must not report the
+    free-generation scores of an earlier stage as its own)."""
+    last = run.state.evals[-1] if run.state.evals else {}
     out: dict[str, Any] = {k: last[k] for k in SCORE_NAMES if k in last}
     pre: dict[str, Any] = dict(run.baseline.get("counterfact") or {})
     ability = run.baseline.get("ability") or {}
