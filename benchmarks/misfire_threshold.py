@@ -31,29 +31,60 @@ import torch
 from fastpatch.atomic import write_json_atomic
 
 
+class ActivationProbe:
+    """Every bank patch's activation at every position of a text, read from the patched FFN's
+    input (a forward pre-hook, removed by :meth:`close` or on leaving a ``with`` block)."""
+
+    def __init__(self, ed: Any, tok: Any, model: torch.nn.Module) -> None:
+        self.ed, self.tok, self.model = ed, tok, model
+        self._x: torch.Tensor | None = None
+        self._hook = ed.ffn.register_forward_pre_hook(lambda m, a: setattr(self, "_x", a[0].detach()))
+
+    def __enter__(self) -> "ActivationProbe":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hook."""
+        self._hook.remove()
+
+    def acts(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), P): the patches' activations at each position of the token ids."""
+        with torch.no_grad():
+            self.model(torch.tensor([ids]))
+        return self.ed.ffn.patch_activations(self._x.reshape(len(ids), -1))
+
+    def on_target(self, prompt: str, target: str) -> torch.Tensor:
+        """(target tokens, P): the activations at the positions that predict ``target`` after ``prompt``."""
+        p, t = self.tok(prompt).input_ids, self.tok(target, add_special_tokens=False).input_ids
+        return self.acts(p + t)[len(p) - 1: len(p) + len(t) - 1]
+
+
+def edited_columns(ed: Any, edits: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """``(edit line, bank columns of its patches)`` for each edit (``edits.jsonl``) whose patches
+    are still in the bank."""
+    col = {pid: c for c, pid in enumerate(ed.ffn.bank.ids)}
+    out = []
+    for e in edits:
+        cols = [col[i] for i in e.get("patch_ids") or [] if i in col]
+        if e.get("action") == "edit" and cols:
+            out.append((e, cols))
+    return out
+
+
 def own_activations(ed: Any, tok: Any, model: torch.nn.Module, edits: list[dict[str, Any]],
                     records: list[Any]) -> tuple[torch.Tensor, list[Any]]:
     """Each bank column's activation on its own edit (0 where it does not fire there) and the
     records of the edits that made patches."""
-    col = {pid: c for c, pid in enumerate(ed.ffn.bank.ids)}
-    captured: dict[str, torch.Tensor] = {}
-    hook = ed.ffn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].detach()))
-    own = torch.zeros(len(col))
+    own = torch.zeros(ed.ffn.bank.num_patches)
     edited = []
-    try:
-        for e in edits:
-            cols = [col[i] for i in e.get("patch_ids") or [] if i in col]
-            if e.get("action") != "edit" or not cols:
-                continue
+    with ActivationProbe(ed, tok, model) as probe:
+        for e, cols in edited_columns(ed, edits):
             r = records[e["i"]]
             edited.append(r)
-            p, t = tok(r.prompt).input_ids, tok(r.target, add_special_tokens=False).input_ids
-            with torch.no_grad():
-                model(torch.tensor([p + t]))
-            acts = ed.ffn.patch_activations(captured["x"].reshape(len(p) + len(t), -1))
-            own[cols] = acts[len(p) - 1: len(p) + len(t) - 1, cols].max(0).values.float()
-    finally:
-        hook.remove()
+            own[cols] = probe.on_target(r.prompt, r.target)[:, cols].max(0).values.float()
     return own, edited
 
 

@@ -95,43 +95,25 @@ def activation_ratios(run: Path, data: Path, model: str = "smollm2", n_texts: in
     from fastpatch.data.formats import load_stream
     from fastpatch.editor import Editor
     from fastpatch.run import latest_checkpoint
+    from misfire_threshold import ActivationProbe, edited_columns
 
     mdl, tok = resolve_model(model)
     ed = Editor.load(latest_checkpoint(run, strict=True) / "editor", mdl, tok)
     edits = [json.loads(x) for x in (run / "edits.jsonl").read_text().splitlines() if x.strip()]
     recs = load_stream(data, limit=max((e["i"] for e in edits), default=-1) + 1).records
-    col = {pid: c for c, pid in enumerate(ed.ffn.bank.ids)}
-    captured: dict[str, torch.Tensor] = {}
-    hook = ed.ffn.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].detach()))
-
-    def acts(ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            mdl(torch.tensor([ids]))
-        return ed.ffn.patch_activations(captured["x"].reshape(len(ids), -1))
-
-    def on_target(prompt: str, target: str, cols: list[int]) -> float:
-        p, t = tok(prompt).input_ids, tok(target, add_special_tokens=False).input_ids
-        return float(acts(p + t)[len(p) - 1: len(p) + len(t) - 1, cols].max())
-
-    own: dict[int, float] = {}
+    own: dict[int, float] = {}  # a column -> the largest activation of its edit's patches on the edit
     para: list[float] = []
-    try:
-        for e in edits:
-            cols = [col[i] for i in e.get("patch_ids") or [] if i in col]
-            if e.get("action") != "edit" or not cols:
-                continue
+    with ActivationProbe(ed, tok, mdl) as probe:
+        for e, cols in edited_columns(ed, edits):
             r = recs[e["i"]]
-            a_edit = on_target(r.prompt, r.target, cols)
+            a_edit = float(probe.on_target(r.prompt, r.target)[:, cols].max())
             own.update({c: a_edit for c in cols})
             if r.rephrases and a_edit > 0:
-                para.append(on_target(r.rephrases[0], r.target, cols) / a_edit)
+                para.append(float(probe.on_target(r.rephrases[0], r.target)[:, cols].max()) / a_edit)
         mis = []
         for text in general_ability_sets(n_texts)[0]:
-            ids = tok(text).input_ids
-            a = acts(ids)[:-1]
+            a = probe.acts(tok(text).input_ids)[:-1]
             mis += [float(a[j, c]) / own[c] for j, c in (a > 0).nonzero().tolist() if own.get(c)]
-    finally:
-        hook.remove()
     firing = [x for x in para if x > 0]
     return {"patches": len(own), "paraphrases": len(para), "paraphrase_ratio": _quantiles(para),
             "paraphrases_where_the_patch_fires": len(firing) / len(para) if para else None,
