@@ -80,11 +80,26 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "memlab": ("memory grows by the label positions of each edit only", [*PREV, "--set", "memory_growth=labels"]),
     "memnone": ("memory stays the corpus (no edit inputs)", [*PREV, "--set", "memory_growth=none"]),
     "aug0": ("no generated context variants (augment=0)", [*PREV, "--set", "augment=0"]),
-    "L26aug0": ("patch layer 26 of 30 instead of the last (augment=0, full-forward training)",
-                [*PREV, "--set", "augment=0", "--module-path", "model.layers.26.mlp"]),
 }
+#: Which layer (on top of the default, phr4; on CounterFact on top of cfvalphr4): the MLP of an
+#: earlier layer of SmolLM2's 30, trained through the deep tail (the layers after it re-run).
+_PHR4 = ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4"]
+_CFVAL = ["--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]
+for _layer in (26, 22, 18):
+    VARIANTS[f"L{_layer}"] = (f"phr4 patching layer {_layer} of 0-29 instead of the last (the deep tail re-runs the "
+                              f"{29 - _layer} layers after it)", [*_PHR4, "--module-path", f"model.layers.{_layer}.mlp"])
+    VARIANTS[f"cfvalL{_layer}"] = (f"cfvalphr4 patching layer {_layer} instead of the last",
+                                   [*_PHR4, *_CFVAL, "--module-path", f"model.layers.{_layer}.mlp"])
+    # where the key reads: the subject's last token (one neuron per edit) at that layer
+    _SUBJ = ["--set", "key_position=subject", "--module-path", f"model.layers.{_layer}.mlp"]
+    VARIANTS[f"L{_layer}subj"] = (f"L{_layer} with the key at the subject's last token (key_position=subject)",
+                                  [*_PHR4, *_SUBJ])
+    VARIANTS[f"cfvalL{_layer}subj"] = (f"cfvalL{_layer} with the key at the subject's last token",
+                                       [*_PHR4, *_CFVAL, *_SUBJ])
 #: Variants that apply to some streams only.
-ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",)}
+ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
+                                       **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj")},
+                                       **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj")}}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
@@ -99,6 +114,8 @@ def run_one(shared: Path, out: Path, stream: str, variant: str, limit: int) -> P
     if variant in ONLY_ON and stream not in ONLY_ON[variant]:
         return d
     args = [a.replace("{shared}", str(shared)) for a in args]
+    if "--module-path" not in args:  # the last FFN, whatever the built-in model's preset
+        args += ["--module-path", "model.layers.-1.mlp"]
     if stream in BUILTIN:
         data, extra = STREAMS[stream], BUILTIN[stream]
     else:

@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=32, metavar="N", help="evaluation batch size (default 32)")
     r.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
     r.add_argument("--module-path", default=None, metavar="PATH",
-                   help="the FFN to patch, e.g. model.layers.27.mlp (default: the family's last FFN; another "
-                        "layer trains through a full forward per step)")
+                   help="the FFN to patch, e.g. model.layers.27.mlp (default: a built-in model's preset, else "
+                        "the family's last FFN; given, it replaces the preset's layer and settings). An earlier "
+                        "layer of a Llama-like model trains through the layers after it (the deep tail), of "
+                        "other families through a full forward per step")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="EditorConfig override, e.g. --set max_steps=100 (repeatable)")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -324,7 +326,14 @@ def _load_editor(args: argparse.Namespace, plan: StartPlan, overrides: dict[str,
     log.info("model %s loaded on %s in %.1fs", args.model, device, time.perf_counter() - t0)
     ckpt = plan.checkpoint
     if ckpt is None:
-        return Editor(model, tokenizer, config=EditorConfig(**overrides), module_path=args.module_path)
+        # a built-in model's preset (layer, key position) unless --module-path names the FFN
+        preset = builtin.preset if builtin is not None and args.module_path is None else registry.EditorPreset()
+        if preset.module_path or preset.settings:
+            log.info("editor preset of %s: %s%s", builtin.name if builtin else args.model,
+                     preset.module_path or "the last FFN",
+                     "".join(f", {k}={v!r}" for k, v in preset.settings if k not in overrides))
+        config = EditorConfig(**{**dict(preset.settings), **overrides})
+        return Editor(model, tokenizer, config=config, module_path=args.module_path or preset.module_path)
     from safetensors import SafetensorError
 
     try:

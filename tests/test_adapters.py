@@ -68,9 +68,12 @@ def test_unknown_family_and_other_ffn_paths() -> None:
         find_adapter(model)
     generic = find_adapter(model, "model.layers.-1.mlp")  # a path: the generic, full-forward adapter
     assert (generic.family, generic.task, generic.fast_path) == ("mystery", "causal", False)
-    # a known family, but not its last FFN: the tail no longer starts right after it
+    # a known family, but not its last FFN: the tail no longer starts right after it. A Llama-like
+    # model gets the deep tail (tests/test_deep_tail.py), GPT-2 the full forward.
     other = find_adapter(TINY["llama"][0](), "model.layers.0.mlp")
-    assert other.ffn_path == "model.layers.0.mlp" and not other.fast_path
+    assert other.ffn_path == "model.layers.0.mlp" and other.deep and other.tail is None
+    other = find_adapter(TINY["gpt2"][0](), "transformer.h.0.mlp")
+    assert other.ffn_path == "transformer.h.0.mlp" and not other.fast_path
 
 
 def test_encoders_per_task() -> None:

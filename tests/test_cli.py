@@ -395,3 +395,37 @@ def test_default_memory_limit_grows_with_the_stream() -> None:
     assert default_memory_limit(194) == MIN_MEMORY_TEXTS  # the demo's capitals keep their memory
     assert default_memory_limit(MIN_MEMORY_TEXTS + 317) == MIN_MEMORY_TEXTS + 317
     assert default_memory_limit(10_000) == MAX_MEMORY_TEXTS
+
+
+def test_builtin_model_preset_applies_unless_module_path_is_given(tiny: Path, tmp_path: Path, monkeypatch) -> None:
+    """A built-in model's preset (layer and settings) is what ``fastpatch run`` edits with; --set
+    overrides a field of it, and --module-path replaces it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fastpatch.app import registry
+    from fastpatch.editor import Editor
+    from fastpatch.run import latest_checkpoint
+
+    def load(dtype):
+        return AutoModelForCausalLM.from_pretrained(tiny).eval(), AutoTokenizer.from_pretrained(tiny)
+
+    preset = registry.EditorPreset("model.layers.0.mlp", (("key_position", "subject"), ("max_steps", 20)))
+    monkeypatch.setitem(registry.MODELS, "tinypreset", registry.BuiltinModel(
+        "tinypreset", frozenset({"tinypreset"}), registry.GENERATIVE, load, preset=preset))
+    data = write_stream(tmp_path / "s.jsonl", n=2)
+
+    def run(name: str, *extra: str) -> Editor:
+        out = tmp_path / name
+        assert main(["run", "--model", "tinypreset", "--data", str(data), "--out", str(out), "--memory", "none",
+                     "--no-progress", "-q", "--no-plots", "--protocol", "easyedit", "--checkpoint-every", "2",
+                     *extra]) == 0
+        model, tok = load(None)
+        return Editor.load(latest_checkpoint(out) / "editor", model, tok)
+
+    ed = run("preset")
+    assert (ed.ffn.module_path, ed.config.key_position, ed.config.max_steps) == ("model.layers.0.mlp", "subject", 20)
+    assert ed.adapter.deep
+    ed = run("set", "--set", "max_steps=9")
+    assert (ed.ffn.module_path, ed.config.key_position, ed.config.max_steps) == ("model.layers.0.mlp", "subject", 9)
+    ed = run("path", "--module-path", "model.layers.-1.mlp")
+    assert (ed.ffn.module_path, ed.config.key_position, ed.config.max_steps) == ("model.layers.1.mlp", "last", 200)

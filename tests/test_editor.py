@@ -378,7 +378,12 @@ def test_augmented_edit_holds_behind_every_context_prefix(value_init: str) -> No
 
 def test_gradient_value_init_points_the_value_downhill() -> None:
     """The "gradient" value direction lowers the edit loss to first order, for every neuron."""
-    ed = _editor(augment=2, augment_tokens=4, value_init="gradient")
+    assert_value_points_downhill(_editor(augment=2, augment_tokens=4, value_init="gradient"))
+
+
+def assert_value_points_downhill(ed: Editor) -> None:
+    """The value init of an edit of "lima oslo" lowers its edit loss to first order (shared with
+    tests/test_deep_tail.py)."""
     batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo")])
     assert batch.neurons
     params = init_params(ed.handle, ed.config, ed.memory, batch, len(ed.edits))

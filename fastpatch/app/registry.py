@@ -30,6 +30,7 @@ __all__ = [
     "STREAMS",
     "BuiltinModel",
     "BuiltinStream",
+    "EditorPreset",
     "RegistryError",
     "Stream",
     "check_pairing",
@@ -86,6 +87,16 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class EditorPreset:
+    """How a built-in model is edited unless told otherwise: the FFN to patch (None: the family's
+    last) and :class:`~fastpatch.editor.EditorConfig` fields. ``fastpatch run`` applies a preset
+    when ``--module-path`` is not given; ``--set`` overrides single fields of it."""
+
+    module_path: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
     """A model the app ships: its name, aliases, task and loader (``dtype -> (model, tokenizer)``)."""
 
@@ -96,6 +107,8 @@ class BuiltinModel:
     default_stream: str | None = None
     #: logged before a load that may take a while
     note: str | None = None
+    #: the editor settings it is edited with by default
+    preset: EditorPreset = EditorPreset()
 
 
 @dataclass(frozen=True)

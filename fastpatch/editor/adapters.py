@@ -5,12 +5,14 @@ The tail starts at a module whose *input* is the residual state right after the 
 added (``s0``). Patches add ``delta = act(x K^T + b) V`` to the FFN output, so after an edit the
 tail sees ``s0 + delta`` — position-wise, for the last layer of every supported family. A
 training step therefore re-runs only ``tail(s0 + delta)`` at the positions the loss reads.
+An earlier MLP of a Llama-like model (``module_path="model.layers.26.mlp"``) gets the deep tail
+(:mod:`.deep_tail`): the layers after it, re-run over every position.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from .encoding import TaskEncoder, encoder_for
 
 __all__ = ["FamilyAdapter", "find_adapter", "SUPPORTED_FAMILIES"]
 
+_LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text")
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "bert", "bart", "mbart", "t5")
 
 
@@ -57,6 +60,9 @@ class FamilyAdapter:
             ``tail(s) == head(features(s), None)``.
         head: ``(h, idx) -> logits`` over the vocabulary rows ``idx`` only (``None``: all). The
             editor's candidate-vocabulary loss (``EditorConfig.loss_vocab``) needs both.
+        seq_layers: the deep tail (:mod:`.deep_tail`), for an FFN before the last layer: the
+            decoder layers after it, re-run over every position; ``tail_input`` is then the first
+            of them, ``features`` the final norm, and ``tail`` is None.
     """
 
     family: str
@@ -66,11 +72,17 @@ class FamilyAdapter:
     tail: Callable[[torch.Tensor], torch.Tensor] | None
     features: Callable[[torch.Tensor], torch.Tensor] | None = None
     head: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    seq_layers: Sequence[nn.Module] | None = None
 
     @property
     def fast_path(self) -> bool:
         """A tail is known: a training step can re-run only what comes after the FFN."""
-        return self.tail is not None and self.tail_input is not None
+        return (self.tail is not None or self.deep) and self.tail_input is not None
+
+    @property
+    def deep(self) -> bool:
+        """The patched FFN is before the last layer: the tail re-runs the layers after it."""
+        return self.seq_layers is not None
 
     @property
     def encoder(self) -> TaskEncoder:
@@ -86,9 +98,10 @@ def _has(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _llama_like(model: nn.Module, family: str) -> FamilyAdapter:
+def _llama_like(model: nn.Module, family: str, layer_index: int = -1) -> FamilyAdapter:
     cfg = model.config
-    layer = model.model.layers[-1]
+    layers = model.model.layers
+    layer = layers[layer_index]
     softcap = getattr(cfg, "final_logit_softcapping", None)
     # Gemma-2/3 normalise the MLP output before the residual add: s0 + delta is then not what the
     # tail sees, so these use the generic (full forward) path.
@@ -101,6 +114,15 @@ def _llama_like(model: nn.Module, family: str) -> FamilyAdapter:
 
     if not linear_residual:
         return FamilyAdapter(family, "causal", "model.layers.-1.mlp", None, None)
+    i = layer_index % len(layers)
+    if i < len(layers) - 1:
+        # The deep tail replays the mask the model passed to layer i + 1 on every later layer:
+        # only when they all attend alike (no sliding-window / full mix).
+        types = getattr(cfg, "layer_types", None)
+        if types is not None and len(set(types[i + 1 :])) > 1:
+            return FamilyAdapter(family, "causal", f"model.layers.{i}.mlp", None, None)
+        return FamilyAdapter(family, "causal", f"model.layers.{i}.mlp", f"model.layers.{i + 1}", None,
+                             model.model.norm, head, seq_layers=list(layers[i + 1 :]))
     return FamilyAdapter(family, "causal", "model.layers.-1.mlp", "model.norm", tail, model.model.norm, head)
 
 
@@ -164,7 +186,7 @@ def find_adapter(model: nn.Module, module_path: str | None = None) -> FamilyAdap
     """
     mt = getattr(getattr(model, "config", None), "model_type", None)
     adapter: FamilyAdapter | None = None
-    if mt in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text") and _has(model, "model.layers.-1.mlp") \
+    if mt in _LLAMA_LIKE and _has(model, "model.layers.-1.mlp") \
             and hasattr(model, "lm_head"):
         adapter = _llama_like(model, mt)
     elif mt == "gpt2" and hasattr(model, "lm_head"):
@@ -185,6 +207,21 @@ def find_adapter(model: nn.Module, module_path: str | None = None) -> FamilyAdap
         is_s2s = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         return FamilyAdapter(mt or type(model).__name__, "seq2seq" if is_s2s else "causal", module_path, None, None)
     if module_path is not None and resolve_module(model, module_path)[1] != resolve_module(model, adapter.ffn_path)[1]:
-        # A different FFN than the last one: the tail no longer starts right after it.
+        # A different FFN than the last one: the tail no longer starts right after it. An
+        # earlier MLP of a Llama-like model gets the deep tail; anything else the full forward.
+        canon = resolve_module(model, module_path)[1]
+        layer = _llama_layer_of(model, canon) if adapter.seq_layers is None and adapter.tail is not None \
+            and adapter.family in _LLAMA_LIKE else None
+        if layer is not None:
+            return _llama_like(model, adapter.family, layer)
         adapter = FamilyAdapter(adapter.family, adapter.task, module_path, None, None)
     return adapter
+
+
+
+def _llama_layer_of(model: nn.Module, canon: str) -> int | None:
+    """The index ``i`` when ``canon`` is ``model.layers.{i}.mlp`` (canonical), else None."""
+    parts = canon.split(".")
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] == "mlp" and parts[2].isdigit():
+        return int(parts[2])
+    return None

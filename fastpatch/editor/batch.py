@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .deep_tail import SeqState, seq_state
 from .encoding import Encoded
 
 __all__ = ["EditBatch", "pick_neurons"]
@@ -35,6 +36,16 @@ class EditBatch:
     #: must stay silent on, beside the memory set's; None: none
     negatives: torch.Tensor | None = None
     _mem: torch.Tensor | None = None
+    _seq: SeqState | None = None
+    #: ``EditorConfig.key_position="subject"``: per view, the position its request's neurons read
+    #: (the subject's last token); None: each neuron reads its label position
+    key_pos: list[int | None] | None = None
+
+    def seq(self) -> SeqState:
+        """The deep tail's batch (:mod:`.deep_tail`; captures with ``s0_all``), built once per edit."""
+        if self._seq is None:
+            self._seq = seq_state(self.cap, self.groups, self.views)
+        return self._seq
 
     def memory_rows(self, memory: torch.Tensor) -> torch.Tensor:
         """The rows the memory losses read: the memory set's, then this edit's negatives
@@ -74,7 +85,13 @@ class EditBatch:
     def neuron_inputs(self, n: int) -> torch.Tensor:
         """(views of its request, d): the FFN inputs neuron ``n`` reads, its own request's first."""
         r, j = self.neurons[n]
-        return torch.stack([self.cap[v]["x"][self.views[v].label_pos[j]] for v in self.groups[r]]).float()
+        return torch.stack([self.cap[v]["x"][self.read_pos(v, j)] for v in self.groups[r]]).float()
+
+    def read_pos(self, v: int, j: int) -> int:
+        """The position of view ``v`` a neuron of label position ``j`` reads (its key's input)."""
+        if self.key_pos is not None and self.key_pos[v] is not None:
+            return int(self.key_pos[v])
+        return int(self.views[v].label_pos[j])
 
 
 def pick_neurons(encs: list[Encoded], cap: list[dict[str, torch.Tensor]], groups: list[list[int]],

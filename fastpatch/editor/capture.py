@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .deep_tail import seq_features, seq_state
 from .encoding import Encoded
 from .handle import ModelHandle
 from .prefix_cache import PrefixState, batched_inputs, build_cache, cache_kwarg, cache_tensors, common_length
@@ -50,14 +51,16 @@ def capturing(h: ModelHandle, want_s0: bool = True, stop: bool = False, stop_at_
         if stop:
             raise StopForward
 
-    def grab_s0(module: nn.Module, args: tuple[Any, ...]) -> None:
-        got["s0"] = args[0]
+    def grab_s0(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got["s0"] = args[0] if args else kwargs["hidden_states"]
+        # the deep tail re-runs the later layers with what the model passed them (mask, rotary)
+        got["tail_kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         if stop_at_tail:
             raise StopForward
 
     hooks.append(tap.register_forward_pre_hook(grab))
     if want_s0 and h.tail_module is not None:
-        hooks.append(h.tail_module.register_forward_pre_hook(grab_s0))
+        hooks.append(h.tail_module.register_forward_pre_hook(grab_s0, with_kwargs=True))
     try:
         yield got
     finally:
@@ -127,6 +130,8 @@ class Capturer:
                     logits = h.adapter.tail(c["s0"])
                     c["top"] = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
             return caps
+        if h.adapter.deep:
+            return self.capture_deep(views, k)
         xs, s0s = self.capture_causal(views)
         out = []
         all_logits = h.adapter.tail(torch.cat(s0s))  # one head call for every view's rows
@@ -163,9 +168,32 @@ class Capturer:
                 return plain
         return cached
 
-    def capture_plain(self, views: list[Encoded], seqs: list[torch.Tensor]
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`capture_causal` without the prefix cache: one right-padded forward."""
+    def capture_deep(self, views: list[Encoded], k: int) -> list[dict[str, torch.Tensor]]:
+        """:meth:`capture_all` for the deep tail (:mod:`.deep_tail`): one right-padded forward that
+        stops at the first tail layer, keeping ``s0`` at every position (``s0_all``) and what the
+        model passed that layer (``tail_kwargs``, shared by every view); the later layers then run
+        once for the predictions. No prefix cache: the tail re-runs the prefixes' positions too."""
+        h = self.h
+        seqs = [v.inputs["input_ids"][0] for v in views]
+        got = self._plain_forward(seqs)
+        caps = []
+        for bi, (v, t) in enumerate(zip(views, seqs)):
+            s0_all = got["s0"][bi][: t.shape[0]].detach()
+            caps.append({"x": got["x"][bi][: t.shape[0]].detach(), "s0_all": s0_all,
+                         "s0": s0_all[v.label_pos.to(h.device)], "tail_kwargs": got["tail_kwargs"]})
+        st = seq_state(caps, [[i] for i in range(len(views))], views)
+        logits = h.adapter.head(seq_features(h.adapter.seq_layers, h.adapter.features, st), None)
+        start = 0
+        for c, v in zip(caps, views):
+            lg = logits[start : start + len(v.labels)]
+            start += len(v.labels)
+            c["pred"] = lg.argmax(-1).cpu()
+            if k:
+                c["top"] = lg.topk(min(k, lg.shape[-1]), dim=-1).indices
+        return caps
+
+    def _plain_forward(self, seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One right-padded forward of ``seqs`` that stops at the tail: what :func:`capturing` got."""
         h = self.h
         pad = h.tokenizer.pad_token_id or 0
         L = max(t.shape[0] for t in seqs)
@@ -173,6 +201,13 @@ class Capturer:
         mask = torch.stack([F.pad(torch.ones_like(t), (0, L - t.shape[0])) for t in seqs])
         with capturing(h, want_s0=True, stop_at_tail=True) as got:
             run_until_stop(lambda: h.forward({"input_ids": ids, "attention_mask": mask}))
+        return got
+
+    def capture_plain(self, views: list[Encoded], seqs: list[torch.Tensor]
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`capture_causal` without the prefix cache: one right-padded forward."""
+        h = self.h
+        got = self._plain_forward(seqs)
         xs = [got["x"][bi][: t.shape[0]].detach() for bi, t in enumerate(seqs)]
         s0s = [got["s0"][bi][v.label_pos.to(h.device)].detach() for bi, v in enumerate(views)]
         return xs, s0s

@@ -40,7 +40,7 @@ from ..patched_ffn import PatchedFFN
 from .adapters import FamilyAdapter, find_adapter
 from .batch import EditBatch, pick_neurons
 from .capture import Capturer, capturing, run_until_stop
-from .encoding import Encoded
+from .encoding import Encoded, subject_last_token
 from .handle import ModelHandle
 from .init import init_params
 from .memory import CORPUS, MemorySet
@@ -79,6 +79,10 @@ class Editor:
         self.config = config or EditorConfig()
         self.config.validate()
         self.adapter: FamilyAdapter = find_adapter(model, module_path)
+        if self.config.key_position == "subject" and (self.adapter.tail is not None or not self.adapter.encoder.augments):
+            raise EditError("config.key_position='subject' needs a decoder-only model patched before its last layer "
+                            f"(module_path='model.layers.<i>.mlp'): the FFN at {self.adapter.ffn_path!r} is the last "
+                            "one, where a patch at the subject never reaches the answer")
         self.module_path_arg = module_path
         canon = resolve_module(model, self.adapter.ffn_path)[1]
         existing = [m for m in model.modules() if isinstance(m, PatchedFFN)
@@ -256,18 +260,32 @@ class Editor:
         # views: each request as given (its first view) plus its context-prefixed variants
         views: list[Encoded] = []
         groups: list[list[int]] = []
+        key_pos: list[int | None] = []
         phrased = [self._phrasing_texts(r) for r in reqs]
+        by_subject = self.config.key_position == "subject"
+        subject_keyed: list[bool] = []
         for r, e, texts in zip(reqs, encs, phrased):
+            own = self._subject_pos(e, r) if by_subject else None
+            subject_keyed.append(own is not None)
             groups.append([len(views)])
             views.append(e)
+            key_pos.append(own)
             for v in self._augmented(r) + self._phrased(r, texts):
+                pos = self._subject_pos(v, r) if own is not None else None
+                if own is not None and pos is None:
+                    continue  # a view without the subject has nothing for a subject key to read
                 groups[-1].append(len(views))
                 views.append(v)
+                key_pos.append(pos)
         cap = self.capturer.capture_all(views, self.config.loss_vocab)
         neurons = pick_neurons(encs, cap, groups, self.config.max_neurons)
-        batch = EditBatch(views, cap, groups, neurons)
+        # a subject key reads one position per view: one neuron per request (its first wrong target)
+        neurons = [(r, j) for k, (r, j) in enumerate(neurons)
+                   if not subject_keyed[r] or all(neurons[i][0] != r for i in range(k))]
+        batch = EditBatch(views, cap, groups, neurons, key_pos=key_pos if any(subject_keyed) else None)
         if neurons:
-            batch.negatives = self._negatives(reqs, phrased if self.config.negative_views else None)
+            batch.negatives = self._negatives(reqs, phrased if self.config.negative_views else None,
+                                              whole=by_subject)
         for r in reqs:  # the pools grow with every request that names its subject
             if r.subject and r.subject.strip() and r.subject not in self.subjects:
                 self.subjects.append(r.subject)
@@ -275,6 +293,12 @@ class Editor:
         if neurons and all("top" in c for c in cap):
             batch.set_candidates(torch.cat([c["top"].reshape(-1) for c in cap]))
         return batch
+
+    def _subject_pos(self, enc: Encoded, req: EditRequest) -> int | None:
+        """Where a subject key reads view ``enc`` of ``req``: its subject's last token (None: absent)."""
+        if not req.subject or enc.prompt is None:
+            return None
+        return subject_last_token(self.tokenizer, enc.prompt, req.subject)
 
     def _memory_rows(self, batch: EditBatch, ri: int) -> torch.Tensor:
         """The FFN inputs of request ``ri`` that join the memory set (``config.memory_growth``)."""
@@ -285,14 +309,15 @@ class Editor:
             return x[batch.views[view].label_pos.to(x.device)]
         return x if growth == "all" else x[:0]
 
-    def _negatives(self, reqs: Sequence[EditRequest], phrased: Sequence[list[str]] | None = None
-                   ) -> torch.Tensor | None:
+    def _negatives(self, reqs: Sequence[EditRequest], phrased: Sequence[list[str]] | None = None,
+                   whole: bool = False) -> torch.Tensor | None:
         """FFN inputs of the requests' hard negatives (``config.negatives``), from the last prompt
         token on: each prompt with up to that many other subjects of the pool in place of its own
         (a fixed random draw per edit), read with its ground truth (else its target). With
         ``phrased`` (each request's phrasing views, ``config.negative_views``) the other subjects
         go in turn into the prompt and each of its views, so the patch stays silent on the
-        relation's other wordings about other subjects too."""
+        relation's other wordings about other subjects too. ``whole``: every position of each
+        negative (a subject key must stay silent on the other subjects themselves)."""
         k = self.config.negatives
         if k <= 0 or not self.handle.encoder.augments or not self.subjects:
             return None
@@ -308,7 +333,7 @@ class Editor:
             for j, other in enumerate(rng.sample(pool, min(k, len(pool)))):
                 prompt = wordings[j % len(wordings)].replace(subj, other.strip())
                 texts.append(prompt + self.handle.encoder.target_text(prompt, answer))
-                starts.append(len(self.tokenizer(prompt)["input_ids"]) - 1)
+                starts.append(0 if whole else len(self.tokenizer(prompt)["input_ids"]) - 1)
         if not texts:
             return None
         rows = [x[s:] for x, s in zip(self.ffn_inputs(texts), starts)]

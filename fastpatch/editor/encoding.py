@@ -14,7 +14,7 @@ import torch
 
 from .types import EditError, EditRequest
 
-__all__ = ["ENCODERS", "Encoded", "ModelHandle", "TaskEncoder", "encoder_for"]
+__all__ = ["ENCODERS", "Encoded", "ModelHandle", "TaskEncoder", "encoder_for", "subject_last_token"]
 
 
 class ModelHandle(Protocol):
@@ -39,6 +39,7 @@ class Encoded:
     label_pos: torch.Tensor  # positions in the FFN's sequence (decoder for seq2seq)
     labels: torch.Tensor  # target token ids or class label, one per label position
     ffn_len: int  # length of the FFN's sequence
+    prompt: str | None = None  # the prompt it was encoded from (decoder-only models)
 
 
 class TaskEncoder:
@@ -120,7 +121,8 @@ class CausalEncoder(TaskEncoder):
         ids = p_ids + t_ids[:-1]
         h.check_len(len(ids) + 1)
         pos = torch.arange(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
-        return Encoded({"input_ids": torch.tensor([ids], device=h.device)}, pos, torch.tensor(t_ids), len(ids))
+        return Encoded({"input_ids": torch.tensor([ids], device=h.device)}, pos, torch.tensor(t_ids), len(ids),
+                       prompt=req.prompt)
 
 
 class Seq2SeqEncoder(TaskEncoder):
@@ -223,3 +225,20 @@ def encoder_for(task: str) -> TaskEncoder:
         return ENCODERS[task]
     except KeyError:
         raise EditError(f"unsupported task {task!r}") from None
+
+
+def subject_last_token(tokenizer: Any, prompt: str, subject: str) -> int | None:
+    """The position, in ``tokenizer(prompt)``'s ids, of the token that ends the last mention of
+    ``subject`` in ``prompt`` (None when it is not there). Reads the fast tokenizers' character
+    offsets; a slow tokenizer counts the tokens of the prompt up to the subject's end."""
+    subject = subject.strip() if subject else ""
+    start = prompt.rfind(subject) if subject else -1
+    if start < 0:
+        return None
+    end = start + len(subject)
+    try:
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError):
+        return len(tokenizer(prompt[:end])["input_ids"]) - 1
+    inside = [k for k, (a, b) in enumerate(offsets) if b > a and a < end]
+    return inside[-1] if inside else None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..kernels.patch_loss import patch_preactivations
 from ..kernels.reference import activation_reference
 from .batch import EditBatch
+from .deep_tail import seq_descent
 from .handle import ModelHandle
 from .memory import MemorySet
 from .objective import Params, exact_flags, losses
@@ -174,6 +175,13 @@ class GradientValue(UnembedValue):
                  v_dir: torch.Tensor) -> torch.Tensor:
         v_dir = super().__call__(h, batch, keys, bias, v_dir)
         rows = batch.tail_rows()
+        if h.adapter.deep:  # every position's gradient, through the layers after the patched one
+            ad, cand = h.adapter, batch.cand
+            labels = rows["cand_labels"] if cand is not None else rows["labels"]
+            d = seq_descent(ad.seq_layers, ad.features, ad.head, batch.seq(), keys, bias, labels, rows["weight"],
+                            h.ffn.patch_act, cand)
+            norm = d.norm(dim=1, keepdim=True)
+            return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
         with torch.no_grad():
             a = activation_reference(rows["x"] @ keys.t() + bias, h.ffn.patch_act)  # (rows, n)
         with torch.enable_grad():

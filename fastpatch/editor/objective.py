@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from ..kernels.patch_loss import patch_memory_loss
 from ..kernels.reference import activation_reference
 from .batch import EditBatch
+from .deep_tail import seq_features
 from .handle import ModelHandle
 from .memory import MemorySet
 from .types import EditorConfig
 
-__all__ = ["LossEval", "Params", "exact_flags", "final", "losses"]
+__all__ = ["LossEval", "Params", "exact_flags", "final", "label_logits", "losses"]
 
 #: The trained tensors of one edit: ``keys`` (n, d), ``bias`` (n,), ``v_dir`` (n, d_out), ``amp`` (n, 1).
 Params = dict[str, torch.Tensor]
@@ -126,20 +127,31 @@ def _edit_loss_tail(h: ModelHandle, cfg: EditorConfig, batch: EditBatch, K: torc
     are provisional until :func:`exact_flags` confirms them over the whole vocabulary.
     """
     rows = batch.tail_rows()
-    delta = activation_reference(rows["x"] @ K.t() + b, h.ffn.patch_act) @ V
-    s0 = rows["s0"]
-    s = (s0.float() + delta).to(s0.dtype)
-    if batch.cand is not None:
-        logits = h.adapter.head(h.adapter.features(s), batch.cand).float()
-        labels = rows["cand_labels"]
-    else:
-        logits = h.adapter.tail(s).float()
-        labels = rows["labels"]
+    logits = label_logits(h, batch, K, b, V, batch.cand).float()
+    labels = rows["cand_labels"] if batch.cand is not None else rows["labels"]
     smooth = h.encoder.label_smoothing(cfg.label_smoothing)
     ce = F.cross_entropy(logits, labels, label_smoothing=smooth, reduction="none")
     l_edit = (ce * rows["weight"]).sum()
     hit = (logits.argmax(-1) == labels).detach()
     return l_edit, _views_right(batch, hit, rows["view"])
+
+
+def label_logits(h: ModelHandle, batch: EditBatch, K: torch.Tensor, b: torch.Tensor, V: torch.Tensor,
+                 cand: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, vocab or candidates) logits at every view's label rows with the patches ``(K, b, V)``
+    added: ``tail(s0 + delta)`` at those rows, or with the deep tail (:mod:`.deep_tail`) the layers
+    after the patched one re-run over every position. ``cand``: the candidate tokens only."""
+    ad = h.adapter
+    if ad.deep:
+        feats = seq_features(ad.seq_layers, ad.features, batch.seq(), K, b, V, h.ffn.patch_act)
+        return ad.head(feats, cand)
+    rows = batch.tail_rows()
+    delta = activation_reference(rows["x"] @ K.t() + b, h.ffn.patch_act) @ V
+    s0 = rows["s0"]
+    s = (s0.float() + delta).to(s0.dtype)
+    if cand is not None:
+        return ad.head(ad.features(s), cand)
+    return ad.tail(s)
 
 
 @torch.no_grad()
@@ -151,9 +163,7 @@ def exact_flags(h: ModelHandle, batch: EditBatch, params: Params) -> tuple[list[
     """
     K, b, V = final(params)
     rows = batch.tail_rows()
-    delta = activation_reference(rows["x"] @ K.t() + b, h.ffn.patch_act) @ V
-    s0 = rows["s0"]
-    pred = h.adapter.tail((s0.float() + delta).to(s0.dtype)).argmax(-1)
+    pred = label_logits(h, batch, K, b, V).argmax(-1)
     hit = pred == rows["labels"]
     if batch.cand is not None and not bool(hit.all()):
         batch.set_candidates(torch.cat([batch.cand, pred[~hit]]))

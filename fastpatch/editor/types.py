@@ -138,6 +138,11 @@ class MethodSettings:
             the prompt and each of its phrasing views (the same number of negatives), so the
             patch stays silent on the relation's other wordings about other subjects too, as
             CounterFact's neighbourhood prompts ask them.
+        key_position: where a patch's key reads the edit: ``"last"`` (the token before each target
+            token, the authors') or ``"subject"`` (the last token of the request's subject in each
+            view, one neuron per request; needs the deep tail, i.e. an FFN before the last layer of
+            a Llama-like model, so that the patch's output reaches the answer through attention).
+            A request whose prompt does not contain its subject keeps the last-token key.
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -169,6 +174,7 @@ class MethodSettings:
     view_scatter: float = 1.0
     phrasings: int = 4
     negative_views: bool = False
+    key_position: str = "last"
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0
@@ -196,6 +202,9 @@ class RuntimeOptions:
     keep_failed: bool = False
 
 
+#: Values of ``MethodSettings.key_position``.
+KEY_POSITIONS: tuple[str, ...] = ("last", "subject")
+
 #: Values of ``MethodSettings.memory_growth``.
 MEMORY_GROWTH: tuple[str, ...] = ("all", "labels", "none")
 
@@ -204,7 +213,7 @@ REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
 
 #: Fields added later, with the value that keeps an older saved config's behaviour: a resumed
 #: stream goes on with the method it started with, whatever today's default.
-ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False}
+ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last"}
 
 
 @dataclass
@@ -246,6 +255,8 @@ class EditorConfig(RuntimeOptions, MethodSettings):
             raise EditError(f"config.value_init must be 'random', 'unembed' or 'gradient', got {self.value_init!r}")
         if self.memory_growth not in MEMORY_GROWTH:
             raise EditError(f"config.memory_growth must be one of {MEMORY_GROWTH}, got {self.memory_growth!r}")
+        if self.key_position not in KEY_POSITIONS:
+            raise EditError(f"config.key_position must be one of {KEY_POSITIONS}, got {self.key_position!r}")
         if self.activation not in ("relu", "host"):
             raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
         if not 0 < self.key_boundary < 1:
@@ -270,4 +281,4 @@ class EditorConfig(RuntimeOptions, MethodSettings):
         (the seven defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
                       "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", "phrasings": 0,
-                      "negative_views": False, **overrides})
+                      "negative_views": False, "key_position": "last", **overrides})
