@@ -96,10 +96,15 @@ for _layer in (26, 22, 18):
                                   [*_PHR4, *_SUBJ])
     VARIANTS[f"cfvalL{_layer}subj"] = (f"cfvalL{_layer} with the key at the subject's last token",
                                        [*_PHR4, *_CFVAL, *_SUBJ])
+    _BOTH = ["--set", "key_position=both", "--module-path", f"model.layers.{_layer}.mlp"]
+    VARIANTS[f"L{_layer}both"] = (f"L{_layer} with the last-token neurons and a subject neuron (key_position=both)",
+                                  [*_PHR4, *_BOTH])
+    VARIANTS[f"cfvalL{_layer}both"] = (f"cfvalL{_layer} with the last-token neurons and a subject neuron",
+                                       [*_PHR4, *_CFVAL, *_BOTH])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
-                                       **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj")},
-                                       **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj")}}
+                                       **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},
+                                       **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")}}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

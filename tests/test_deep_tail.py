@@ -9,6 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from fastpatch.editor import Editor, EditError, EditorConfig, EditRequest, find_adapter
+from fastpatch.editor.batch import SUBJECT
 from fastpatch.editor.init import init_params
 from fastpatch.editor.objective import final, label_logits, losses
 
@@ -111,14 +112,14 @@ def test_subject_key_reads_the_subjects_last_token_in_every_view() -> None:
     ed = _deep_editor(0, dtype=torch.float32, augment=2, augment_tokens=4, key_position="subject", max_steps=300)
     req = EditRequest("the capital of peru is", "lima", subject="peru", edit_id="p")
     batch = ed._prepare([req])
-    assert batch.neurons == [(0, 0)]  # one neuron per request
+    assert batch.neurons == [(0, SUBJECT)]  # one neuron per request
     assert len(batch.views) == 3 and batch.key_pos is not None
     for k, (v, pos) in enumerate(zip(batch.views, batch.key_pos)):
         ids = v.inputs["input_ids"][0].tolist()
         assert ed.tokenizer.convert_ids_to_tokens(ids[pos]) == "peru"
         assert torch.equal(batch.neuron_inputs(0)[k], batch.cap[k]["x"][pos].float())
     two = ed._prepare([EditRequest("the capital of peru is", "lima oslo", subject="peru")])
-    assert two.neurons == [(0, 0)]  # one neuron per request, however many target tokens
+    assert two.neurons == [(0, SUBJECT)]  # one neuron per request, however many target tokens
     res = ed.edit(req)
     assert res.success and res.n_neurons == 1
     assert ed.check(["the capital of peru is"], ["lima"]) == [True]
@@ -137,3 +138,20 @@ def test_subject_key_needs_an_earlier_layer() -> None:
         Editor(tiny_llama3(), word_tokenizer(), EditorConfig(key_position="subject"))
     with pytest.raises(EditError, match="key_position must be one of"):
         EditorConfig(key_position="first")
+
+
+def test_both_keys_add_a_subject_neuron_to_the_last_token_ones() -> None:
+    ed = _deep_editor(0, dtype=torch.float32, augment=1, augment_tokens=4, key_position="both", max_steps=300)
+    req = EditRequest("the capital of peru is", "lima oslo", subject="peru", edit_id="p")
+    batch = ed._prepare([req])
+    assert batch.neurons[-1] == (0, SUBJECT) and len(batch.neurons) >= 2
+    assert all(j >= 0 for _, j in batch.neurons[:-1])  # the wrong target positions, read before them
+    for n, (_, j) in enumerate(batch.neurons):
+        for k, v in enumerate(batch.groups[0]):
+            pos = batch.key_pos[v] if j == SUBJECT else int(batch.views[v].label_pos[j])
+            assert torch.equal(batch.neuron_inputs(n)[k], batch.cap[v]["x"][pos].float())
+    res = ed.edit(EditRequest("the capital of peru is", "lima", subject="peru", edit_id="q"))
+    assert res.success and res.n_neurons == 2
+    with pytest.raises(ValueError, match="no subject position"):
+        batch.key_pos = None
+        batch.neuron_inputs(len(batch.neurons) - 1)

@@ -10,7 +10,11 @@ import torch
 from .deep_tail import SeqState, seq_state
 from .encoding import Encoded
 
-__all__ = ["EditBatch", "pick_neurons"]
+__all__ = ["SUBJECT", "EditBatch", "pick_neurons", "with_subject_neuron"]
+
+#: The label position of a subject neuron (``EditorConfig.key_position``): it reads each view at
+#: its subject's last token (``EditBatch.key_pos``) rather than before a target token.
+SUBJECT = -1
 
 
 @dataclass
@@ -37,8 +41,8 @@ class EditBatch:
     negatives: torch.Tensor | None = None
     _mem: torch.Tensor | None = None
     _seq: SeqState | None = None
-    #: ``EditorConfig.key_position="subject"``: per view, the position its request's neurons read
-    #: (the subject's last token); None: each neuron reads its label position
+    #: ``EditorConfig.key_position`` "subject"/"both": per view, the subject's last token, which a
+    #: subject neuron (label position :data:`SUBJECT`) reads; None: no view has one
     key_pos: list[int | None] | None = None
 
     def seq(self) -> SeqState:
@@ -88,8 +92,11 @@ class EditBatch:
         return torch.stack([self.cap[v]["x"][self.read_pos(v, j)] for v in self.groups[r]]).float()
 
     def read_pos(self, v: int, j: int) -> int:
-        """The position of view ``v`` a neuron of label position ``j`` reads (its key's input)."""
-        if self.key_pos is not None and self.key_pos[v] is not None:
+        """The position of view ``v`` a neuron of label position ``j`` reads (its key's input):
+        the subject's last token for a subject neuron (``j == SUBJECT``)."""
+        if j == SUBJECT:
+            if self.key_pos is None or self.key_pos[v] is None:
+                raise ValueError(f"view {v} has no subject position for a subject neuron to read")
             return int(self.key_pos[v])
         return int(self.views[v].label_pos[j])
 
@@ -113,3 +120,12 @@ def pick_neurons(encs: list[Encoded], cap: list[dict[str, torch.Tensor]], groups
         picked = own + [j for j in extra if j not in own]
         neurons.extend((ri, j) for j in picked[:max_neurons])
     return neurons
+
+
+def with_subject_neuron(own: list[tuple[int, int]], keyed: bool, keep: bool) -> list[tuple[int, int]]:
+    """A request's neurons with its subject neuron: ``own`` (its wrong target positions) replaced
+    by, or (``keep``) followed by, one neuron at its subject; ``own`` as is when it is not
+    subject-keyed or has nothing to fix."""
+    if not keyed or not own:
+        return own
+    return [*own, (own[0][0], SUBJECT)] if keep else [(own[0][0], SUBJECT)]

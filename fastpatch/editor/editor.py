@@ -38,7 +38,7 @@ from torch import nn
 from ..ffn import resolve_module
 from ..patched_ffn import PatchedFFN
 from .adapters import FamilyAdapter, find_adapter
-from .batch import EditBatch, pick_neurons
+from .batch import EditBatch, pick_neurons, with_subject_neuron
 from .capture import Capturer, capturing, run_until_stop
 from .encoding import Encoded, subject_last_token
 from .handle import ModelHandle
@@ -79,8 +79,8 @@ class Editor:
         self.config = config or EditorConfig()
         self.config.validate()
         self.adapter: FamilyAdapter = find_adapter(model, module_path)
-        if self.config.key_position == "subject" and (self.adapter.tail is not None or not self.adapter.encoder.augments):
-            raise EditError("config.key_position='subject' needs a decoder-only model patched before its last layer "
+        if self.config.key_position != "last" and (self.adapter.tail is not None or not self.adapter.encoder.augments):
+            raise EditError(f"config.key_position={self.config.key_position!r} needs a decoder-only model patched before its last layer "
                             f"(module_path='model.layers.<i>.mlp'): the FFN at {self.adapter.ffn_path!r} is the last "
                             "one, where a patch at the subject never reaches the answer")
         self.module_path_arg = module_path
@@ -262,7 +262,7 @@ class Editor:
         groups: list[list[int]] = []
         key_pos: list[int | None] = []
         phrased = [self._phrasing_texts(r) for r in reqs]
-        by_subject = self.config.key_position == "subject"
+        by_subject = self.config.key_position != "last"
         subject_keyed: list[bool] = []
         for r, e, texts in zip(reqs, encs, phrased):
             own = self._subject_pos(e, r) if by_subject else None
@@ -279,9 +279,9 @@ class Editor:
                 key_pos.append(pos)
         cap = self.capturer.capture_all(views, self.config.loss_vocab)
         neurons = pick_neurons(encs, cap, groups, self.config.max_neurons)
-        # a subject key reads one position per view: one neuron per request (its first wrong target)
-        neurons = [(r, j) for k, (r, j) in enumerate(neurons)
-                   if not subject_keyed[r] or all(neurons[i][0] != r for i in range(k))]
+        if any(subject_keyed):  # one subject neuron per request: instead of ("subject") or beside ("both") its own
+            neurons = [n for ri in range(len(reqs)) for n in with_subject_neuron(
+                [x for x in neurons if x[0] == ri], subject_keyed[ri], self.config.key_position == "both")]
         batch = EditBatch(views, cap, groups, neurons, key_pos=key_pos if any(subject_keyed) else None)
         if neurons:
             batch.negatives = self._negatives(reqs, phrased if self.config.negative_views else None,
@@ -496,3 +496,4 @@ class Editor:
     def load(cls, directory: str | os.PathLike, model: nn.Module, tokenizer: Any) -> "Editor":
         """Restore an editor saved by :meth:`save` onto a fresh copy of the same model."""
         return load_editor(cls, directory, model, tokenizer)
+

@@ -156,6 +156,7 @@ class UnembedValue(ValueInit):
         W = head.weight
         out = v_dir.clone()
         for n, (ri, j) in enumerate(batch.neurons):
+            j = max(j, 0)  # a subject neuron pushes the first target token
             t = int(batch.views[batch.groups[ri][0]].labels[j])
             # the wrong prediction to push away from: the request's own, else its first wrong view's
             preds = [int(batch.cap[v]["pred"][j]) for v in batch.groups[ri]]
