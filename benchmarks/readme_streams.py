@@ -13,7 +13,8 @@ from readme_tables import table as _table
 
 
 #: Method settings that tell the runs of the published results apart (``MethodSettings``).
-_METHOD_KEYS = ("negatives", "negative_whiten", "key_boundary", "view_scatter", "memory_growth", "augment", "max_neurons")
+_METHOD_KEYS = ("negatives", "negative_whiten", "key_boundary", "view_scatter", "memory_growth", "augment", "max_neurons",
+                "phrasings", "key_position", "module_path")
 
 
 def _method_line(cfg: dict[str, Any]) -> str:

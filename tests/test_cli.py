@@ -340,6 +340,9 @@ def test_demo_code_path_on_a_cut_down_stream(tmp_path: Path, capsys: pytest.Capt
     s = json.loads((out / "summary.json").read_text())
     assert s["complete"] and s["requests"] == 6 and s["model"] == "smollm2" and s["data"] == "geography"
     assert s["edits"] + s["skipped_correct"] == 6
+    from fastpatch.app.registry import SMOLLM2_PRESET  # the model's preset is what it edited with
+    assert all(s["editor_config"][k] == v for k, v in SMOLLM2_PRESET.settings)
+    assert s["editor_config"]["module_path"] == SMOLLM2_PRESET.module_path
     for name, value in s["metrics"].items():
         assert value is None or 0.0 <= value <= 2.0, (name, value)  # TestR may exceed 1
     if s["edits"]:

@@ -155,3 +155,16 @@ def test_both_keys_add_a_subject_neuron_to_the_last_token_ones() -> None:
     with pytest.raises(ValueError, match="no subject position"):
         batch.key_pos = None
         batch.neuron_inputs(len(batch.neurons) - 1)
+
+
+def test_both_keys_each_kind_of_neuron_fixes_the_edit_alone() -> None:
+    """With key_position="both" the amplifier search runs per kind: the subject neuron alone, and
+    the last-token neurons alone, each make the edit right before training starts."""
+    ed = _deep_editor(0, dtype=torch.float32, augment=0, key_position="both", loss_vocab=0)
+    batch = ed._prepare([EditRequest("the capital of peru is", "lima", subject="peru")])
+    params = {k: t.detach() for k, t in init_params(ed.handle, ed.config, ed.memory, batch, 0).items()}
+    subj = torch.tensor([j == SUBJECT for _, j in batch.neurons])
+    assert subj.any() and (~subj).any()
+    for keep in (subj, ~subj):
+        alone = dict(params, amp=params["amp"] * keep[:, None].float())
+        assert losses(ed.handle, ed.config, ed.memory, batch, alone, False, with_memory=False).main_ok == [True]

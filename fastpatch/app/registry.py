@@ -32,6 +32,7 @@ __all__ = [
     "BuiltinStream",
     "EditorPreset",
     "RegistryError",
+    "SMOLLM2_PRESET",
     "Stream",
     "check_pairing",
     "default_data",
@@ -149,9 +150,14 @@ def _claims() -> Stream:
                   all_memory=True)
 
 
+#: SmolLM2's editor preset: layer 26 of 0-29 through the deep tail, with a subject neuron beside the
+#: last-token ones: the best combination of benchmarks/results/cpu/ablations.md on zsRE, CounterFact
+#: and the capitals together.
+SMOLLM2_PRESET = EditorPreset("model.layers.26.mlp", (("key_position", "both"),))
+
 MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
     BuiltinModel("smollm2", frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"}), GENERATIVE,
-                 _load_smollm2),
+                 _load_smollm2, preset=SMOLLM2_PRESET),
     BuiltinModel("minilm", frozenset({"minilm", "all-minilm-l6-v2", "minilm-l6"}), CLASSIFICATION, _load_minilm,
                  default_stream="claims",
                  note="loading the MiniLM claim classifier (trained and cached at first use: about a minute)"),

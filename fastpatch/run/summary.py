@@ -151,10 +151,15 @@ def _scores(run: RunSession) -> dict[str, Any]:
 
 
 def _editor_config(ed: Any) -> dict[str, Any] | None:
+    """The editor's configuration, with the FFN its patches go into (``module_path``)."""
     cfg = getattr(ed, "config", None)
     if cfg is not None and hasattr(cfg, "to_dict"):
         try:
-            return cfg.to_dict()
+            out = cfg.to_dict()
         except Exception:  # noqa: BLE001
             return None
+        ffn = getattr(ed, "ffn", None)
+        if getattr(ffn, "module_path", None):
+            out["module_path"] = ffn.module_path
+        return out
     return None
