@@ -12,6 +12,7 @@ from fastpatch.editor import Editor, EditError, EditorConfig, EditRequest, find_
 from fastpatch.editor.batch import SUBJECT
 from fastpatch.editor.init import init_params
 from fastpatch.editor.objective import final, label_logits, losses
+from fastpatch.editor.training import train_edit
 
 from .test_editor import CORPUS, assert_value_points_downhill, word_tokenizer
 
@@ -157,12 +158,13 @@ def test_both_keys_add_a_subject_neuron_to_the_last_token_ones() -> None:
         batch.neuron_inputs(len(batch.neurons) - 1)
 
 
-def test_both_keys_each_kind_of_neuron_fixes_the_edit_alone() -> None:
-    """With key_position="both" the amplifier search runs per kind: the subject neuron alone, and
-    the last-token neurons alone, each make the edit right before training starts."""
-    ed = _deep_editor(0, dtype=torch.float32, augment=0, key_position="both", loss_vocab=0)
+def test_both_keys_each_kind_of_neuron_is_trained_to_fix_the_edit_alone() -> None:
+    """With key_position="both" each kind of neuron is initialised and trained on its own: the
+    subject neuron alone, and the last-token neurons alone, make the edit right."""
+    ed = _deep_editor(0, dtype=torch.float32, augment=2, augment_tokens=4, key_position="both", max_steps=300)
     batch = ed._prepare([EditRequest("the capital of peru is", "lima", subject="peru")])
-    params = {k: t.detach() for k, t in init_params(ed.handle, ed.config, ed.memory, batch, 0).items()}
+    params, steps, _, ok = train_edit(ed.handle, ed.config, ed.memory, batch, 0)
+    assert ok == [True] and params["keys"].shape[0] == len(batch.neurons)
     subj = torch.tensor([j == SUBJECT for _, j in batch.neurons])
     assert subj.any() and (~subj).any()
     for keep in (subj, ~subj):

@@ -42,13 +42,12 @@ from .batch import EditBatch, pick_neurons, with_subject_neuron
 from .capture import Capturer, capturing, run_until_stop
 from .encoding import Encoded, subject_last_token
 from .handle import ModelHandle
-from .init import init_params
 from .memory import CORPUS, MemorySet
 from .objective import Params, final
 from .persistence import load_editor, save_editor
 from .phrasings import PhrasingBank
 from .scoring import answer_starts, batched_rows, chunks_by_length, mean_logprobs, perplexity
-from .training import train
+from .training import train_edit
 from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest, EditResult
 
 __all__ = ["Editor"]
@@ -211,9 +210,8 @@ class Editor:
         if not batch.neurons:
             dt = time.perf_counter() - t0
             return [EditResult(ids[i], True, 0, dt, [], {}, 0, already_correct=True) for i in range(len(reqs))]
-        params = init_params(self.handle, self.config, self.memory, batch, len(self.edits))
         with torch.enable_grad():  # editing works inside a caller's no_grad()/inference code too
-            steps, losses, ok = train(self.handle, self.config, self.memory, batch, params)
+            params, steps, losses, ok = train_edit(self.handle, self.config, self.memory, batch, len(self.edits))
         return self._commit(batch, ids, params, steps, losses, ok, time.perf_counter() - t0)
 
     def _commit(self, batch: EditBatch, ids: list[str], params: Params, steps: int, losses: dict[str, float],

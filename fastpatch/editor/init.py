@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..kernels.patch_loss import patch_preactivations
 from ..kernels.reference import activation_reference
-from .batch import SUBJECT, EditBatch
+from .batch import EditBatch
 from .deep_tail import seq_descent
 from .handle import ModelHandle
 from .memory import MemorySet
@@ -259,17 +259,5 @@ def init_params(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edi
     amp = torch.full((len(qs), 1), cfg.amplifier, device=q.device)
     params = {"keys": keys, "bias": bias, "v_dir": v_dir, "amp": amp}
     if value.searches_amplifier:
-        # key_position="both": each kind of neuron is made to fix the edit on its own (the others'
-        # amplifiers at 0 meanwhile), so a paraphrase on which only one kind fires gets it right too
-        kinds = [torch.tensor([n for n, (_, j) in enumerate(batch.neurons) if (j == SUBJECT) == subj], device=q.device)
-                 for subj in (True, False)]
-        if all(len(k) for k in kinds):
-            amp = params["amp"].clone()
-            for idx in kinds:
-                alone = dict(params, amp=torch.zeros_like(amp).index_copy(0, idx, amp[idx]))
-                search_amplifier(h, cfg, memory, batch, alone)
-                amp[idx] = alone["amp"][idx]
-            params["amp"] = amp
-        else:
-            search_amplifier(h, cfg, memory, batch, params)
+        search_amplifier(h, cfg, memory, batch, params)
     return {k: t.clone().requires_grad_(True) for k, t in params.items()}

@@ -2,15 +2,48 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .batch import EditBatch
+from .batch import SUBJECT, EditBatch
 from .handle import ModelHandle
+from .init import init_params
 from .memory import MemorySet
 from .objective import Params, exact_flags, losses
 from .types import EditorConfig
 
-__all__ = ["train"]
+__all__ = ["train", "train_edit"]
+
+
+def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, n_edits: int
+               ) -> tuple[Params, int, dict[str, float], list[bool]]:
+    """Initialise and train an edit's neurons: the parameters, the steps taken, the last loss
+    parts and per request whether it succeeded (see :func:`train`).
+
+    With subject neurons beside last-token ones (``key_position="both"``) each kind is initialised
+    and trained on its own, as if it were the edit's only patch: trained together, the kind that
+    fires on more views makes them right first and the other never learns them, so a paraphrase
+    on which only the other fires would fail. A request succeeds when both kinds do; the steps
+    add up and the loss parts are the last kind's.
+    """
+    kinds = [[n for n, (_, j) in enumerate(batch.neurons) if (j == SUBJECT) == subj] for subj in (True, False)]
+    if not all(kinds):
+        params = init_params(h, cfg, memory, batch, n_edits)
+        return (params, *train(h, cfg, memory, batch, params))
+    parts, steps, ok, info = [], 0, [True] * len(batch.groups), {}
+    for idx in kinds:
+        sub = dataclasses.replace(batch, neurons=[batch.neurons[n] for n in idx])
+        if batch.cand is not None:  # its own candidates: the label rows it shares are re-indexed
+            sub.set_candidates(batch.cand)
+        params = init_params(h, cfg, memory, sub, n_edits)
+        s, info, ok_k = train(h, cfg, memory, sub, params)
+        steps += s
+        ok = [a and (b or not any(batch.neurons[n][0] == r for n in idx)) for r, (a, b) in enumerate(zip(ok, ok_k))]
+        parts.append(params)
+    order = torch.tensor([n for idx in kinds for n in idx]).argsort()
+    merged = {k: torch.cat([p[k] for p in parts])[order.to(parts[0][k].device)] for k in parts[0]}
+    return merged, steps, info, ok
 
 
 def train(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params
