@@ -38,6 +38,9 @@ RESULTS_DOC = ROOT / "docs" / "results.md"
 FRONT_RUNS = [
     ("demo", "`make demo`: SmolLM2-135M, geography capitals (T-Patcher protocol)"),
     ("minilm", "`--model minilm`: MiniLM claim classifier, true/false claims"),
+    ("zsre_subject", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol): the key at the subject, layer 26"),
+    ("counterfact_subject", "CounterFact, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out "
+                            "split): the key at the subject, layer 26"),
     ("zsre", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
     ("counterfact", "CounterFact, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out split)"),
     ("counterfact_10k", "CounterFact, 10,000 sequential edits, SmolLM2-135M (EasyEdit protocol; memory: its held-out "
@@ -329,6 +332,19 @@ def results_body() -> list[str]:
     body += real_section()
     body += run_section("minilm", "The classification setting: the MiniLM claim classifier (`fastpatch run --model minilm`)",
                         classifier_note())
+    body += run_section(
+        "zsre_subject", "zsRE, 1,000 sequential edits, the key at the subject (layer 26, `key_position=subject`)",
+        "`fastpatch run --module-path model.layers.26.mlp --set key_position=subject` with the rest as the run below: "
+        "one neuron per edit in the MLP of layer 26 of 30, its key read at the last token of the record's subject, "
+        "trained through the three layers after it (the deep tail). Targets: Rel. >= 0.95, Gen. >= 0.60, Loc. >= 0.98"
+        + missed_targets("zsre_subject", {"Rel": 0.95, "Gen": 0.60, "Loc": 0.98}) + ".")
+    body += run_section(
+        "counterfact_subject", "CounterFact, 1,000 sequential edits, the key at the subject (layer 26), memory from its "
+        "held-out split",
+        "As the CounterFact run below, with `--module-path model.layers.26.mlp --set key_position=subject` "
+        "(evaluated at 500 and 1,000 edits). Targets: Rel. >= 0.95, Gen. >= 0.40, Loc. >= 0.95, NS within 0.05 of "
+        "the unedited model's" + missed_targets("counterfact_subject", {"Rel": 0.95, "Gen": 0.40, "Loc": 0.95})
+        + ns_gap("counterfact_subject") + ".")
     body += run_section(
         "zsre", "zsRE, 1,000 sequential edits (EasyEdit protocol: prompt=src, target=alt, rephrase, loc/loc_ans)",
         "Memory: 1,000 texts of the built-in corpus (the default memory now grows with the stream: one text per request "
