@@ -63,7 +63,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                "--memory", "{shared}/counterfact/easyedit_format/counterfact-val.json", "--memory-limit", "1000"]),
     "phr4": ("neg8 with 4 phrasing views per edit: the edit's relation asked the ways other requests with the "
              "same prompt template were paraphrased (earlier requests of the stream only), about this subject; "
-             "never the edit's own evaluated paraphrase: **the library's default** (EditorConfig, the last FFN)",
+             "never the edit's own evaluated paraphrase: **the default now**",
              ["--set", "negatives=8", "--set", "negative_whiten=0", "--set", "phrasings=4"]),
     "cfvalphr4": ("cfval with 4 phrasing views per edit, learnt from the held-out split's prompts and paraphrases "
                   "and the earlier requests (never the edit's own evaluated paraphrase)",
@@ -97,11 +97,9 @@ for _layer in (26, 22, 18):
     VARIANTS[f"cfvalL{_layer}subj"] = (f"cfvalL{_layer} with the key at the subject's last token",
                                        [*_PHR4, *_CFVAL, *_SUBJ])
     _BOTH = ["--set", "key_position=both", "--module-path", f"model.layers.{_layer}.mlp"]
-    VARIANTS[f"L{_layer}both"] = (f"L{_layer} with the last-token neurons and a subject neuron (key_position=both)"
-                                  + (": **SmolLM2's preset**" if _layer == 26 else ""),
+    VARIANTS[f"L{_layer}both"] = (f"L{_layer} with the last-token neurons and a subject neuron (key_position=both)",
                                   [*_PHR4, *_BOTH])
-    VARIANTS[f"cfvalL{_layer}both"] = (f"cfvalL{_layer} with the last-token neurons and a subject neuron"
-                                       + (": **SmolLM2's preset**" if _layer == 26 else ""),
+    VARIANTS[f"cfvalL{_layer}both"] = (f"cfvalL{_layer} with the last-token neurons and a subject neuron",
                                        [*_PHR4, *_CFVAL, *_BOTH])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),

@@ -150,10 +150,11 @@ def _claims() -> Stream:
                   all_memory=True)
 
 
-#: SmolLM2's editor preset: layer 26 of 0-29 through the deep tail, with a subject neuron beside the
-#: last-token ones: the best combination of benchmarks/results/cpu/ablations.md on zsRE, CounterFact
-#: and the capitals together.
-SMOLLM2_PRESET = EditorPreset("model.layers.26.mlp", (("key_position", "both"),))
+#: SmolLM2's editor preset: none yet, the library's default (the last FFN, the last-token key).
+#: The subject key at layer 26 (``EditorPreset("model.layers.26.mlp", (("key_position",
+#: "subject"),))``) is the best on zsRE and CounterFact but costs the capitals' paraphrases, and
+#: "both" fails zsRE edits (benchmarks/results/cpu/ablations.md, docs/results.md Known gaps).
+SMOLLM2_PRESET = EditorPreset()
 
 MODELS: dict[str, BuiltinModel] = {m.name: m for m in (
     BuiltinModel("smollm2", frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"}), GENERATIVE,
