@@ -38,8 +38,8 @@ RESULTS_DOC = ROOT / "docs" / "results.md"
 FRONT_RUNS = [
     ("demo", "`make demo`: SmolLM2-135M, geography capitals (T-Patcher protocol)"),
     ("minilm", "`--model minilm`: MiniLM claim classifier, true/false claims"),
-    ("zsre_subject", "zsRE, a 1,000-edit run (its latest evaluation), SmolLM2-135M (EasyEdit protocol): the key at "
-                     "the subject, layer 26"),
+    ("zsre_subject", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol): the key at the subject, "
+                     "layer 26"),
     ("counterfact_subject", "CounterFact, the first 500 of a 1,000-edit run (to be resumed), SmolLM2-135M (EasyEdit "
                             "protocol; memory: its held-out split): the key at the subject, layer 26"),
     ("zsre", "zsRE, 1,000 sequential edits, SmolLM2-135M (EasyEdit protocol)"),
@@ -334,8 +334,7 @@ def results_body() -> list[str]:
     body += run_section("minilm", "The classification setting: the MiniLM claim classifier (`fastpatch run --model minilm`)",
                         classifier_note())
     body += run_section(
-        "zsre_subject", "zsRE, a 1,000-edit run (its latest evaluation), the key at the subject (layer 26, "
-        "`key_position=subject`)",
+        "zsre_subject", "zsRE, 1,000 sequential edits, the key at the subject (layer 26, `key_position=subject`)",
         "`fastpatch run --module-path model.layers.26.mlp --set key_position=subject` with the rest as the run below: "
         "one neuron per edit in the MLP of layer 26 of 30, its key read at the last token of the record's subject, "
         "trained through the three layers after it (the deep tail). It ran beside two to three other jobs on the 2 cores: "
