@@ -175,14 +175,22 @@ class GradientValue(UnembedValue):
     def __call__(self, h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor,
                  v_dir: torch.Tensor) -> torch.Tensor:
         v_dir = super().__call__(h, batch, keys, bias, v_dir)
+        d = self._deep_descent(h, batch, keys, bias) if h.adapter.deep else self._descent(h, batch, keys, bias)
+        norm = d.norm(dim=1, keepdim=True)
+        return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
+
+    @staticmethod
+    def _deep_descent(h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Every position's gradient, through the layers after the patched one (:mod:`.deep_tail`)."""
+        rows, ad, cand = batch.tail_rows(), h.adapter, batch.cand
+        labels = rows["cand_labels"] if cand is not None else rows["labels"]
+        return seq_descent(ad.seq_layers, ad.features, ad.head, batch.seq(), keys, bias, labels, rows["weight"],
+                           h.ffn.patch_act, cand)
+
+    @staticmethod
+    def _descent(h: ModelHandle, batch: EditBatch, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The gradient at the label rows through the position-wise tail."""
         rows = batch.tail_rows()
-        if h.adapter.deep:  # every position's gradient, through the layers after the patched one
-            ad, cand = h.adapter, batch.cand
-            labels = rows["cand_labels"] if cand is not None else rows["labels"]
-            d = seq_descent(ad.seq_layers, ad.features, ad.head, batch.seq(), keys, bias, labels, rows["weight"],
-                            h.ffn.patch_act, cand)
-            norm = d.norm(dim=1, keepdim=True)
-            return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
         with torch.no_grad():
             a = activation_reference(rows["x"] @ keys.t() + bias, h.ffn.patch_act)  # (rows, n)
         with torch.enable_grad():
@@ -194,9 +202,7 @@ class GradientValue(UnembedValue):
                 logits, labels = h.adapter.tail(s_in), rows["labels"]
             ce = F.cross_entropy(logits.float(), labels, reduction="none")
             (g,) = torch.autograd.grad((ce * rows["weight"]).sum(), s)
-        d = -(a.t() @ g)
-        norm = d.norm(dim=1, keepdim=True)
-        return torch.where(norm > 0, d / norm.clamp_min(1e-30), v_dir)
+        return -(a.t() @ g)
 
 
 VALUE_INITS: dict[str, ValueInit] = {"random": RandomValue(), "unembed": UnembedValue(), "gradient": GradientValue()}
