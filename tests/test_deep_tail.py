@@ -4,6 +4,7 @@ exactly what the model computes with the patches in place."""
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -12,7 +13,7 @@ from fastpatch.editor import Editor, EditError, EditorConfig, EditRequest, find_
 from fastpatch.editor.batch import SUBJECT
 from fastpatch.editor.init import init_params
 from fastpatch.editor.objective import final, label_logits, losses
-from fastpatch.editor.training import train_edit
+from fastpatch.editor.training import _reconcile, _right_as_given, train_edit
 
 from .test_editor import CORPUS, assert_value_points_downhill, word_tokenizer
 
@@ -163,10 +164,47 @@ def test_both_keys_each_kind_of_neuron_is_trained_to_fix_the_edit_alone() -> Non
     subject neuron alone, and the last-token neurons alone, make the edit right."""
     ed = _deep_editor(0, dtype=torch.float32, augment=2, augment_tokens=4, key_position="both", max_steps=300)
     batch = ed._prepare([EditRequest("the capital of peru is", "lima", subject="peru")])
-    params, steps, _, ok = train_edit(ed.handle, ed.config, ed.memory, batch, 0)
-    assert ok == [True] and params["keys"].shape[0] == len(batch.neurons)
+    params, steps, _, ok, keep = train_edit(ed.handle, ed.config, ed.memory, batch, 0)
+    assert ok == [True] and all(keep) and params["keys"].shape[0] == len(batch.neurons)
     subj = torch.tensor([j == SUBJECT for _, j in batch.neurons])
     assert subj.any() and (~subj).any()
     for keep in (subj, ~subj):
         alone = dict(params, amp=params["amp"] * keep[:, None].float())
         assert losses(ed.handle, ed.config, ed.memory, batch, alone, False, with_memory=False).main_ok == [True]
+
+
+def test_both_keys_a_subject_neuron_that_cannot_stay_silent_is_dropped_and_the_edit_still_succeeds() -> None:
+    """When the subject kind cannot hold its memory margins (here the memory holds the very
+    vectors its key reads), the request succeeds on its last-token neurons and commits only
+    them; with the subject's vectors absent, both kinds are committed."""
+    req = EditRequest("the capital of peru is", "lima", subject="peru")
+    for blocked in (False, True):
+        ed = _deep_editor(0, dtype=torch.float32, augment=2, augment_tokens=4, key_position="both", max_steps=300)
+        batch = ed._prepare([req])
+        if blocked:
+            ed.memory.add(torch.stack([batch.cap[v]["x"][batch.key_pos[v]] for v in batch.groups[0]]))
+        res = ed.edit(dataclasses.replace(req, edit_id="p"))
+        assert res.success and res.n_neurons == len(batch.neurons) >= 2
+        assert len(res.patch_ids) == res.n_neurons - blocked
+        assert ed.model(**ed.tokenizer("the capital of peru is", return_tensors="pt")).logits[0, -1].argmax() \
+            == ed.tokenizer("lima")["input_ids"][0]
+
+
+def test_both_keys_kinds_that_overshoot_together_are_reconciled() -> None:
+    """Two kinds each right alone can be wrong together (the tail is not linear): ``_reconcile``
+    leaves a right sum alone, and where the sum is wrong (here a subject value turned round and
+    scaled a hundredfold) it drops the subject neuron, restores the amplifiers and the request is right."""
+    ed = _deep_editor(0, dtype=torch.float32, augment=2, augment_tokens=4, key_position="both", max_steps=300)
+    batch = ed._prepare([EditRequest("the capital of peru is", "lima", subject="peru")])
+    params, _, _, ok, keep = train_edit(ed.handle, ed.config, ed.memory, batch, 0)
+    assert ok == [True] and all(keep)
+    before = params["amp"].clone()
+    _reconcile(ed.handle, ed.config, ed.memory, batch, params, keep)
+    assert all(keep) and torch.equal(params["amp"], before)
+    subj = torch.tensor([j == SUBJECT for _, j in batch.neurons])
+    params["amp"][subj] *= -100.0
+    assert _right_as_given(ed.handle, ed.config, ed.memory, batch, params, keep) == [False]
+    blown = params["amp"].clone()
+    _reconcile(ed.handle, ed.config, ed.memory, batch, params, keep)
+    assert keep == [not s for s in subj.tolist()] and torch.equal(params["amp"], blown)
+    assert _right_as_given(ed.handle, ed.config, ed.memory, batch, params, keep) == [True]

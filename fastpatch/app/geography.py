@@ -14,9 +14,9 @@ Prompt formats (answers are continuations for a causal LM, so they start with a 
 
 * edit prompt (:func:`capital_prompt`): ``"The capital of France is"`` -> ``" Paris"``
   (the ``capital_of.dialog`` sentence, cut before ``{capital}``);
-* paraphrases (:func:`capital_paraphrases`): every line of ``capital_of.intent`` as a question in
-  the form ``"Q: What is the capital of France?\\nA:"``, plus one declarative rewording
-  (``"France's capital city is"``, hand-written);
+* paraphrases (:func:`capital_paraphrases`): every line of ``capital_of.intent`` as a question
+  followed by the skill's answer sentence (``"What is the capital of France? The capital of
+  France is"``), plus one declarative rewording (``"The capital city of France is"``, hand-written);
 * currency (:func:`currency_prompts`): ``"The currency of Japan is the"`` -> ``" Japanese Yen"``
   (the ``currency_of.dialog`` sentence cut before ``{currencies}``);
 * continent (:func:`region_prompts`): ``"Japan is located in the continent of"`` -> ``" Asia"``.

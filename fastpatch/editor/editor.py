@@ -211,13 +211,14 @@ class Editor:
             dt = time.perf_counter() - t0
             return [EditResult(ids[i], True, 0, dt, [], {}, 0, already_correct=True) for i in range(len(reqs))]
         with torch.enable_grad():  # editing works inside a caller's no_grad()/inference code too
-            params, steps, losses, ok = train_edit(self.handle, self.config, self.memory, batch, len(self.edits))
-        return self._commit(batch, ids, params, steps, losses, ok, time.perf_counter() - t0)
+            params, steps, losses, ok, keep = train_edit(self.handle, self.config, self.memory, batch, len(self.edits))
+        return self._commit(batch, ids, params, steps, losses, ok, keep, time.perf_counter() - t0)
 
     def _commit(self, batch: EditBatch, ids: list[str], params: Params, steps: int, losses: dict[str, float],
-                ok: list[bool], dt: float) -> list[EditResult]:
+                ok: list[bool], keep: list[bool], dt: float) -> list[EditResult]:
         """Add each request's patches and memory rows together (those that succeeded, or all with
-        ``keep_failed``); on any exception, remove what was added: all or nothing."""
+        ``keep_failed``; of a success, the neurons ``keep`` marks); on any exception, remove what
+        was added: all or nothing."""
         cfg = self.config
         K, b, V = final(params)
         groups, cap, neurons = batch.groups, batch.cap, batch.neurons
@@ -232,7 +233,7 @@ class Editor:
                 success = bool(ok[ri])
                 pids: list[int] = []
                 if success or cfg.keep_failed:
-                    sel = torch.tensor(mine)
+                    sel = torch.tensor([j for j in mine if keep[j]] if success else mine)
                     dt_bank = self.ffn.bank.dtype
                     pids = self.ffn.add_patches(K[sel].to(dt_bank), b[sel].to(dt_bank), V[sel].to(dt_bank),
                                                 edit_id=ids[ri], extra={"steps": steps})

@@ -17,21 +17,27 @@ __all__ = ["train", "train_edit"]
 
 
 def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, n_edits: int
-               ) -> tuple[Params, int, dict[str, float], list[bool]]:
+               ) -> tuple[Params, int, dict[str, float], list[bool], list[bool]]:
     """Initialise and train an edit's neurons: the parameters, the steps taken, the last loss
-    parts and per request whether it succeeded (see :func:`train`).
+    parts, per request whether it succeeded (see :func:`train`) and per neuron whether to keep it.
 
     With subject neurons beside last-token ones (``key_position="both"``) each kind is initialised
     and trained on its own, as if it were the edit's only patch: trained together, the kind that
     fires on more views makes them right first and the other never learns them, so a paraphrase
-    on which only the other fires would fail. A request succeeds when both kinds do; the steps
-    add up and the loss parts are the last kind's.
+    on which only the other fires would fail. A request succeeds when either kind does, and keeps
+    the kinds that succeeded: a subject key that cannot be made to work (its memory margins broken
+    by the subject's other facts, say) costs the edit nothing the authors' key would have given.
+    Kinds that succeed alone but not together are reconciled (:func:`_reconcile`). The steps add
+    up and the loss parts are the last kind's.
     """
     kinds = [[n for n, (_, j) in enumerate(batch.neurons) if (j == SUBJECT) == subj] for subj in (True, False)]
     if not all(kinds):
         params = init_params(h, cfg, memory, batch, n_edits)
-        return (params, *train(h, cfg, memory, batch, params))
-    parts, steps, ok, info = [], 0, [True] * len(batch.groups), {}
+        steps, info, ok = train(h, cfg, memory, batch, params)
+        return params, steps, info, ok, [True] * len(batch.neurons)
+    parts, steps, info = [], 0, {}
+    ok = [False] * len(batch.groups)
+    keep = [False] * len(batch.neurons)
     for idx in kinds:
         sub = dataclasses.replace(batch, neurons=[batch.neurons[n] for n in idx])
         if batch.cand is not None:  # its own candidates: the label rows it shares are re-indexed
@@ -39,11 +45,54 @@ def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edit
         params = init_params(h, cfg, memory, sub, n_edits)
         s, info, ok_k = train(h, cfg, memory, sub, params)
         steps += s
-        ok = [a and (b or not any(batch.neurons[n][0] == r for n in idx)) for r, (a, b) in enumerate(zip(ok, ok_k))]
+        for n in idx:
+            keep[n] = ok_k[batch.neurons[n][0]]
+        ok = [a or b for a, b in zip(ok, ok_k)]
         parts.append(params)
     order = torch.tensor([n for idx in kinds for n in idx]).argsort()
     merged = {k: torch.cat([p[k] for p in parts])[order.to(parts[0][k].device)] for k in parts[0]}
-    return merged, steps, info, ok
+    _reconcile(h, cfg, memory, batch, merged, keep)
+    return merged, steps, info, ok, keep
+
+
+def _right_as_given(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params,
+                    keep: list[bool]) -> list[bool]:
+    """Per request: right as given with the kept neurons only (over the whole vocabulary on the
+    fast path)."""
+    mask = torch.tensor(keep, dtype=params["amp"].dtype, device=params["amp"].device)[:, None]
+    kept = dict(params, amp=params["amp"] * mask)
+    if h.fast:
+        return exact_flags(h, batch, kept)[1]
+    return losses(h, cfg, memory, batch, kept, True, with_memory=False).main_ok
+
+
+@torch.no_grad()
+def _reconcile(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params,
+               keep: list[bool]) -> None:
+    """Make the kinds that each fix a request alone fix it together (``params``/``keep`` in place).
+
+    Each kind moves the answer by enough to overturn the argmax; both at once can overshoot into
+    another token (the tail after an earlier layer is not linear). Where the sum is wrong, both
+    kinds' values are halved (their mean: the keys, so the memory margins, are untouched); where
+    that is wrong too, the subject neuron is dropped and the last-token ones, right alone, stay.
+    """
+    subj = [j == SUBJECT for _, j in batch.neurons]
+    mine = [[n for n, (r, _) in enumerate(batch.neurons) if r == ri and keep[n]] for ri in range(len(batch.groups))]
+    both = [ri for ri, ns in enumerate(mine) if any(subj[n] for n in ns) and not all(subj[n] for n in ns)]
+    if not both:
+        return
+    right = _right_as_given(h, cfg, memory, batch, params, keep)
+    wrong = [ri for ri in both if not right[ri]]
+    if not wrong:
+        return
+    half = [n for ri in wrong for n in mine[ri]]
+    params["amp"][half] *= 0.5
+    right = _right_as_given(h, cfg, memory, batch, params, keep)
+    for ri in wrong:
+        if not right[ri]:
+            params["amp"][mine[ri]] *= 2.0
+            for n in mine[ri]:
+                keep[n] = keep[n] and not subj[n]
 
 
 def train(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params

@@ -142,8 +142,9 @@ class MethodSettings:
             token, the authors') or ``"subject"`` (the last token of the request's subject in each
             view, one neuron per request; needs the deep tail, i.e. an FFN before the last layer of
             a Llama-like model, so that the patch's output reaches the answer through attention).
-            ``"both"``: the last-token neurons and a subject neuron. A request whose prompt does
-            not contain its subject keeps the last-token key.
+            ``"both"``: the last-token neurons and a subject neuron, each kind trained alone; an
+            edit succeeds when either kind does and keeps the kinds that succeeded. A request
+            whose prompt does not contain its subject keeps the last-token key.
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
