@@ -8,7 +8,8 @@ handful of positions where a patch fires inside a name, and that a misfire's act
 0.2-0.9 of the patch's activation on its own edit. This tries the obvious cure on the run's final
 checkpoint, with no retraining: raise every patch's threshold to ``tau`` times its activation on
 its own edit (the largest over the positions that predict the target) and scale its value by
-``1 / (1 - tau)``, so that on its edit the patch adds exactly what it added before, while an input
+``1 / (1 - tau)``, so that on its edit the patch adds exactly what it added before (a subject key's
+activation on its edit is read at every position of the prompt, the subject's included), while an input
 that drives it to less than ``tau`` of that adds nothing and one between adds less. Patches that
 do not fire on their own edit's prompt are left as they are.
 
@@ -56,10 +57,11 @@ class ActivationProbe:
             self.model(torch.tensor([ids]))
         return self.ed.ffn.patch_activations(self._x.reshape(len(ids), -1))
 
-    def on_target(self, prompt: str, target: str) -> torch.Tensor:
-        """(target tokens, P): the activations at the positions that predict ``target`` after ``prompt``."""
+    def on_target(self, prompt: str, target: str, whole: bool = False) -> torch.Tensor:
+        """(positions, P): the activations at the positions that predict ``target`` after
+        ``prompt`` (``whole``: at every position of the prompt too, where a subject key reads)."""
         p, t = self.tok(prompt).input_ids, self.tok(target, add_special_tokens=False).input_ids
-        return self.acts(p + t)[len(p) - 1: len(p) + len(t) - 1]
+        return self.acts(p + t)[0 if whole else len(p) - 1: len(p) + len(t) - 1]
 
 
 def edited_columns(ed: Any, edits: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
@@ -77,14 +79,16 @@ def edited_columns(ed: Any, edits: list[dict[str, Any]]) -> list[tuple[dict[str,
 def own_activations(ed: Any, tok: Any, model: torch.nn.Module, edits: list[dict[str, Any]],
                     records: list[Any]) -> tuple[torch.Tensor, list[Any]]:
     """Each bank column's activation on its own edit (0 where it does not fire there) and the
-    records of the edits that made patches."""
+    records of the edits that made patches. A last-token key is read where the target is
+    predicted; a subject key (``key_position`` ``subject``/``both``) anywhere in the prompt too."""
     own = torch.zeros(ed.ffn.bank.num_patches)
     edited = []
+    whole = ed.config.key_position != "last"
     with ActivationProbe(ed, tok, model) as probe:
         for e, cols in edited_columns(ed, edits):
             r = records[e["i"]]
             edited.append(r)
-            own[cols] = probe.on_target(r.prompt, r.target)[:, cols].max(0).values.float()
+            own[cols] = probe.on_target(r.prompt, r.target, whole)[:, cols].max(0).values.float()
     return own, edited
 
 

@@ -13,7 +13,7 @@ from .memory import MemorySet
 from .objective import Params, exact_flags, losses
 from .types import EditorConfig
 
-__all__ = ["train", "train_edit"]
+__all__ = ["raise_threshold", "train", "train_edit"]
 
 
 def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, n_edits: int
@@ -34,7 +34,9 @@ def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edit
     if not all(kinds):
         params = init_params(h, cfg, memory, batch, n_edits)
         steps, info, ok = train(h, cfg, memory, batch, params)
-        return params, steps, info, ok, [True] * len(batch.neurons)
+        keep = [True] * len(batch.neurons)
+        raise_threshold(h, cfg, memory, batch, params, keep, ok)
+        return params, steps, info, ok, keep
     parts, steps, info = [], 0, {}
     ok = [False] * len(batch.groups)
     keep = [False] * len(batch.neurons)
@@ -52,6 +54,7 @@ def train_edit(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: Edit
     order = torch.tensor([n for idx in kinds for n in idx]).argsort()
     merged = {k: torch.cat([p[k] for p in parts])[order.to(parts[0][k].device)] for k in parts[0]}
     _reconcile(h, cfg, memory, batch, merged, keep)
+    raise_threshold(h, cfg, memory, batch, merged, keep, ok)
     return merged, steps, info, ok, keep
 
 
@@ -150,3 +153,39 @@ def train(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch
     ok = [c and margins for c in main_ok]
     info = {k: round(v, 6) for k, v in info.items()}
     return step, info, ok
+
+
+@torch.no_grad()
+def raise_threshold(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch: EditBatch, params: Params,
+                    keep: list[bool], ok: list[bool], tries: int = 3) -> None:
+    """Raise each succeeded request's neurons' thresholds (``cfg.fire_threshold``; ``params`` in
+    place): ``b -= t * a_e`` and ``amp /= 1 - t``, with ``a_e`` the neuron's pre-activation on its
+    request as given where its key reads. On that input the patch adds what it added before; an
+    input that drives it to less than ``t * a_e`` adds nothing, one between adds less. Memory
+    margins only widen (every pre-activation drops).
+
+    A patch can also act where it fires more weakly on its own edit (a subject key at the
+    positions after the subject), so a raised threshold can leave a request wrong as given:
+    such a request tries half the fraction, up to ``tries`` fractions in all, then keeps its
+    neurons as trained.
+    """
+    t = cfg.fire_threshold
+    if t <= 0 or not batch.neurons:
+        return
+    K, b, amp = params["keys"], params["bias"], params["amp"]
+    a_e = torch.stack([batch.neuron_inputs(n)[0].to(K.dtype) @ K[n] + b[n] for n in range(len(batch.neurons))])
+    owner = [r for r, _ in batch.neurons]
+    pending = {r for n, r in enumerate(owner) if ok[r] and keep[n] and bool(a_e[n] > 0)}
+    b0, amp0 = b.clone(), amp.clone()
+    for _ in range(tries):
+        if not pending:
+            return
+        for n, r in enumerate(owner):
+            if r in pending and keep[n] and bool(a_e[n] > 0):
+                b[n], amp[n] = b0[n] - t * a_e[n], amp0[n] / (1.0 - t)
+        right = _right_as_given(h, cfg, memory, batch, params, keep)
+        pending = {r for r in pending if not right[r]}
+        t /= 2
+    for n, r in enumerate(owner):
+        if r in pending:
+            b[n], amp[n] = b0[n], amp0[n]

@@ -145,6 +145,14 @@ class MethodSettings:
             ``"both"``: the last-token neurons and a subject neuron, each kind trained alone; an
             edit succeeds when either kind does and keeps the kinds that succeeded. A request
             whose prompt does not contain its subject keeps the last-token key.
+        fire_threshold: each trained patch's threshold is raised to this fraction of its
+            activation on its own edit (as given, where its key reads) and its value scaled by
+            ``1 / (1 - fire_threshold)``: on the edit it adds exactly what it added before, while an
+            input that drives it to less than that fraction adds nothing. A patch read far from
+            the answer (a subject key before the last layers) has a large value, so a weak misfire
+            on held-out text, inside another name, costs the next token many nats; this removes
+            those. A request that the raised threshold would leave wrong as given tries half
+            the fraction, then a quarter, then keeps its patches as trained. 0: off (the authors').
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -177,6 +185,7 @@ class MethodSettings:
     phrasings: int = 4
     negative_views: bool = False
     key_position: str = "last"
+    fire_threshold: float = 0.0
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0
@@ -215,7 +224,7 @@ REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
 
 #: Fields added later, with the value that keeps an older saved config's behaviour: a resumed
 #: stream goes on with the method it started with, whatever today's default.
-ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last"}
+ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last", "fire_threshold": 0.0}
 
 
 @dataclass
@@ -263,6 +272,8 @@ class EditorConfig(RuntimeOptions, MethodSettings):
             raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
         if not 0 < self.key_boundary < 1:
             raise EditError(f"config.key_boundary must be in (0, 1), got {self.key_boundary}")
+        if not 0 <= self.fire_threshold < 1:
+            raise EditError(f"config.fire_threshold must be in [0, 1), got {self.fire_threshold}")
         if not 0 <= self.label_smoothing < 1:
             raise EditError(f"config.label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -283,4 +294,4 @@ class EditorConfig(RuntimeOptions, MethodSettings):
         (the seven defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
                       "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", "phrasings": 0,
-                      "negative_views": False, "key_position": "last", **overrides})
+                      "negative_views": False, "key_position": "last", "fire_threshold": 0.0, **overrides})
