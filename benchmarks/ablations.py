@@ -101,10 +101,19 @@ for _layer in (26, 22, 18):
                                   [*_PHR4, *_BOTH])
     VARIANTS[f"cfvalL{_layer}both"] = (f"cfvalL{_layer} with the last-token neurons and a subject neuron",
                                        [*_PHR4, *_CFVAL, *_BOTH])
+#: A raised threshold (``fire_threshold``) on the subject key at layer 18.
+_FT = ["--set", "fire_threshold=0.3"]
+VARIANTS["L18subjft3"] = ("L18subj with each patch's threshold raised to 0.3 of its activation on its edit "
+                          "(fire_threshold=0.3)", [*_PHR4, "--set", "key_position=subject",
+                                                   "--module-path", "model.layers.18.mlp", *_FT])
+VARIANTS["cfvalL18subjft3"] = ("cfvalL18subj with fire_threshold=0.3",
+                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
+                                "model.layers.18.mlp", *_FT])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
                                        **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},
-                                       **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")}}
+                                       **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")},
+                                       "L18subjft3": ("zsre", "capitals"), "cfvalL18subjft3": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")
