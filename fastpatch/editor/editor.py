@@ -16,8 +16,9 @@ matrix once per step. Families without an adapter train through a full forward p
 
 The pieces, each on the shared :class:`~.handle.ModelHandle`: per-task encoding
 (:mod:`.encoding`, through the family adapter), the views and hard negatives an edit trains on
-(:mod:`.views`), capture and the prefix cache (:mod:`.capture`), the neurons of an edit (:mod:`.batch`), init strategies (:mod:`.init`), the objective
-(:mod:`.objective`), the training loop (:mod:`.training`) and persistence (:mod:`.persistence`).
+(:mod:`.views`), capture and the prefix cache (:mod:`.capture`), the neurons of an edit
+(:mod:`.batch`), init strategies (:mod:`.init`), the objective (:mod:`.objective`), the training
+loop (:mod:`.training`) and persistence (:mod:`.persistence`).
 This class orchestrates them: encode -> capture -> init -> train -> commit, or nothing changes.
 
 Nothing is changed until an edit has succeeded: patches and memory rows are committed together
@@ -249,6 +250,15 @@ class Editor(EditViews):
                 self._drop_edit(eid)
             raise
         return results
+
+    def _memory_rows(self, batch: EditBatch, ri: int) -> torch.Tensor:
+        """The FFN inputs of request ``ri`` that join the memory set (``config.memory_growth``)."""
+        view = batch.groups[ri][0]
+        x = batch.cap[view]["x"]
+        growth = self.config.memory_growth
+        if growth == "labels":
+            return x[batch.views[view].label_pos.to(x.device)]
+        return x if growth == "all" else x[:0]
 
     # --------------------------------------------------------------- rollback
     def rollback(self, edit_id: str) -> None:

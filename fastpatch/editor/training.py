@@ -175,13 +175,14 @@ def raise_threshold(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch:
     K, b, amp = params["keys"], params["bias"], params["amp"]
     a_e = torch.stack([batch.neuron_inputs(n)[0].to(K.dtype) @ K[n] + b[n] for n in range(len(batch.neurons))])
     owner = [r for r, _ in batch.neurons]
-    pending = {r for n, r in enumerate(owner) if ok[r] and keep[n] and bool(a_e[n] > 0)}
+    movable = [keep[n] and bool(a_e[n] > 0) for n in range(len(owner))]
+    pending = {r for n, r in enumerate(owner) if ok[r] and movable[n]}
     b0, amp0 = b.clone(), amp.clone()
     for _ in range(tries):
         if not pending:
             return
         for n, r in enumerate(owner):
-            if r in pending and keep[n] and bool(a_e[n] > 0):
+            if r in pending and movable[n]:
                 b[n], amp[n] = b0[n] - t * a_e[n], amp0[n] / (1.0 - t)
         right = _right_as_given(h, cfg, memory, batch, params, keep)
         pending = {r for r in pending if not right[r]}

@@ -102,15 +102,6 @@ class EditViews:
             return None
         return subject_last_token(self.tokenizer, enc.prompt, req.subject)
 
-    def _memory_rows(self, batch: EditBatch, ri: int) -> torch.Tensor:
-        """The FFN inputs of request ``ri`` that join the memory set (``config.memory_growth``)."""
-        view = batch.groups[ri][0]
-        x = batch.cap[view]["x"]
-        growth = self.config.memory_growth
-        if growth == "labels":
-            return x[batch.views[view].label_pos.to(x.device)]
-        return x if growth == "all" else x[:0]
-
     def _negatives(self, reqs: Sequence[EditRequest], phrased: Sequence[list[str]] | None = None,
                    whole: bool = False) -> torch.Tensor | None:
         """FFN inputs of the requests' hard negatives (``config.negatives``), from the last prompt
