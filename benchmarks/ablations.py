@@ -109,11 +109,20 @@ VARIANTS["L18subjft3"] = ("L18subj with each patch's threshold raised to 0.3 of 
 VARIANTS["cfvalL18subjft3"] = ("cfvalL18subj with fire_threshold=0.3",
                                [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
                                 "model.layers.18.mlp", *_FT])
+#: Subject-context views (``subject_context``) on the subject key at layer 18.
+_SC = ["--set", "subject_context=1"]
+VARIANTS["L18subjsc1"] = ("L18subj with one subject-context view per edit: the model's continuation of the subject "
+                          "before the prompt, so the key also learns a second mention (subject_context=1)",
+                          [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp", *_SC])
+VARIANTS["cfvalL18subjsc1"] = ("cfvalL18subj with subject_context=1",
+                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
+                                "model.layers.18.mlp", *_SC])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
                                        **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},
                                        **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")},
-                                       "L18subjft3": ("zsre", "capitals"), "cfvalL18subjft3": ("cf",)}
+                                       "L18subjft3": ("zsre", "capitals"), "cfvalL18subjft3": ("cf",),
+                                       "L18subjsc1": ("zsre", "capitals"), "cfvalL18subjsc1": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

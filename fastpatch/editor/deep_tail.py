@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.reference import activation_reference
+from ..kernels.reference import ACT_RELU, activation_reference
+from .tail_crop import can_crop, crop_plan, cropped_features, record_kv
 
 __all__ = ["SeqState", "seq_descent", "seq_features", "seq_state"]
 
@@ -39,6 +40,7 @@ class SeqState:
         valid: (B, L) True at real (non-padding) positions.
         kwargs: what the model passed to the first tail layer besides the hidden states.
         rows: (R,) flat indices ``b * L + p`` of the label rows, in ``EditBatch.tail_rows`` order.
+        first_label: (B,) each view's first label position.
     """
 
     s0: torch.Tensor
@@ -46,6 +48,21 @@ class SeqState:
     valid: torch.Tensor
     kwargs: dict[str, Any]
     rows: torch.Tensor
+    first_label: torch.Tensor | None = None
+    _croppable: bool | None = None
+    _kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def croppable(self, layers: Sequence[nn.Module]) -> bool:
+        """Whether the cropped re-run (:mod:`.tail_crop`) applies to this batch (checked once)."""
+        if self._croppable is None:
+            self._croppable = self.first_label is not None and can_crop(layers, self.kwargs, self.valid)
+        return self._croppable
+
+    def prefix_kv(self, layers: Sequence[nn.Module]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The tail layers' keys and values over the unpatched batch (recorded once)."""
+        if self._kv is None:
+            self._kv = record_kv(layers, self.s0, self.kwargs)
+        return self._kv
 
 
 def seq_state(caps: Sequence[dict[str, Any]], groups: Sequence[Sequence[int]], views: Sequence[Any]) -> SeqState:
@@ -56,7 +73,8 @@ def seq_state(caps: Sequence[dict[str, Any]], groups: Sequence[Sequence[int]], v
     x = torch.stack([F.pad(c["x"].float(), (0, 0, 0, L - c["x"].shape[0])) for c in caps])
     valid = torch.stack([torch.arange(L, device=s0.device) < c["s0_all"].shape[0] for c in caps])
     rows = torch.cat([v * L + views[v].label_pos.to(s0.device) for g in groups for v in g])
-    return SeqState(s0, x, valid, caps[0]["tail_kwargs"], rows)
+    first = torch.stack([views[v].label_pos.min() for v in range(len(caps))]).to(s0.device)
+    return SeqState(s0, x, valid, caps[0]["tail_kwargs"], rows, first)
 
 
 def _run_layers(layers: Sequence[nn.Module], s: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -67,16 +85,25 @@ def _run_layers(layers: Sequence[nn.Module], s: torch.Tensor, kwargs: dict[str, 
 
 
 def seq_features(layers: Sequence[nn.Module], norm: nn.Module, st: SeqState, K: torch.Tensor | None = None,
-                 b: torch.Tensor | None = None, V: torch.Tensor | None = None, act: str = "relu",
-                 s0: torch.Tensor | None = None) -> torch.Tensor:
+                 b: torch.Tensor | None = None, V: torch.Tensor | None = None, act: int = ACT_RELU,
+                 s0: torch.Tensor | None = None, crop: bool = True) -> torch.Tensor:
     """(R, d) the head's input at the label rows with the patches ``(K, b, V)`` added at every
     real position of the patched layer (none: the captured state as is). ``s0`` overrides the
-    captured state (for a gradient with respect to it)."""
+    captured state (for a gradient with respect to it). With ``crop`` and ReLU patches, the
+    layers re-run only from each view's first firing position where that applies
+    (:mod:`.tail_crop`; the same result)."""
     s = st.s0 if s0 is None else s0
     if K is not None and K.shape[0]:
-        delta = activation_reference(st.x @ K.t() + b, act) @ V
+        pre = st.x @ K.t() + b
+        delta = activation_reference(pre, act) @ V
         delta = delta * st.valid.unsqueeze(-1).to(delta.dtype)
-        s = (s.float() + delta).to(st.s0.dtype)
+        # added in float32 at least (bf16 states), in the state's own precision above that
+        s = (s.to(torch.promote_types(s.dtype, torch.float32)) + delta).to(st.s0.dtype)
+        if crop and s0 is None and act == ACT_RELU and st.croppable(layers):
+            assert st.first_label is not None
+            start = crop_plan((pre > 0).any(-1), st.valid, st.first_label)
+            if start is not None:
+                return cropped_features(layers, norm, s, st.kwargs, st.valid, st.rows, start, st.prefix_kv(layers))
     h = norm(_run_layers(layers, s, st.kwargs))
     return h.reshape(-1, h.shape[-1])[st.rows]
 

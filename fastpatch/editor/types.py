@@ -56,6 +56,8 @@ class EditResult:
 #: Seed words of the generated context prefixes (``EditorConfig.augment``), MEMIT's choice plus
 #: three more: short, neutral sentence starts.
 CONTEXT_SEEDS: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")
+#: Seeds of the subject-context views (``MethodSettings.subject_context``): ``{s}`` is the subject.
+SUBJECT_SEEDS: tuple[str, ...] = ("{s}", "About {s},", "I read about {s}")
 
 
 @dataclass
@@ -153,6 +155,14 @@ class MethodSettings:
             on held-out text, inside another name, costs the next token many nats; this removes
             those. A request that the raised threshold would leave wrong as given tries half
             the fraction, then a quarter, then keeps its patches as trained. 0: off (the authors').
+        subject_context: causal LMs: per edit, this many views with the subject mentioned before
+            the prompt: the model's own greedy continuation of the subject (``augment_tokens``
+            tokens, original weights, e.g. "Andorra is a small country. ") put in front of it. A
+            question that is restated in its answer ("What is the capital of X? The capital of X
+            is") names the subject twice, and a key read at the subject fires more weakly on the
+            second mention, which then decides the answer; these views train on it. Trained like the
+            context variants (pursued, never required); never one of the request's own
+            paraphrases. 0: off (the authors').
         memory_growth: which FFN inputs of a committed edit join the memory set: ``"all"`` (every
             position, the authors'), ``"labels"`` (only the positions its neurons read) or
             ``"none"`` (the memory stays the corpus).
@@ -186,6 +196,7 @@ class MethodSettings:
     negative_views: bool = False
     key_position: str = "last"
     fire_threshold: float = 0.0
+    subject_context: int = 0
     memory_growth: str = "all"
     activation: str = "relu"
     seed: int = 0
@@ -224,7 +235,8 @@ REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
 
 #: Fields added later, with the value that keeps an older saved config's behaviour: a resumed
 #: stream goes on with the method it started with, whatever today's default.
-ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last", "fire_threshold": 0.0}
+ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last", "fire_threshold": 0.0,
+                                 "subject_context": 0}
 
 
 @dataclass
@@ -260,6 +272,9 @@ class EditorConfig(RuntimeOptions, MethodSettings):
                 raise EditError(f"config.{name} must be > 0, got {getattr(self, name)}")
         if self.augment > len(CONTEXT_SEEDS):
             raise EditError(f"config.augment must be at most {len(CONTEXT_SEEDS)} (one prefix per seed word), got {self.augment}")
+        if self.subject_context > len(SUBJECT_SEEDS):
+            raise EditError(f"config.subject_context must be at most {len(SUBJECT_SEEDS)} (one view per seed), "
+                            f"got {self.subject_context}")
         if self.init not in ("authors", "memory"):
             raise EditError(f"config.init must be 'authors' or 'memory', got {self.init!r}")
         if self.value_init not in ("random", "unembed", "gradient"):
@@ -294,4 +309,5 @@ class EditorConfig(RuntimeOptions, MethodSettings):
         (the seven defaults of :class:`MethodSettings` that go beyond the paper, off)."""
         return cls(**{"init": "authors", "value_init": "random", "augment": 0, "loss_vocab": 0, "max_neurons": 5,
                       "negatives": 0, "negative_whiten": 0.0, "memory_growth": "all", "phrasings": 0,
-                      "negative_views": False, "key_position": "last", "fire_threshold": 0.0, **overrides})
+                      "negative_views": False, "key_position": "last", "fire_threshold": 0.0,
+                      "subject_context": 0, **overrides})

@@ -1,8 +1,9 @@
 """What an edit trains on: its views, hard negatives, context prefixes and phrasings.
 
 An edit is trained on several *views* of its request: the request as given, the request behind
-each generated context prefix (``config.augment``), and its relation's other phrasings about the
-same subject (``config.phrasings``, :mod:`.phrasings`). Its memory loss also reads *hard
+each generated context prefix (``config.augment``) and behind a sentence about its subject
+(``config.subject_context``), and its relation's other phrasings about the same subject
+(``config.phrasings``, :mod:`.phrasings`). Its memory loss also reads *hard
 negatives*: the prompt about other subjects of the pool (``config.negatives``). A subject key
 (``config.key_position``) reads each view at its subject's last token.
 
@@ -24,7 +25,7 @@ from .encoding import Encoded, subject_last_token
 from .handle import ModelHandle
 from .memory import MemorySet
 from .phrasings import PhrasingBank
-from .types import CONTEXT_SEEDS, EditError, EditorConfig, EditRequest
+from .types import CONTEXT_SEEDS, SUBJECT_SEEDS, EditError, EditorConfig, EditRequest
 
 __all__ = ["EditViews"]
 
@@ -72,7 +73,7 @@ class EditViews:
             groups.append([len(views)])
             views.append(e)
             key_pos.append(own)
-            for v in self._augmented(r) + self._phrased(r, texts):
+            for v in self._augmented(r) + self._subject_views(r) + self._phrased(r, texts):
                 pos = self._subject_pos(v, r) if own is not None else None
                 if own is not None and pos is None:
                     continue  # a view without the subject has nothing for a subject key to read
@@ -145,16 +146,47 @@ class EditViews:
         if self.prefixes is None or len(self.prefixes) < n:
             # Generation starts after a newline: a bare first word at the very start of a text
             # is out of distribution for many LMs (SmolLM2 continues "The" with "-the-world-").
-            seeds = list(CONTEXT_SEEDS[:n])
-            with self.ffn.patches_disabled():
-                gen = self.greedy(["\n" + w for w in seeds], max_new_tokens=self.config.augment_tokens)
-            texts = []
-            for seed, ids in zip(seeds, gen):
-                cont = self.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
-                text = " ".join((seed + cont).split()).rstrip(" .,;:")
-                texts.append(text + ". ")
-            self.prefixes = texts
+            self.prefixes = self._generated_prefixes(list(CONTEXT_SEEDS[:n]))
         return self.prefixes[:n]
+
+    def _generated_prefixes(self, seeds: Sequence[str]) -> list[str]:
+        """Each seed with the original model's greedy continuation (``config.augment_tokens``
+        tokens, to the first line end), as one sentence ending in ". "."""
+        with self.ffn.patches_disabled():
+            gen = self.greedy(["\n" + w for w in seeds], max_new_tokens=self.config.augment_tokens)
+        texts = []
+        for seed, ids in zip(seeds, gen):
+            cont = self.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
+            if cont[:1].isalnum():  # the continuation runs on inside the seed's last word ("Papp" -> "Pappas")
+                cont = ""
+            text = " ".join((seed + cont).split()).rstrip(" .,;:")
+            texts.append(text + ". ")
+        return texts
+
+    def subject_prefixes(self, req: EditRequest) -> list[str]:
+        """The subject-context prefixes of ``req`` (``config.subject_context``): a sentence the
+        original model continues from each of :data:`~.types.SUBJECT_SEEDS` with the request's
+        subject (empty without a subject, or for models that are not decoder-only)."""
+        n = self.config.subject_context if self.handle.encoder.augments else 0
+        subj = " ".join((req.subject or "").split())
+        if n == 0 or not subj:
+            return []
+        return self._generated_prefixes([seed.format(s=subj) for seed in SUBJECT_SEEDS[:n]])
+
+    def _subject_views(self, req: EditRequest) -> list[Encoded]:
+        """The request behind each of its subject-context prefixes; a view equal to one of the
+        request's own paraphrases, or longer than the context, is left out."""
+        own = {" ".join(p.split()) for p in req.rephrases}
+        out = []
+        for prefix in self.subject_prefixes(req):
+            text = prefix + req.prompt
+            if " ".join(text.split()) in own:
+                continue
+            try:
+                out.append(self._encode(EditRequest(text, req.target, edit_id=req.edit_id)))
+            except EditError:
+                continue
+        return out
 
     def _augmented(self, req: EditRequest) -> list[Encoded]:
         """The request behind each context prefix (variants longer than the context are left out)."""

@@ -1,0 +1,76 @@
+"""The cropped deep tail (fastpatch.editor.tail_crop): re-running the later layers only from each
+view's first firing position, with the earlier positions' keys and values recorded once, gives
+the full re-run's features and gradients exactly (float64), and falls back where it cannot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpatch.editor import EditRequest
+from fastpatch.editor.deep_tail import seq_features
+from fastpatch.editor.tail_crop import can_crop, crop_plan
+
+from .test_deep_tail import _deep_editor
+
+
+def _batch(augment: int = 3, layer: int = 0):
+    ed = _deep_editor(layer, augment=augment, augment_tokens=4)
+    batch = ed._prepare([EditRequest("the capital of peru is", "lima oslo", subject="peru")])
+    return ed, batch, batch.seq()
+
+
+def _late_keys(st, n: int = 3, seed: int = 0):
+    """Keys that fire at and around the first label position of view 0 only (a subject key's
+    pattern): later positions, so the crop has something to skip."""
+    g = torch.Generator().manual_seed(seed)
+    p = int(st.first_label[0])
+    x = st.x[0, p]
+    K = torch.stack([x + 0.05 * torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(n)])
+    own = (K @ x)
+    b = -0.9 * own
+    V = torch.randn(n, st.s0.shape[-1], generator=g, dtype=x.dtype)
+    return K, b, V  # the parameters' dtype: the FFN inputs' (float32), as in training
+
+
+@pytest.mark.parametrize("layer,augment", [(0, 3), (1, 2), (0, 0)])
+def test_cropped_tail_equals_the_full_rerun_values_and_gradients(layer: int, augment: int) -> None:
+    ed, batch, st = _batch(augment, layer)
+    layers, norm = ed.adapter.seq_layers, ed.adapter.features
+    assert st.croppable(layers)
+    K, b, V = _late_keys(st)
+    pre = st.x @ K.t() + b
+    start = crop_plan((pre > 0).any(-1), st.valid, st.first_label)
+    assert start is not None and int(start.sum()) > 0  # something is skipped
+    params = [t.clone().requires_grad_(True) for t in (K, b, V)]
+    got = seq_features(layers, norm, st, *params, crop=True)
+    want = seq_features(layers, norm, st, *params, crop=False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+    g_got = torch.autograd.grad((got * w).sum(), params)
+    g_want = torch.autograd.grad((want * w).sum(), params)
+    for a, c in zip(g_got, g_want):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-10)
+
+
+def test_crop_plan_starts_at_the_first_firing_or_label_position_and_declines_when_little_is_saved() -> None:
+    valid = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
+    active = torch.zeros(2, 8, dtype=torch.bool)
+    active[0, 5] = active[1, 2] = active[1, 7] = True  # [1, 7] is padding: ignored
+    start = crop_plan(active, valid, torch.tensor([6, 4]))
+    assert start.tolist() == [5, 2]
+    assert crop_plan(active, valid, torch.tensor([1, 1])) is None  # re-runs nearly everything
+
+
+def test_masks_the_crop_cannot_reproduce_keep_the_full_rerun() -> None:
+    ed, _, st = _batch(2)
+    layers = ed.adapter.seq_layers
+    assert can_crop(layers, st.kwargs, st.valid)
+    float_mask = dict(st.kwargs, attention_mask=st.kwargs["attention_mask"].float())
+    assert not can_crop(layers, float_mask, st.valid)
+    window = st.kwargs["attention_mask"].clone()
+    window[:, :, -1, 0] = False  # a sliding window: not the plain causal mask
+    if st.valid[:, -1].any():
+        assert not can_crop(layers, dict(st.kwargs, attention_mask=window), st.valid)
+    no_cache = {k: v for k, v in st.kwargs.items() if k not in ("cache", "past_key_values")}
+    assert not can_crop(layers, no_cache, st.valid)
