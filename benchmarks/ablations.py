@@ -117,12 +117,16 @@ VARIANTS["L18subjsc1"] = ("L18subj with one subject-context view per edit: the m
 VARIANTS["cfvalL18subjsc1"] = ("cfvalL18subj with subject_context=1",
                                [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
                                 "model.layers.18.mlp", *_SC])
+VARIANTS["L18subjsc3"] = ("L18subj with three subject-context views per edit (subject_context=3)",
+                          [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp",
+                           "--set", "subject_context=3"])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
                                        **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},
                                        **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")},
                                        "L18subjft3": ("zsre", "capitals"), "cfvalL18subjft3": ("cf",),
-                                       "L18subjsc1": ("zsre", "capitals"), "cfvalL18subjsc1": ("cf",)}
+                                       "L18subjsc1": ("zsre", "capitals"), "cfvalL18subjsc1": ("cf",),
+                                       "L18subjsc3": ("zsre", "capitals")}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

@@ -74,3 +74,9 @@ def test_masks_the_crop_cannot_reproduce_keep_the_full_rerun() -> None:
         assert not can_crop(layers, dict(st.kwargs, attention_mask=window), st.valid)
     no_cache = {k: v for k, v in st.kwargs.items() if k not in ("cache", "past_key_values")}
     assert not can_crop(layers, no_cache, st.valid)
+    impl = layers[0].self_attn.config._attn_implementation
+    try:  # eager attention adds its mask: a boolean one would be read as 0/1 offsets
+        layers[0].self_attn.config._attn_implementation = "eager"
+        assert not can_crop(layers, st.kwargs, st.valid)
+    finally:
+        layers[0].self_attn.config._attn_implementation = impl

@@ -13,8 +13,9 @@ compare it with the full re-run in float64, losses and gradients.
 
 It works through the layers' own attention: a cache object whose ``update`` prepends the recorded
 keys and values, a boolean mask and the rotary tables gathered at the re-run positions. Layers
-that do not take these (no ``cache``/``past_key_values`` keyword, a non-boolean or non-causal
-captured mask) keep the full re-run (:func:`can_crop`).
+that do not take these (no ``cache``/``past_key_values`` keyword, an attention other than
+scaled-dot-product, a non-boolean or non-causal captured mask) keep the full re-run
+(:func:`can_crop`).
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def can_crop(layers: Sequence[nn.Module], kwargs: dict[str, Any], valid: torch.T
     if not (isinstance(pe, tuple) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe)):
         return False
     if not all(isinstance(getattr(getattr(m, "self_attn", None), "layer_idx", None), int) for m in layers):
+        return False
+    # the crop builds a boolean mask, which is what scaled-dot-product attention takes (eager adds
+    # its mask, flash attention takes none)
+    impls = {getattr(getattr(m.self_attn, "config", None), "_attn_implementation", None) for m in layers}
+    if impls != {"sdpa"}:
         return False
     if mask is None:  # no padding: the attention is causal by itself
         return bool(valid.all())
