@@ -149,15 +149,16 @@ class EditViews:
             self.prefixes = self._generated_prefixes(list(CONTEXT_SEEDS[:n]))
         return self.prefixes[:n]
 
-    def _generated_prefixes(self, seeds: Sequence[str]) -> list[str]:
+    def _generated_prefixes(self, seeds: Sequence[str], whole_word: bool = False) -> list[str]:
         """Each seed with the original model's greedy continuation (``config.augment_tokens``
-        tokens, to the first line end), as one sentence ending in ". "."""
+        tokens, to the first line end), as one sentence ending in ". ". ``whole_word``: a
+        continuation that runs on inside the seed's last word ("Papp" -> "Pappas") is dropped."""
         with self.ffn.patches_disabled():
             gen = self.greedy(["\n" + w for w in seeds], max_new_tokens=self.config.augment_tokens)
         texts = []
         for seed, ids in zip(seeds, gen):
             cont = self.tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0]
-            if cont[:1].isalnum():  # the continuation runs on inside the seed's last word ("Papp" -> "Pappas")
+            if whole_word and cont[:1].isalnum():
                 cont = ""
             text = " ".join((seed + cont).split()).rstrip(" .,;:")
             texts.append(text + ". ")
@@ -171,29 +172,25 @@ class EditViews:
         subj = " ".join((req.subject or "").split())
         if n == 0 or not subj:
             return []
-        return self._generated_prefixes([seed.format(s=subj) for seed in SUBJECT_SEEDS[:n]])
+        return self._generated_prefixes([seed.format(s=subj) for seed in SUBJECT_SEEDS[:n]], whole_word=True)
 
     def _subject_views(self, req: EditRequest) -> list[Encoded]:
         """The request behind each of its subject-context prefixes; a view equal to one of the
         request's own paraphrases, or longer than the context, is left out."""
         own = {" ".join(p.split()) for p in req.rephrases}
-        out = []
-        for prefix in self.subject_prefixes(req):
-            text = prefix + req.prompt
-            if " ".join(text.split()) in own:
-                continue
-            try:
-                out.append(self._encode(EditRequest(text, req.target, edit_id=req.edit_id)))
-            except EditError:
-                continue
-        return out
+        texts = [prefix + req.prompt for prefix in self.subject_prefixes(req)]
+        return self._encoded(req, [t for t in texts if " ".join(t.split()) not in own])
 
     def _augmented(self, req: EditRequest) -> list[Encoded]:
         """The request behind each context prefix (variants longer than the context are left out)."""
+        return self._encoded(req, [prefix + req.prompt for prefix in self.context_prefixes()])
+
+    def _encoded(self, req: EditRequest, texts: Sequence[str]) -> list[Encoded]:
+        """``texts`` as prompts of ``req``'s target, encoded; those longer than the context are left out."""
         out = []
-        for prefix in self.context_prefixes():
+        for text in texts:
             try:
-                out.append(self._encode(EditRequest(prefix + req.prompt, req.target, edit_id=req.edit_id)))
+                out.append(self._encode(EditRequest(text, req.target, edit_id=req.edit_id)))
             except EditError:
                 continue
         return out
@@ -212,11 +209,4 @@ class EditViews:
 
     def _phrased(self, req: EditRequest, texts: Sequence[str] | None = None) -> list[Encoded]:
         """The request's phrasing views, encoded (``texts``: from :meth:`_phrasing_texts`)."""
-        texts = self._phrasing_texts(req) if texts is None else texts
-        out = []
-        for text in texts:
-            try:
-                out.append(self._encode(EditRequest(text, req.target, edit_id=req.edit_id)))
-            except EditError:
-                continue
-        return out
+        return self._encoded(req, self._phrasing_texts(req) if texts is None else texts)
