@@ -51,6 +51,26 @@ class EditBatch:
             self._seq = seq_state(self.cap, self.groups, self.views)
         return self._seq
 
+    def as_given(self) -> EditBatch:
+        """This batch with each request's own view only (its context-prefixed and other views
+        left out), for checks of the requests as given: the same neurons, candidates and
+        negatives; with the deep tail, the same captured state sliced (keys and values
+        included). Itself when every request has one view."""
+        if all(len(g) == 1 for g in self.groups):
+            return self
+        own = [g[0] for g in self.groups]
+        sub = EditBatch([self.views[v] for v in own], [self.cap[v] for v in own], [[i] for i in range(len(own))],
+                        list(self.neurons), cand=self.cand, negatives=self.negatives,
+                        key_pos=None if self.key_pos is None else [self.key_pos[v] for v in own])
+        if self.cand is not None:
+            sub.set_candidates(self.cand)
+        if self.cap and "s0_all" in self.cap[0]:
+            # the captured tail arguments (mask, rotary) belong to the whole batch: sliced with it
+            sub._seq = self.seq().select(own, [self.views[v].label_pos for v in own])
+            if sub._seq is None:
+                return self
+        return sub
+
     def memory_rows(self, memory: torch.Tensor) -> torch.Tensor:
         """The rows the memory losses read: the memory set's, then this edit's negatives
         (concatenated once per edit)."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .deep_tail import seq_features, seq_state
+from .deep_tail import predict_features, seq_state
 from .encoding import Encoded
 from .handle import ModelHandle
 from .prefix_cache import PrefixState, batched_inputs, build_cache, cache_kwarg, cache_tensors, common_length
@@ -172,7 +172,9 @@ class Capturer:
         """:meth:`capture_all` for the deep tail (:mod:`.deep_tail`): one right-padded forward that
         stops at the first tail layer, keeping ``s0`` at every position (``s0_all``) and what the
         model passed that layer (``tail_kwargs``, shared by every view); the later layers then run
-        once for the predictions. No prefix cache: the tail re-runs the prefixes' positions too."""
+        once for the predictions, recording their keys and values where the cropped tail applies
+        (``tail_kv``, with each view's place in the batch as ``tail_index``). No prefix cache: the
+        tail re-runs the prefixes' positions too."""
         h = self.h
         seqs = [v.inputs["input_ids"][0] for v in views]
         got = self._plain_forward(seqs)
@@ -182,7 +184,10 @@ class Capturer:
             caps.append({"x": got["x"][bi][: t.shape[0]].detach(), "s0_all": s0_all,
                          "s0": s0_all[v.label_pos.to(h.device)], "tail_kwargs": got["tail_kwargs"]})
         st = seq_state(caps, [[i] for i in range(len(views))], views)
-        logits = h.adapter.head(seq_features(h.adapter.seq_layers, h.adapter.features, st), None)
+        logits = h.adapter.head(predict_features(h.adapter.seq_layers, h.adapter.features, st), None)
+        if st._kv is not None:  # recorded by that pass: the edit's batch (the same views) reads them
+            for bi, c in enumerate(caps):
+                c["tail_kv"], c["tail_index"] = st._kv, bi
         start = 0
         for c, v in zip(caps, views):
             lg = logits[start : start + len(v.labels)]

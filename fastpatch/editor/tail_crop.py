@@ -86,15 +86,16 @@ def can_crop(layers: Sequence[nn.Module], kwargs: dict[str, Any], valid: torch.T
 
 @torch.no_grad()
 def record_kv(layers: Sequence[nn.Module], s0: torch.Tensor, kwargs: dict[str, Any]
-              ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Every tail layer's keys and values (after the rotary embedding) over the unpatched batch."""
+              ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Every tail layer's keys and values (after the rotary embedding) over the unpatched batch,
+    and the last layer's output (the pass is the plain one: recording changes nothing)."""
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     rec = _PrefixKV(kv, record=True)
     s = s0
     for layer in layers:
         out = layer(s, **{**kwargs, _cache_kwarg(kwargs): rec})  # type: ignore[dict-item]
         s = out[0] if isinstance(out, tuple) else out
-    return kv
+    return kv, s
 
 
 def crop_plan(active: torch.Tensor, valid: torch.Tensor, first_label: torch.Tensor) -> torch.Tensor | None:
