@@ -120,13 +120,31 @@ VARIANTS["cfvalL18subjsc1"] = ("cfvalL18subj with subject_context=1",
 VARIANTS["L18subjsc3"] = ("L18subj with three subject-context views per edit (subject_context=3)",
                           [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp",
                            "--set", "subject_context=3"])
+#: The amplifier search's fallback (``amplifier_fallback``) on the subject key at layer 18.
+_LL = ["--set", "amplifier_fallback=lowest_loss"]
+VARIANTS["L18subjll"] = ("L18subj starting, where no doubling of the amplifier makes the edit right, from the doubling "
+                         "with the lowest edit loss instead of 2^10 times the start (amplifier_fallback=lowest_loss)",
+                         [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp", *_LL])
+VARIANTS["cfvalL18subjll"] = ("cfvalL18subj with amplifier_fallback=lowest_loss",
+                              [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
+                               "model.layers.18.mlp", *_LL])
+#: A larger value margin (``value_margin``): the found amplifier times 4 instead of 2.
+_VM = ["--set", "value_margin=4"]
+VARIANTS["L18subjvm4"] = ("L18subj with the amplifier found by the search doubled once more (value_margin=4), for "
+                          "paraphrases on which the patch fires weakly", [*_PHR4, "--set", "key_position=subject",
+                                                                         "--module-path", "model.layers.18.mlp", *_VM])
+VARIANTS["cfvalL18subjvm4"] = ("cfvalL18subj with value_margin=4",
+                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
+                                "model.layers.18.mlp", *_VM])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
                                        **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},
                                        **{f"L{k}{s}": ("zsre", "capitals") for k in (26, 22, 18) for s in ("", "subj", "both")},
                                        "L18subjft3": ("zsre", "capitals"), "cfvalL18subjft3": ("cf",),
                                        "L18subjsc1": ("zsre", "capitals"), "cfvalL18subjsc1": ("cf",),
-                                       "L18subjsc3": ("zsre", "capitals")}
+                                       "L18subjsc3": ("zsre", "capitals"),
+                                       "L18subjll": ("zsre", "capitals"), "cfvalL18subjll": ("cf",),
+                                       "L18subjvm4": ("zsre", "capitals"), "cfvalL18subjvm4": ("cf",)}
 RUN_ARGS = ["--model", "smollm2", "--eval-every", "0", "--no-progress", "--no-plots",
             "--no-general-ability", "--no-generation-metrics"]
 COLUMNS = ("Rel", "Gen", "GR", "Loc", "NS", "ES", "PS", "PPL", "fire", "sec/edit")

@@ -62,18 +62,44 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     found = [r["right"].index(True) for r in rows if any(r["right"])]
     lowest = [min(range(MAX), key=lambda k: r["ce"][k]) for r in rows]
     failed = [r for r in rows if not any(r["right"])]
-    return {"searches": len(rows), "found": len(found), "median_first_right": statistics.median(found) if found else None,
-            "median_lowest_loss_doubling": statistics.median(lowest) if lowest else None,
-            "failed_median_loss_lowest": statistics.median(min(r["ce"]) for r in failed) if failed else None,
-            "failed_median_loss_last": statistics.median(r["ce"][-1] for r in failed) if failed else None}
+    def med(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 3) if xs else None
+
+    return {"searches": len(rows), "found": len(found), "median_first_right": med(found),
+            "median_lowest_loss_doubling": med(lowest),
+            "failed_median_loss_lowest": med([min(r["ce"]) for r in failed]),
+            "failed_median_loss_last": med([r["ce"][-1] for r in failed])}
+
+
+def render(rows: list[dict[str, Any]], run_args: list[str], cpu: str) -> str:
+    """The markdown of one stream's grid."""
+    s = summarise(rows)
+    return "\n".join([
+        "# The amplifier search's grid", "", f"`fastpatch run {' '.join(run_args)}`, {cpu}.", "",
+        f"{s['found']} of {s['searches']} searches find a doubling (k < {MAX}) that makes the request right "
+        f"(median first right k: {s['median_first_right']}); the loss is lowest at a median k of "
+        f"{s['median_lowest_loss_doubling']}. Where none is right, the search leaves the amplifier at 2^{MAX} times "
+        f"its start (amplifier_fallback='max'), past the grid's last doubling (2^{MAX - 1}), whose median loss is "
+        f"{s['failed_median_loss_last']} against a lowest {s['failed_median_loss_lowest']} on the grid.", "",
+        "| search | right at k = 0..9 | loss at k = 0..9 |", "|---|---|---|",
+        *[f"| {i} | {''.join('1' if x else '0' for x in r['right'])} | {' '.join(f'{c:.2f}' for c in r['ce'])} |"
+          for i, r in enumerate(rows)]])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--render-only", action="store_true", help="re-render --out's grid.jsonl/grid.json")
     ap.add_argument("run_args", nargs=argparse.REMAINDER)
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.render_only:
+        saved = json.loads((out / "grid.json").read_text())
+        rows = [json.loads(x) for x in (out / "grid.jsonl").read_text().splitlines() if x.strip()]
+        saved["summary"] = summarise(rows)
+        benv.save_results(out, "grid", saved, render(rows, saved["run_args"], saved["env"].get("cpu", "")))
+        return 0
     run_args = [a for a in args.run_args if a != "--"]
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -83,23 +109,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         extra = [] if "--out" in run_args else ["--out", str(Path(tmp) / "run")]
         code = cli(["run", *run_args, *extra, "--no-plots", "--no-progress", "-q"])
-    s = summarise(rows)
-    md = "\n".join([
-        "# The amplifier search's grid", "", f"`fastpatch run {' '.join(run_args)}`, {benv.cpu_model()}.", "",
-        f"{s['found']} of {s['searches']} searches find a doubling (k < {MAX}) that makes the request right "
-        f"(median first right k: {s['median_first_right']}); the loss is lowest at a median k of "
-        f"{s['median_lowest_loss_doubling']}. Where none is right, the search leaves the amplifier at 2^{MAX} times "
-        f"its start, where the median loss is {s['failed_median_loss_last']} against a lowest "
-        f"{s['failed_median_loss_lowest']} on the grid.", "",
-        "| search | right at k = 0..9 | loss at k = 0..9 |", "|---|---|---|",
-        *[f"| {i} | {''.join('1' if x else '0' for x in r['right'])} | {' '.join(f'{c:.2f}' for c in r['ce'])} |"
-          for i, r in enumerate(rows)]])
     from fastpatch.atomic import write_atomic
 
-    out = Path(args.out)
-    benv.save_results(out, "grid", {"summary": s, "run_args": run_args, "env": benv.environment()}, md)
+    env = benv.environment()
+    benv.save_results(out, "grid", {"summary": summarise(rows), "run_args": run_args, "env": env},
+                      render(rows, run_args, env.get("cpu", "")))
     write_atomic(out / "grid.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    print(md.split("\n| search")[0])
     return int(code or 0)
 
 

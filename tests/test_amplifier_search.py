@@ -71,12 +71,29 @@ def test_batched_doublings_decide_as_single_evaluations(layer: int, loss_vocab: 
         torch.testing.assert_close(grid[k], want, rtol=rtol, atol=atol)
     seq_own, bat_own = batch.as_given(), batch.as_given()
     base = params["amp"].clone()
-    k_seq = _first_right(ed.handle, ed.config, ed.memory, seq_own, dict(params), base, MAX, None)
-    k_bat = _first_right(ed.handle, ed.config, ed.memory, bat_own, dict(params), base, MAX,
-                         _doubling_logits(ed.handle, bat_own, params, MAX))
+    k_seq, l_seq = _first_right(ed.handle, ed.config, ed.memory, seq_own, dict(params), base, MAX, None)
+    k_bat, l_bat = _first_right(ed.handle, ed.config, ed.memory, bat_own, dict(params), base, MAX,
+                                _doubling_logits(ed.handle, bat_own, params, MAX))
     assert k_seq == k_bat is not None
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(torch.tensor(l_bat), torch.tensor(l_seq), rtol=rtol, atol=atol)  # the same edit loss
     if seq_own.cand is None:
         assert bat_own.cand is None
     else:
         assert torch.equal(seq_own.cand, bat_own.cand)
         assert (len(bat_own.cand) > n_cand) == narrow
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_without_a_right_doubling_the_fallback_is_the_last_or_the_lowest_loss(layer: int) -> None:
+    """No doubling right (a tiny start): ``"max"`` leaves ``2**M`` times the start, ``"lowest_loss"``
+    the doubling where the edit loss is lowest."""
+    ed, batch, params = _setup(layer)
+    start = params["amp"] * 1e-6
+    _, loss = _first_right(ed.handle, ed.config, ed.memory, batch.as_given(), dict(params), start, 4, None)
+    assert len(loss) == 4 and len(set(loss)) > 1  # the two fallbacks differ: 2**4 is never on the grid
+    for fallback, want in (("max", start * 2.0 ** 4), ("lowest_loss", start * 2.0 ** min(range(4), key=loss.__getitem__))):
+        ed.config.amplifier_fallback = fallback
+        p = dict(params, amp=start.clone())
+        assert search_amplifier(ed.handle, ed.config, ed.memory, batch, p, max_doublings=4) is None
+        torch.testing.assert_close(p["amp"], want)

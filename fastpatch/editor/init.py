@@ -246,9 +246,14 @@ def search_amplifier(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch
     base = params["amp"].clone()
     try:
         grid = _doubling_logits(h, own, params, max_doublings) if h.adapter.deep else None
-        k = _first_right(h, cfg, memory, own, params, base, max_doublings, grid)
-        # Barely right on the edit is too weak where a paraphrase fires less strongly.
-        params["amp"] = base * 2.0 ** k * cfg.value_margin if k is not None else base * 2.0 ** max_doublings
+        k, loss = _first_right(h, cfg, memory, own, params, base, max_doublings, grid)
+        if k is not None:
+            # Barely right on the edit is too weak where a paraphrase fires less strongly.
+            params["amp"] = base * 2.0 ** k * cfg.value_margin
+        elif cfg.amplifier_fallback == "lowest_loss":
+            params["amp"] = base * 2.0 ** min(range(len(loss)), key=loss.__getitem__)
+        else:
+            params["amp"] = base * 2.0 ** max_doublings
         return k
     finally:
         if own is not batch and own.cand is not None and batch.cand is not None and len(own.cand) > len(batch.cand):
@@ -256,20 +261,30 @@ def search_amplifier(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, batch
 
 
 def _first_right(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, own: EditBatch, params: Params,
-                 base: torch.Tensor, max_doublings: int, grid: torch.Tensor | None) -> int | None:
+                 base: torch.Tensor, max_doublings: int, grid: torch.Tensor | None) -> tuple[int | None, list[float]]:
     """The first doubling ``k`` at which every request is right as given, as the loop of
     single evaluations decides it (the candidates' argmax, then the whole vocabulary's, tokens
-    that beat a target joining the candidates); ``grid``: every doubling's whole-vocabulary
-    logits at the label rows (M, rows, vocab), else each is evaluated in turn."""
-    labels = own.tail_rows()["labels"]
+    that beat a target joining the candidates), and the edit loss at each doubling evaluated;
+    ``grid``: every doubling's whole-vocabulary logits at the label rows (M, rows, vocab), else
+    each is evaluated in turn."""
+    rows = own.tail_rows()
+    labels = rows["labels"]
+    smooth = h.encoder.label_smoothing(cfg.label_smoothing)
+    loss: list[float] = []
     for k in range(max_doublings):
         if grid is None:
             params["amp"] = base * 2.0 ** k
-            ok = all(losses(h, cfg, memory, own, params, False, with_memory=False).main_ok)
+            ev = losses(h, cfg, memory, own, params, False, with_memory=False)
+            loss.append(ev.info["edit"])
+            ok = all(ev.main_ok)
             if own.cand is not None and ok:
                 ok = all(exact_flags(h, own, params)[1])
         else:
             logits = grid[k]
+            # the edit loss as training computes it (over the candidates, when there are any)
+            lg, lab = (logits[:, own.cand], rows["cand_labels"]) if own.cand is not None else (logits, labels)
+            ce = F.cross_entropy(lg.float(), lab, label_smoothing=smooth, reduction="none")
+            loss.append(float((ce * rows["weight"]).sum()))
             ok = own.cand is None or bool((own.cand[logits[:, own.cand].argmax(-1)] == labels).all())
             if ok:
                 pred = logits.argmax(-1)
@@ -278,8 +293,8 @@ def _first_right(h: ModelHandle, cfg: EditorConfig, memory: MemorySet, own: Edit
                 if not ok and own.cand is not None:
                     own.set_candidates(torch.cat([own.cand, pred[~hit]]))
         if ok:
-            return k
-    return None
+            return k, loss
+    return None, loss
 
 
 def _doubling_logits(h: ModelHandle, own: EditBatch, params: Params, max_doublings: int) -> torch.Tensor | None:

@@ -100,6 +100,10 @@ class MethodSettings:
         value_margin: with ``value_init="unembed"``/``"gradient"``, the amplifier found to make the
             edit right is multiplied by this, so paraphrases on which the patch fires less strongly
             flip too.
+        amplifier_fallback: where the amplifier search ends when no doubling (up to ``2**9``
+            times ``amplifier``) makes the edit right: ``"max"`` (``2**10`` times it, where the
+            doubling loop stops) or ``"lowest_loss"`` (the doubling with the lowest edit loss on
+            the requests as given; training takes it from there).
         augment: causal LMs only: also train each patch on the edit prompt behind this many
             short context prefixes that the model itself generates once (greedy, from fixed seed
             words; MEMIT's "context templates"). The patch must fire, and the target must win, on
@@ -185,6 +189,7 @@ class MethodSettings:
     value_init: str = "gradient"
     amplifier: float = 10.0
     value_margin: float = 2.0
+    amplifier_fallback: str = "max"
     augment: int = 4
     augment_tokens: int = 5
     augment_patience: int = 10
@@ -226,6 +231,8 @@ class RuntimeOptions:
 
 #: Values of ``MethodSettings.key_position``.
 KEY_POSITIONS: tuple[str, ...] = ("last", "subject", "both")
+#: The values of ``MethodSettings.amplifier_fallback``.
+AMPLIFIER_FALLBACKS: tuple[str, ...] = ("max", "lowest_loss")
 
 #: Values of ``MethodSettings.memory_growth``.
 MEMORY_GROWTH: tuple[str, ...] = ("all", "labels", "none")
@@ -236,7 +243,7 @@ REMOVED_FIELDS: tuple[str, ...] = ("check_every",)
 #: Fields added later, with the value that keeps an older saved config's behaviour: a resumed
 #: stream goes on with the method it started with, whatever today's default.
 ADDED_FIELDS: dict[str, Any] = {"phrasings": 0, "negative_views": False, "key_position": "last", "fire_threshold": 0.0,
-                                 "subject_context": 0}
+                                 "subject_context": 0, "amplifier_fallback": "max"}
 
 
 @dataclass
@@ -283,6 +290,8 @@ class EditorConfig(RuntimeOptions, MethodSettings):
             raise EditError(f"config.memory_growth must be one of {MEMORY_GROWTH}, got {self.memory_growth!r}")
         if self.key_position not in KEY_POSITIONS:
             raise EditError(f"config.key_position must be one of {KEY_POSITIONS}, got {self.key_position!r}")
+        if self.amplifier_fallback not in AMPLIFIER_FALLBACKS:
+            raise EditError(f"config.amplifier_fallback must be one of {AMPLIFIER_FALLBACKS}, got {self.amplifier_fallback!r}")
         if self.activation not in ("relu", "host"):
             raise EditError(f"config.activation must be 'relu' or 'host', got {self.activation!r}")
         if not 0 < self.key_boundary < 1:
