@@ -101,41 +101,34 @@ for _layer in (26, 22, 18):
                                   [*_PHR4, *_BOTH])
     VARIANTS[f"cfvalL{_layer}both"] = (f"cfvalL{_layer} with the last-token neurons and a subject neuron",
                                        [*_PHR4, *_CFVAL, *_BOTH])
-#: A raised threshold (``fire_threshold``) on the subject key at layer 18.
+#: The preset (the subject key at layer 18) on zsRE/capitals and on CounterFact, which each idea
+#: below is added to.
+_L18S = [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp"]
+_CFL18S = [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp"]
+#: A raised threshold (``fire_threshold``).
 _FT = ["--set", "fire_threshold=0.3"]
 VARIANTS["L18subjft3"] = ("L18subj with each patch's threshold raised to 0.3 of its activation on its edit "
-                          "(fire_threshold=0.3)", [*_PHR4, "--set", "key_position=subject",
-                                                   "--module-path", "model.layers.18.mlp", *_FT])
-VARIANTS["cfvalL18subjft3"] = ("cfvalL18subj with fire_threshold=0.3",
-                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
-                                "model.layers.18.mlp", *_FT])
-#: Subject-context views (``subject_context``) on the subject key at layer 18.
+                          "(fire_threshold=0.3)", [*_L18S, *_FT])
+VARIANTS["cfvalL18subjft3"] = ("cfvalL18subj with fire_threshold=0.3", [*_CFL18S, *_FT])
+#: Subject-context views (``subject_context``).
 _SC = ["--set", "subject_context=1"]
 VARIANTS["L18subjsc1"] = ("L18subj with one subject-context view per edit: the model's continuation of the subject "
                           "before the prompt, so the key also learns a second mention (subject_context=1)",
-                          [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp", *_SC])
-VARIANTS["cfvalL18subjsc1"] = ("cfvalL18subj with subject_context=1",
-                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
-                                "model.layers.18.mlp", *_SC])
+                          [*_L18S, *_SC])
+VARIANTS["cfvalL18subjsc1"] = ("cfvalL18subj with subject_context=1", [*_CFL18S, *_SC])
 VARIANTS["L18subjsc3"] = ("L18subj with three subject-context views per edit (subject_context=3)",
-                          [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp",
-                           "--set", "subject_context=3"])
-#: The amplifier search's fallback (``amplifier_fallback``) on the subject key at layer 18.
+                          [*_L18S, "--set", "subject_context=3"])
+#: The amplifier search's fallback (``amplifier_fallback``).
 _LL = ["--set", "amplifier_fallback=lowest_loss"]
 VARIANTS["L18subjll"] = ("L18subj starting, where no doubling of the amplifier makes the edit right, from the doubling "
                          "with the lowest edit loss instead of 2^10 times the start (amplifier_fallback=lowest_loss)",
-                         [*_PHR4, "--set", "key_position=subject", "--module-path", "model.layers.18.mlp", *_LL])
-VARIANTS["cfvalL18subjll"] = ("cfvalL18subj with amplifier_fallback=lowest_loss",
-                              [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
-                               "model.layers.18.mlp", *_LL])
+                         [*_L18S, *_LL])
+VARIANTS["cfvalL18subjll"] = ("cfvalL18subj with amplifier_fallback=lowest_loss", [*_CFL18S, *_LL])
 #: A larger value margin (``value_margin``): the found amplifier times 4 instead of 2.
 _VM = ["--set", "value_margin=4"]
 VARIANTS["L18subjvm4"] = ("L18subj with the amplifier found by the search doubled once more (value_margin=4), for "
-                          "paraphrases on which the patch fires weakly", [*_PHR4, "--set", "key_position=subject",
-                                                                         "--module-path", "model.layers.18.mlp", *_VM])
-VARIANTS["cfvalL18subjvm4"] = ("cfvalL18subj with value_margin=4",
-                               [*_PHR4, *_CFVAL, "--set", "key_position=subject", "--module-path",
-                                "model.layers.18.mlp", *_VM])
+                          "paraphrases on which the patch fires weakly", [*_L18S, *_VM])
+VARIANTS["cfvalL18subjvm4"] = ("cfvalL18subj with value_margin=4", [*_CFL18S, *_VM])
 #: Variants that apply to some streams only.
 ONLY_ON: dict[str, tuple[str, ...]] = {"cfval": ("cf",), "cfvalphr4": ("cf",), "cfvalphr4n": ("cf",),
                                        **{f"cfvalL{k}{s}": ("cf",) for k in (26, 22, 18) for s in ("", "subj", "both")},

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import env as benv  # noqa: E402
+from benchmarks.publish_run import _p90  # noqa: E402
 
 
 def _edits(run: Path) -> list[dict[str, Any]]:
@@ -33,10 +34,6 @@ def _edits(run: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SystemExit(f"{run}: no edits.jsonl (not a fastpatch run directory)")
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _p90(xs: list[float]) -> float:
-    return sorted(xs)[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
 
 
 def side(run: Path) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class EditBatch:
             return self
         own = [g[0] for g in self.groups]
         sub = EditBatch([self.views[v] for v in own], [self.cap[v] for v in own], [[i] for i in range(len(own))],
-                        list(self.neurons), cand=self.cand, negatives=self.negatives,
+                        list(self.neurons), negatives=self.negatives,
                         key_pos=None if self.key_pos is None else [self.key_pos[v] for v in own])
         if self.cand is not None:
             sub.set_candidates(self.cand)
